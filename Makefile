@@ -1,0 +1,38 @@
+# Everything a fresh machine needs: `make demo` and `make test` each create the environment first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.starfish-installed
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+
+.PHONY: setup data demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip setuptools wheel
+	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -e ".[dev]"
+	touch $(STAMP)
+
+# Real images for the demo: Debian's Fashion-MNIST (the demo falls back to scikit-learn's digits).
+data:
+	@if [ ! -e $(FMNIST) ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+				|| echo "dataset-fashion-mnist not installable here; the demo will use digits"; \
+		else echo "run 'sudo apt-get install dataset-fashion-mnist' for Fashion-MNIST; the demo will use digits"; fi; \
+	fi
+
+demo: setup data
+	$(BIN)/starfish demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup data
+	cd benchmarks && ../$(BIN)/python heal_speed.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

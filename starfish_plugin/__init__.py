@@ -1,0 +1,31 @@
+"""starfish-plugin: heal pruned PyTorch models with STARFISH, in the pruning toolkit's own form.
+
+Example:
+    >>> import starfish_plugin as starfish
+    >>> report = starfish.heal(pruned, dense, calibration_images)
+"""
+
+from starfish_plugin.attach import attach
+from starfish_plugin.blocks import find_blocks
+from starfish_plugin.config import HealConfig
+from starfish_plugin.evaluate import evaluate
+from starfish_plugin.heal import heal
+from starfish_plugin.hookspecs import hookimpl
+from starfish_plugin.masks import SparsityPlan, find_masks
+from starfish_plugin.plugins import plugin_manager
+from starfish_plugin.report import HealReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HealConfig",
+    "HealReport",
+    "SparsityPlan",
+    "attach",
+    "evaluate",
+    "find_blocks",
+    "find_masks",
+    "heal",
+    "hookimpl",
+    "plugin_manager",
+]

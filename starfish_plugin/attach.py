@@ -1,0 +1,105 @@
+"""``attach``: heal after every ``pruner.step()`` through the ``starfish_after_prune`` hook."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+from torch import nn
+
+from starfish_plugin.config import HealConfig
+from starfish_plugin.plugins import plugin_manager
+from starfish_plugin.report import HealReport
+
+
+class Attachment:
+    """The handle ``attach`` returns: what healing did so far, and ``detach()``.
+
+    Attributes:
+        reports: one ``HealReport`` per pruning step.
+        results: every hook result of every step (your own implementations' included).
+        stop_requested: ``True`` once any ``starfish_after_prune`` implementation returned ``False``.
+    """
+
+    def __init__(self, pruner: Any, model: nn.Module, dense: nn.Module, calibration: object, config) -> None:
+        self.pruner, self.model, self.dense = pruner, model, dense
+        self.calibration, self.config = calibration, config
+        self.steps = 0
+        self.reports: list[HealReport] = []
+        self.results: list[list[Any]] = []
+        self.stop_requested = False
+        self._original_step = pruner.step
+        pruner.step = self._wrap(pruner.step)
+
+    def _after_step(self) -> None:
+        self.steps += 1
+        results = plugin_manager().hook.starfish_after_prune(
+            pruner=self.pruner,
+            model=self.model,
+            dense=self.dense,
+            calibration=self.calibration,
+            config=self.config,
+            step=self.steps,
+        )
+        self.results.append(results)
+        self.reports += [r for r in results if isinstance(r, HealReport)]
+        self.stop_requested = self.stop_requested or any(r is False for r in results)
+
+    def _wrap(self, step):
+        @functools.wraps(step)
+        def wrapped(*args: Any, **kwargs: Any):
+            result = step(*args, **kwargs)
+            if inspect.isgenerator(result):  # interactive pruning: heal once the groups are applied
+                return self._heal_after(result)
+            self._after_step()
+            return result
+
+        return wrapped
+
+    def _heal_after(self, groups):
+        yield from groups
+        self._after_step()
+
+    @property
+    def attached(self) -> bool:
+        return "step" in self.pruner.__dict__
+
+    def detach(self) -> None:
+        """Restore the pruner's own ``step``; healing no longer follows it."""
+        self.pruner.__dict__.pop("step", None)
+
+
+def attach(pruner: Any, dense: nn.Module, calibration: object, config: HealConfig | None = None) -> Attachment:
+    """Heal ``pruner.model`` after every ``pruner.step()``.
+
+    Each step fires ``starfish_after_prune``; the built-in implementation runs ``heal`` with
+    ``config``, and your own ``@starfish.hookimpl`` implementations run beside it.
+
+    Args:
+        pruner: an object with ``.model`` and ``.step()`` (a ``torch.ao.pruning`` sparsifier,
+            a Torch-Pruning pruner).
+        dense: the model before pruning; never modified.
+        calibration: calibration data, as for ``heal``.
+        config: a ``HealConfig`` for every heal.
+
+    Returns:
+        An ``Attachment``; call ``.detach()`` to stop healing after steps.
+
+    Example:
+        >>> handle = starfish.attach(sparsifier, dense, images)
+        >>> sparsifier.step()          # prunes, then heals
+        >>> handle.reports[-1].mask_unchanged
+        True
+    """
+    if not callable(getattr(pruner, "step", None)):
+        raise TypeError(f"attach() needs a pruner with a step() method, got {type(pruner).__name__}")
+    model = getattr(pruner, "model", None)
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"{type(pruner).__name__} has no .model to heal; for a torch.ao sparsifier call "
+            "sparsifier.prepare(model, config) before attach()"
+        )
+    if config is not None and not isinstance(config, HealConfig):
+        raise TypeError(f"config must be a starfish.HealConfig, got {type(config).__name__}")
+    return Attachment(pruner, model, dense, calibration, config)

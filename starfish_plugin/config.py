@@ -1,0 +1,136 @@
+"""``HealConfig``: every setting of a heal, validated before anything is touched."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+
+from starfish_plugin.errors import ConfigError
+
+BlockSelector = Union[Sequence[str], Callable[[str, torch.nn.Module], bool], None]
+LOSS_NAMES = ("cosine", "mse", "kl", "ce")
+TARGET_MODES = ("auto", "memory", "online")
+COSINE_REDUCTIONS = ("auto", "token", "example")
+
+
+@dataclass
+class HealConfig:
+    """Settings of one STARFISH heal. Defaults follow the paper.
+
+    Args:
+        epochs: passes over the calibration set (paper: 10; 5 for large models).
+        lr: peak AdamW learning rate, decayed per step by a cosine schedule to ``min_lr``.
+        min_lr: final learning rate of the cosine schedule.
+        batch_size: calibration images per optimizer step.
+        weight_decay: AdamW weight decay (0 by default, as in the paper).
+        loss: ``"cosine"`` (STARFISH), ``"mse"``, ``"kl"``, ``"ce"``, a mixture such as
+            ``"cosine+kl"`` (equal weights) or a mapping ``{"cosine": 1.0, "kl": 0.5}``.
+        blocks: block names, a predicate ``(name, module) -> bool``, or ``None`` to discover them.
+        targets: ``"auto"``, ``"memory"`` (fp16 cache of dense block outputs) or ``"online"``
+            (a dense forward every step).
+        device: where healing runs; both models must already be there. ``None``: the models' device.
+        seed: seeds the calibration shuffle.
+        cosine_reduction: ``"auto"`` (per token for ``[B, T, D]``, per example otherwise),
+            ``"token"`` or ``"example"``.
+        kl_temperature: softmax temperature of the ``kl`` term.
+        target_memory_budget: bytes the in-memory target cache may take under ``targets="auto"``.
+        diagnostic_samples: calibration images used for per-block cosine before and after
+            (0 switches the diagnostics off).
+        train_mode: heal with the pruned model in ``train()`` mode (dropout, batch-norm updates);
+            by default it heals in ``eval()`` mode so that every frozen buffer stays frozen.
+        quiet: silence the default progress bar and per-epoch lines.
+        restore_on_error: if healing fails part-way (e.g. the loss turns NaN), put the trainable
+            weights back as they were before healing.
+    """
+
+    epochs: int = 10
+    lr: float = 6e-4
+    min_lr: float = 1e-6
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    loss: str | Mapping[str, float] = "cosine"
+    blocks: BlockSelector = None
+    targets: str = "auto"
+    device: str | torch.device | None = None
+    seed: int = 0
+    cosine_reduction: str = "auto"
+    kl_temperature: float = 1.0
+    target_memory_budget: int = 2 * 1024**3
+    diagnostic_samples: int = 512
+    train_mode: bool = False
+    quiet: bool = False
+    restore_on_error: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def replace(self, **overrides: Any) -> "HealConfig":
+        """Return a copy with ``overrides`` applied; unknown names raise ``ConfigError``."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown HealConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return dataclasses.replace(self, **overrides)
+
+    def loss_terms(self) -> dict[str, float]:
+        """The loss as ``{name: weight}``, e.g. ``"cosine+kl"`` -> ``{"cosine": 1.0, "kl": 1.0}``."""
+        if isinstance(self.loss, str):
+            names = [part.strip() for part in self.loss.split("+")]
+            terms = {name: 1.0 for name in names}
+            if len(terms) != len(names):
+                raise ConfigError(f"loss {self.loss!r} names a term twice")
+        elif isinstance(self.loss, Mapping):
+            terms = {str(k): float(v) for k, v in self.loss.items()}
+        else:
+            raise ConfigError(f"loss must be a string like 'cosine+kl' or a mapping, got {type(self.loss).__name__}")
+        bad = [name for name in terms if name not in LOSS_NAMES]
+        if bad or not terms:
+            raise ConfigError(f"unknown loss term(s) {bad} in {self.loss!r}; choose from {list(LOSS_NAMES)}")
+        if any(w < 0 or w != w for w in terms.values()) or not any(w > 0 for w in terms.values()):
+            raise ConfigError(f"loss weights must be >= 0 with at least one > 0, got {terms}")
+        return terms
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the first invalid field and the values it accepts."""
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"HealConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("lr", "min_lr", "kl_temperature"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+                raise ConfigError(f"HealConfig.{name} must be a finite number > 0, got {value!r}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"HealConfig.min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise ConfigError(f"HealConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.targets not in TARGET_MODES:
+            raise ConfigError(f"HealConfig.targets must be one of {TARGET_MODES}, got {self.targets!r}")
+        if self.cosine_reduction not in COSINE_REDUCTIONS:
+            raise ConfigError(
+                f"HealConfig.cosine_reduction must be one of {COSINE_REDUCTIONS}, got {self.cosine_reduction!r}"
+            )
+        if self.target_memory_budget < 0 or self.diagnostic_samples < 0:
+            raise ConfigError("HealConfig.target_memory_budget and diagnostic_samples must be >= 0")
+        if self.blocks is not None and not callable(self.blocks):
+            if isinstance(self.blocks, str) or not all(isinstance(b, str) for b in self.blocks):
+                raise ConfigError("HealConfig.blocks must be a list of module names or a predicate (name, module) -> bool")
+            if len(self.blocks) == 0:
+                raise ConfigError("HealConfig.blocks is an empty list; name at least one block or pass None")
+        self.loss_terms()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly view (a predicate ``blocks`` is shown by its name)."""
+        out = dataclasses.asdict(self)
+        if callable(self.blocks):
+            out["blocks"] = getattr(self.blocks, "__name__", repr(self.blocks))
+        elif self.blocks is not None:
+            out["blocks"] = list(self.blocks)
+        out["device"] = None if self.device is None else str(self.device)
+        out["loss"] = self.loss if isinstance(self.loss, str) else dict(self.loss)
+        return out

@@ -1,0 +1,39 @@
+"""Errors raised by starfish-plugin. Each names what is wrong and says what to do about it."""
+
+from __future__ import annotations
+
+
+class StarfishError(Exception):
+    """Base class of every starfish-plugin error."""
+
+
+class ConfigError(StarfishError, ValueError):
+    """A ``HealConfig`` field or override has an invalid value."""
+
+
+class ModelMismatchError(StarfishError, ValueError):
+    """The pruned and dense models are not the same architecture, or live on different devices."""
+
+
+class MaskNotFoundError(StarfishError, ValueError):
+    """No adapter recognised any mask in the pruned model."""
+
+
+class MaskShapeError(StarfishError, ValueError):
+    """A mask does not have the shape of the tensor it masks."""
+
+
+class BlockError(StarfishError, ValueError):
+    """Blocks could not be discovered, or a named block does not exist."""
+
+
+class CalibrationError(StarfishError, ValueError):
+    """The calibration data is empty, malformed or not finite."""
+
+
+class CalibrationTypeError(StarfishError, TypeError):
+    """The calibration data has a type or dtype the models cannot take."""
+
+
+class NonFiniteError(StarfishError, ValueError):
+    """A model produced NaN or Inf (dense targets, or the loss during healing)."""

@@ -1,0 +1,278 @@
+"""The STARFISH recovery loop: masks fixed, surviving weights trained to align block outputs."""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from starfish_plugin._modes import eval_mode
+from starfish_plugin.blocks import capture_outputs, resolve_blocks
+from starfish_plugin.calibration import CalibrationData, load_calibration
+from starfish_plugin.config import HealConfig
+from starfish_plugin.errors import CalibrationError, ConfigError, NonFiniteError
+from starfish_plugin.losses import HealLoss, cosine_distance
+from starfish_plugin.masks import SparsityPlan, find_masks
+from starfish_plugin.plugins import plugin_manager
+from starfish_plugin.report import HealReport
+from starfish_plugin.targets import DenseTargets, check_finite, dense_outputs, plan_targets
+from starfish_plugin.validation import (
+    check_architecture,
+    check_input_dtype,
+    check_models,
+    probe_forward,
+    resolve_device,
+)
+
+
+def resolve_config(config: HealConfig | None, overrides: dict[str, Any]) -> HealConfig:
+    """``config`` (or the defaults) with ``overrides`` applied and validated."""
+    if config is None:
+        config = HealConfig()
+    elif not isinstance(config, HealConfig):
+        raise TypeError(f"config must be a starfish.HealConfig, got {type(config).__name__}")
+    return config.replace(**overrides) if overrides else config
+
+
+@contextmanager
+def trainable_only(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+    """Freeze every parameter of ``model`` except ``params``; restore the flags on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    keep = {id(p) for p in params}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in keep)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class MaskKeeper:
+    """Keeps the mask fixed: masks gradients, and re-applies the mask after every step."""
+
+    def __init__(self, plan: SparsityPlan, weight_decay: float) -> None:
+        self.params = [e.parameter for e in plan]
+        self.grad_masks = [e.mask.to(e.parameter.dtype) for e in plan]
+        self.zero = [(e.parameter, m) for e, m in zip(plan, self.grad_masks) if e.masked_entries == "zero"]
+        # With weight decay, AdamW also shrinks masked entries that the toolkit keeps; restore them.
+        self.keep = [
+            (e.parameter, e.mask, e.parameter.detach().clone())
+            for e in plan
+            if e.masked_entries == "keep" and weight_decay > 0
+        ]
+
+    def mask_grads(self) -> None:
+        pairs = [(p.grad, m) for p, m in zip(self.params, self.grad_masks) if p.grad is not None]
+        if pairs:
+            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+
+    @torch.no_grad()
+    def reapply(self) -> None:
+        if self.zero:
+            torch._foreach_mul_([p for p, _ in self.zero], [m for _, m in self.zero])
+        for p, mask, original in self.keep:
+            p.copy_(torch.where(mask, p, original))
+
+
+@torch.no_grad()
+def block_cosines(
+    model: nn.Module, targets: DenseTargets, data: CalibrationData, samples: int, batch_size: int, reduction: str
+) -> dict[str, float]:
+    """Mean cosine similarity of each block's output to its dense target on the first ``samples``."""
+    if samples <= 0:
+        return {}
+    sums = {b: 0.0 for b in targets.blocks}
+    seen = 0
+    with eval_mode(model), capture_outputs(model, targets.blocks) as outputs:
+        for idx, x, _ in data.batches(batch_size):
+            if seen >= samples:
+                break
+            x = x.to(targets.device)
+            model(x)
+            dense = targets.get(idx, x)
+            for b in targets.blocks:
+                sums[b] += (1.0 - cosine_distance(outputs[b].float(), dense[b], reduction).item()) * len(idx)
+            seen += len(idx)
+    return {b: s / seen for b, s in sums.items()}
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+
+
+def heal(
+    pruned: nn.Module,
+    dense: nn.Module,
+    calibration: object,
+    config: HealConfig | None = None,
+    **overrides: Any,
+) -> HealReport:
+    """Heal ``pruned`` in place with STARFISH and return a ``HealReport``.
+
+    With every mask held fixed, the surviving entries of the pruned tensors are trained with
+    AdamW so that each block's output points the way the dense model's does (cosine similarity),
+    on unlabeled calibration inputs. Everything else stays frozen; ``dense`` is never modified.
+
+    Args:
+        pruned: the pruned model, healed in place and left in its toolkit's form.
+        dense: the model it was pruned from; never modified.
+        calibration: a ``Dataset``, ``DataLoader``, ``Tensor`` of inputs or iterable of batches;
+            labels in ``(inputs, labels)`` pairs are used only by ``loss="ce"``.
+        config: a ``HealConfig``; ``overrides`` replace single fields (``epochs=5``).
+
+    Example:
+        >>> report = starfish.heal(pruned, dense, calib_images, epochs=10)
+        >>> report.mask_unchanged
+        True
+    """
+    start = time.perf_counter()
+    config = resolve_config(config, overrides)
+    pm = plugin_manager()
+    check_models(pruned, dense)
+    device = resolve_device(pruned, dense, config.device)
+    plan = find_masks(pruned)
+    check_architecture(pruned, dense, plan)
+    blocks = resolve_blocks(dense, pruned, config.blocks)
+    loss_fn = HealLoss(config.loss_terms(), blocks, config.cosine_reduction, config.kl_temperature)
+    data = load_calibration(calibration)
+    if loss_fn.needs_labels and data.labels is None:
+        raise CalibrationError("loss 'ce' needs labels; pass (inputs, labels) batches or a labeled Dataset")
+    check_input_dtype(data, dense)
+    if data.labels is not None:
+        data.labels = data.labels.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    mask_snapshot = plan.snapshot()
+    with eval_mode(dense), eval_mode(pruned):
+        probe_x = data.inputs[: config.batch_size].to(device)
+        dense_logits = probe_forward(dense, probe_x, "dense")
+        if (loss_fn.needs_labels or loss_fn.needs_logits) and dense_logits.dim() != 2:
+            raise ConfigError(
+                f"loss {config.loss!r} needs a classifier returning logits [B, classes], but the model "
+                f"returns shape {tuple(dense_logits.shape)}; use loss='cosine' or 'mse'"
+            )
+        probe_out = dense_outputs(dense, blocks, probe_x, loss_fn.needs_logits)
+        check_finite(probe_out)
+        target_plan = plan_targets(probe_out, len(data), config.targets, config.target_memory_budget)
+        targets = DenseTargets(
+            dense, blocks, data, target_plan, device, loss_fn.needs_logits, config.batch_size
+        )
+        before = block_cosines(pruned, targets, data, config.diagnostic_samples, config.batch_size, config.cosine_reduction)
+
+        steps_per_epoch = math.ceil(len(data) / config.batch_size)
+        total_steps = steps_per_epoch * config.epochs
+        pm.hook.starfish_heal_started(model=pruned, plan=plan, config=config, total_steps=total_steps)
+        backup = [p.detach().clone() for p in plan.parameters()] if config.restore_on_error else None
+        train_start = time.perf_counter()
+        try:
+            with trainable_only(pruned, plan.parameters()), eval_mode(pruned, config.train_mode):
+                epoch_losses = _train(pruned, plan, targets, data, loss_fn, config, device, total_steps, pm)
+        except BaseException:
+            if backup is not None:
+                with torch.no_grad():
+                    for p, saved in zip(plan.parameters(), backup):
+                        p.copy_(saved)
+            raise
+        train_seconds = time.perf_counter() - train_start
+        after = block_cosines(pruned, targets, data, config.diagnostic_samples, config.batch_size, config.cosine_reduction)
+
+    pm.hook.starfish_write_back(model=pruned, plan=plan)
+    reread = find_masks(pruned)
+    peak, peak_kind = _peak_memory(device)
+    trainable = sum(int(e.mask.sum()) for e in plan)
+    report = HealReport(
+        loss=config.loss if isinstance(config.loss, str) else "+".join(f"{w}*{n}" for n, w in config.loss.items()),
+        blocks=blocks,
+        epoch_losses=epoch_losses,
+        block_cosine_before=before,
+        block_cosine_after=after,
+        seconds=time.perf_counter() - start,
+        train_seconds=train_seconds,
+        samples_per_second=len(data) * config.epochs / train_seconds if train_seconds > 0 else float("inf"),
+        steps=total_steps,
+        n_samples=len(data),
+        peak_memory_bytes=peak,
+        peak_memory_kind=peak_kind,
+        targets_mode=target_plan.mode,
+        targets_reason=target_plan.reason,
+        target_cache_bytes=targets.cache_bytes,
+        target_cache_estimate_bytes=target_plan.estimate_bytes,
+        mask_unchanged=reread.same_pattern(mask_snapshot),
+        masked_weights_zero=reread.masked_weights_are_zero(),
+        sparsity=plan.sparsity,
+        adapter=plan.adapter,
+        trainable_parameters=trainable,
+        frozen_parameters=sum(p.numel() for p in pruned.parameters()) - trainable,
+        device=str(device),
+        notes=list(plan.notes) + [f"calibration from a {data.source}"]
+        + ([f"blocks kept in fp32 (outside fp16 range): {targets.fp32_blocks}"] if targets.fp32_blocks else []),
+        config=config.to_dict(),
+    )
+    pm.hook.starfish_heal_finished(model=pruned, report=report, config=config)
+    return report
+
+
+def _train(
+    model: nn.Module,
+    plan: SparsityPlan,
+    targets: DenseTargets,
+    data: CalibrationData,
+    loss_fn: HealLoss,
+    config: HealConfig,
+    device: torch.device,
+    total_steps: int,
+    pm,
+) -> list[float]:
+    """The optimizer loop; returns the mean loss of each epoch."""
+    params = plan.parameters()
+    keeper = MaskKeeper(plan, config.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=config.min_lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    block_names = loss_fn.blocks if loss_fn.needs_blocks else []
+    losses: list[float] = []
+    step = 0
+    with capture_outputs(model, block_names) as outputs:
+        for epoch in range(config.epochs):
+            epoch_start = time.perf_counter()
+            running = torch.zeros((), device=device)
+            for idx, x, y in data.batches(config.batch_size, generator):
+                x = x.to(device, non_blocking=True)
+                dense = targets.get(idx, x)
+                logits = model(x)
+                loss = loss_fn(outputs, logits, dense, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                keeper.mask_grads()
+                optimizer.step()
+                schedule.step()
+                keeper.reapply()
+                running += loss.detach() * len(idx)
+                step += 1
+                pm.hook.starfish_step_ended(step=step, total_steps=total_steps, config=config)
+            mean = running.item() / len(data)
+            if not math.isfinite(mean):
+                raise NonFiniteError(
+                    f"the healing loss became {mean} in epoch {epoch + 1}; the weights were restored. "
+                    f"Lower HealConfig.lr (now {config.lr}) or check the models for overflow"
+                )
+            losses.append(mean)
+            pm.hook.starfish_epoch_ended(
+                epoch=epoch + 1,
+                epochs=config.epochs,
+                loss=mean,
+                lr=schedule.get_last_lr()[0],
+                seconds=time.perf_counter() - epoch_start,
+                config=config,
+            )
+    return losses

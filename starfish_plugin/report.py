@@ -1,0 +1,78 @@
+"""``HealReport``: what a heal did, what it cost, and whether the mask survived it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class HealReport:
+    """The outcome of ``starfish.heal``.
+
+    Attributes:
+        epoch_losses: mean training loss of each epoch.
+        block_cosine_before / block_cosine_after: mean cosine similarity of each block's output to
+            its dense target on the first ``diagnostic_samples`` calibration images.
+        seconds: wall-clock time of the whole call; ``train_seconds`` of the optimizer loop only.
+        samples_per_second: calibration samples processed per second in the optimizer loop.
+        peak_memory_bytes: peak memory and what was measured (``peak_memory_kind``).
+        targets_mode / targets_reason: where the dense targets lived and why.
+        mask_unchanged: the masks read back after healing equal the ones before, bit for bit.
+        masked_weights_zero: every masked entry of every effective weight is exactly zero.
+    """
+
+    loss: str
+    blocks: list[str]
+    epoch_losses: list[float]
+    block_cosine_before: dict[str, float]
+    block_cosine_after: dict[str, float]
+    seconds: float
+    train_seconds: float
+    samples_per_second: float
+    steps: int
+    n_samples: int
+    peak_memory_bytes: int
+    peak_memory_kind: str
+    targets_mode: str
+    targets_reason: str
+    target_cache_bytes: int
+    target_cache_estimate_bytes: int
+    mask_unchanged: bool
+    masked_weights_zero: bool
+    sparsity: float
+    adapter: str
+    trainable_parameters: int
+    frozen_parameters: int
+    device: str
+    notes: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean_cosine_before(self) -> float:
+        values = list(self.block_cosine_before.values())
+        return sum(values) / len(values) if values else float("nan")
+
+    @property
+    def mean_cosine_after(self) -> float:
+        values = list(self.block_cosine_after.values())
+        return sum(values) / len(values) if values else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), indent=kwargs.pop("indent", 2), **kwargs)
+
+    def summary(self) -> str:
+        """A few human-readable lines."""
+        lines = [
+            f"healed {self.adapter} model: {self.sparsity:.1%} sparsity, {len(self.blocks)} blocks, "
+            f"loss={self.loss}, {self.steps} steps on {self.n_samples} samples",
+            f"loss {self.epoch_losses[0]:.4f} -> {self.epoch_losses[-1]:.4f}" if self.epoch_losses else "no epochs",
+            f"mean block cosine {self.mean_cosine_before:.4f} -> {self.mean_cosine_after:.4f}",
+            f"{self.seconds:.1f} s ({self.samples_per_second:.0f} samples/s in the loop), targets: {self.targets_mode}",
+            f"mask unchanged: {self.mask_unchanged}, masked weights zero: {self.masked_weights_zero}",
+        ]
+        return "\n".join(lines)

@@ -1,0 +1,30 @@
+import json
+
+from starfish_plugin.cli import main
+
+
+def test_plugins_command_lists_builtins(capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "torch_masks: starfish_find_masks" in out and "progress:" in out and "pipeline:" in out
+
+
+def test_demo_on_digits_prints_the_table(tmp_path, capsys):
+    path = tmp_path / "demo.json"
+    code = main(["demo", "--dataset", "digits", "--epochs", "2", "--calibration", "128", "--quiet",
+                 "--json", str(path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| healed (STARFISH) |" in out and "| pruned |" in out and "| dense |" in out
+    result = json.loads(path.read_text())
+    assert result["mask_unchanged"] and result["masked_weights_zero"]
+    assert result["sparsity"] == 0.8 and result["calibration_images"] == 128
+    assert 0 <= result["pruned_top1"] <= 100 and result["dense_top1"] > 90
+
+
+def test_bad_dataset_is_a_clean_error(capsys):
+    try:
+        main(["demo", "--dataset", "cifar"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    assert "invalid choice" in capsys.readouterr().err

@@ -1,0 +1,216 @@
+"""Every hook is exercised by a plugin defined inline; plugin discovery and the env switches."""
+
+import copy
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import starfish_plugin as starfish
+from starfish_plugin.hookspecs import HOOK_NAMES
+from starfish_plugin.masks import MaskedTensor, SparsityPlan
+from starfish_plugin.plugins import build_plugin_manager, reset_plugin_manager
+from conftest import l1_prune_
+
+TESTED_HOOKS = set()
+
+
+def tested(*names):
+    TESTED_HOOKS.update(names)
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    @starfish.hookimpl
+    def starfish_heal_started(self, model, plan, config, total_steps):
+        self.calls.append(("started", total_steps))
+
+    @starfish.hookimpl
+    def starfish_step_ended(self, step, total_steps):
+        self.calls.append(("step", step))
+
+    @starfish.hookimpl
+    def starfish_epoch_ended(self, epoch, epochs, loss, lr):
+        self.calls.append(("epoch", epoch, loss, lr))
+
+    @starfish.hookimpl
+    def starfish_heal_finished(self, model, report):
+        self.calls.append(("finished", report.mask_unchanged))
+
+
+def test_progress_hooks_fire_in_order(pruned, dense, images, fast):
+    tested("starfish_heal_started", "starfish_step_ended", "starfish_epoch_ended", "starfish_heal_finished")
+    recorder = Recorder()
+    pm = starfish.plugin_manager()
+    pm.register(recorder)
+    try:
+        report = starfish.heal(pruned, dense, images, fast)
+    finally:
+        pm.unregister(recorder)
+    kinds = [c[0] for c in recorder.calls]
+    assert kinds[0] == "started" and kinds[-1] == "finished"
+    assert kinds.count("step") == report.steps and kinds.count("epoch") == 3
+    epochs = [c for c in recorder.calls if c[0] == "epoch"]
+    assert [e[2] for e in epochs] == report.epoch_losses
+    assert epochs[-1][3] == pytest.approx(fast.min_lr)
+    assert recorder.calls[-1] == ("finished", True)
+
+
+def test_default_progress_prints_one_line_per_epoch_and_quiet_silences_it(pruned, dense, images, fast, capsys):
+    starfish.heal(l1_prune_(copy.deepcopy(dense)), dense, images, fast.replace(quiet=False))
+    err = capsys.readouterr().err
+    assert err.count("[starfish] epoch ") == 3
+    starfish.heal(pruned, dense, images, fast)
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_plugin_can_be_unregistered(pruned, dense, images, fast, capsys):
+    pm = starfish.plugin_manager()
+    pm.unregister(name="progress")
+    starfish.heal(pruned, dense, images, fast.replace(quiet=False))
+    assert "[starfish]" not in capsys.readouterr().err
+
+
+class FirstLinearOnly:
+    """A third-party adapter: treats exact zeros of the first fc1 as its mask."""
+
+    def __init__(self):
+        self.wrote_back = 0
+
+    @starfish.hookimpl(tryfirst=True)
+    def starfish_find_masks(self, model):
+        fc1 = model.blocks[0].mlp.fc1
+        if not getattr(fc1, "zeros_are_mask", False):
+            return None
+        entry = MaskedTensor("blocks.0.mlp.fc1.weight", fc1.weight, fc1.weight != 0, "zeros", "zero")
+        return SparsityPlan([entry], adapter="first-linear")
+
+    @starfish.hookimpl
+    def starfish_supported_forms(self):
+        return ["zeros in blocks.0.mlp.fc1 (test adapter)"]
+
+    @starfish.hookimpl
+    def starfish_write_back(self, model, plan):
+        if plan.adapter != "first-linear":
+            return None
+        self.wrote_back += 1
+        return True
+
+
+def test_adapter_hooks_from_a_registered_plugin(dense, images, fast):
+    tested("starfish_find_masks", "starfish_write_back", "starfish_supported_forms")
+    adapter = FirstLinearOnly()
+    pm = starfish.plugin_manager()
+    pm.register(adapter)
+    try:
+        pruned = copy.deepcopy(dense)
+        fc1 = pruned.blocks[0].mlp.fc1
+        with torch.no_grad():
+            fc1.weight[fc1.weight.abs() < fc1.weight.abs().median()] = 0.0
+        zeros = fc1.weight == 0
+        fc1.zeros_are_mask = True
+        report = starfish.heal(pruned, dense, images, fast)
+        assert report.adapter == "first-linear" and adapter.wrote_back == 1
+        assert report.mask_unchanged and report.masked_weights_zero
+        assert torch.equal(fc1.weight == 0, zeros)  # "zero" entries re-zeroed after each step
+        with pytest.raises(starfish_errors().MaskNotFoundError, match="test adapter"):
+            starfish.find_masks(copy.deepcopy(dense))
+    finally:
+        pm.unregister(adapter)
+
+
+def starfish_errors():
+    from starfish_plugin import errors
+
+    return errors
+
+
+class StopAfterFirst:
+    @starfish.hookimpl
+    def starfish_after_prune(self, pruner, model, step):
+        return False if step >= 1 else None
+
+
+def test_after_prune_hook_via_attach(dense, images, fast):
+    tested("starfish_after_prune")
+    from torch.ao.pruning import WeightNormSparsifier
+
+    model = copy.deepcopy(dense)
+    sparsifier = WeightNormSparsifier(sparsity_level=0.6, sparse_block_shape=(1, 4), zeros_per_block=4)
+    sparsifier.prepare(model, [{"tensor_fqn": f"blocks.{i}.mlp.fc1.weight"} for i in range(2)])
+    stopper = StopAfterFirst()
+    starfish.plugin_manager().register(stopper)
+    try:
+        handle = starfish.attach(sparsifier, dense, images, fast)
+        sparsifier.step()
+        assert handle.steps == 1 and len(handle.reports) == 1 and handle.stop_requested
+        assert handle.reports[0].mask_unchanged
+        assert handle.reports[0].epoch_losses[-1] < handle.reports[0].epoch_losses[0]
+        handle.detach()
+        sparsifier.step()
+        assert handle.steps == 1 and not handle.attached
+    finally:
+        starfish.plugin_manager().unregister(stopper)
+
+
+def test_every_hook_has_a_test():
+    # the hook tests above run before this one (pytest keeps file order)
+    assert TESTED_HOOKS == set(HOOK_NAMES)
+
+
+def test_entry_point_plugins_are_discovered(tmp_path, monkeypatch):
+    (tmp_path / "starfish_demo_ext.py").write_text(textwrap.dedent("""
+        import starfish_plugin as starfish
+
+        @starfish.hookimpl
+        def starfish_supported_forms():
+            return ["demo-ext form"]
+    """))
+    dist = tmp_path / "starfish_demo_ext-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: starfish-demo-ext\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[starfish]\ndemo_ext = starfish_demo_ext\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        pm = build_plugin_manager()
+        assert pm.has_plugin("demo_ext")
+        assert "demo-ext form" in [f for forms in pm.hook.starfish_supported_forms() for f in forms]
+        monkeypatch.setenv("STARFISH_PLUGINS", "torch_masks")
+        pm = build_plugin_manager()
+        assert [name for name, _ in pm.list_name_plugin()] == ["torch_masks"]
+    finally:
+        sys.modules.pop("starfish_demo_ext", None)
+
+
+def test_misspelled_hook_fails_loudly():
+    class Typo:
+        @starfish.hookimpl
+        def starfish_epoch_endd(self, epoch):
+            pass
+
+    pm = build_plugin_manager()
+    pm.register(Typo())
+    with pytest.raises(Exception, match="starfish_epoch_endd"):
+        pm.check_pending()
+
+
+def test_trace_env_prints_hook_calls(monkeypatch, pruned, capsys):
+    monkeypatch.setenv("STARFISH_TRACE_HOOKS", "1")
+    reset_plugin_manager()
+    starfish.find_masks(pruned)
+    assert "[starfish] starfish_find_masks(model) -> [" in capsys.readouterr().err
+
+
+def test_attach_rejects_objects_without_step_or_model(dense, images):
+    with pytest.raises(TypeError, match="step"):
+        starfish.attach(object(), dense, images)
+
+    class NoModel:
+        def step(self):
+            pass
+
+    with pytest.raises(TypeError, match="no .model"):
+        starfish.attach(NoModel(), dense, images)
