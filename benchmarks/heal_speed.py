@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import math
+import subprocess
+import sys
 import time
 
 import torch
@@ -27,7 +30,7 @@ from starfish_plugin.demo import load_demo_data, prune_vit_
 from starfish_plugin.targets import DenseTargets, dense_outputs, plan_targets
 from starfish_plugin.zoo import load_checkpoint
 
-from common import hardware, median, reset_peak_rss, rss_bytes, save
+from common import hardware, median, reset_peak_rss, rss_bytes, save, trim_heap
 
 
 def manual_heal(pruned, dense, images, blocks, epochs, batch_size=32, lr=6e-4, min_lr=1e-6, seed=0):
@@ -112,27 +115,40 @@ def speed(dense, images, epochs, repeats):
     }
 
 
-def cache_memory(dense, images_pool, sizes):
+def cache_probe(n: int) -> dict:
+    """Build the fp16 target cache for ``n`` images in this (fresh) process; measure its peak RSS."""
+    data_all = load_demo_data("auto", n_calibration=n)
+    dense = load_checkpoint(data_all.model)
     blocks = starfish.find_blocks(dense)
+    data = load_calibration(data_all.calibration)
+    probe = dense_outputs(dense, blocks, data.inputs[:1], False)
+    plan = plan_targets(probe, n, "auto", starfish.HealConfig().target_memory_budget)
+    with torch.no_grad():  # warm the allocator and the model's own buffers first
+        dense(data.inputs[:32])
+    del data_all
+    gc.collect()
+    trim_heap()  # give freed heap back to the OS so that reuse cannot hide the cache's growth
+    base = rss_bytes()
+    measured = reset_peak_rss()
+    targets = DenseTargets(dense, blocks, data, plan, torch.device("cpu"), False, 32)
+    peak = rss_bytes("VmHWM") if measured else None
+    return {
+        "images": n,
+        "mode": plan.mode,
+        "estimate_bytes": plan.estimate_bytes,
+        "cache_bytes": targets.cache_bytes,
+        "peak_rss_increase_bytes": None if peak is None else peak - base,
+    }
+
+
+def cache_memory(sizes) -> list[dict]:
+    """One fresh process per size, so freed memory of an earlier size cannot hide the growth."""
     rows = []
     for n in sizes:
-        data = load_calibration(images_pool[:n])
-        probe = dense_outputs(dense, blocks, data.inputs[:1], False)
-        plan = plan_targets(probe, n, "memory", 0)
-        gc.collect()
-        base = rss_bytes()
-        measured = reset_peak_rss()
-        targets = DenseTargets(dense, blocks, data, plan, torch.device("cpu"), False, 32)
-        peak = rss_bytes("VmHWM") if measured else None
-        rows.append(
-            {
-                "images": n,
-                "estimate_bytes": plan.estimate_bytes,
-                "cache_bytes": targets.cache_bytes,
-                "peak_rss_increase_bytes": None if peak is None else peak - base,
-            }
-        )
-        del targets
+        out = subprocess.run(
+            [sys.executable, __file__, "--cache-probe", str(n)], check=True, capture_output=True, text=True
+        ).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
     return rows
 
 
@@ -141,7 +157,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--cache-probe", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cache_probe:
+        print(json.dumps(cache_probe(args.cache_probe)))
+        return
     torch.manual_seed(0)
     data = load_demo_data("auto", n_calibration=8000)
     dense = load_checkpoint(data.model)
@@ -152,7 +172,7 @@ def main() -> None:
         "dtype": "float32",
         "hardware": hardware(),
         "speed": speed(dense, data.calibration[: args.images], args.epochs, args.repeats),
-        "target_cache": cache_memory(dense, data.calibration, [1000, 2000, 4000, 8000]),
+        "target_cache": cache_memory([1000, 2000, 4000, 8000]),
     }
     path = save("heal_speed", result)
     s = result["speed"]

@@ -56,6 +56,9 @@ def prune_vit_(model: nn.Module, sparsity: float, layers: tuple[str, ...] = PRUN
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in layers:
             prune.l1_unstructured(module, "weight", amount=sparsity)
+            # prune leaves `weight` as a non-leaf tensor, which blocks copy.deepcopy(model);
+            # the forward pre-hook recomputes it on every call anyway.
+            module.weight = module.weight.detach()
     return model
 
 

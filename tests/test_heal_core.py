@@ -34,6 +34,7 @@ def test_masked_entries_stay_exactly_zero_and_pattern_is_identical(pruned, dense
         assert not effective[~module.weight_mask.bool()].any()
         assert torch.equal(module.weight, effective)  # write-back refreshed the stale attribute
         assert torch.isfinite(module.weight_orig).all()
+    copy.deepcopy(pruned)  # the refreshed weight is a leaf again, so the healed model can be copied
 
 
 def test_only_surviving_entries_train_everything_else_frozen(pruned, dense, images, fast):

@@ -13,11 +13,17 @@ from starfish_plugin.masks import MaskedTensor, SparsityPlan
 from starfish_plugin.plugins import build_plugin_manager, reset_plugin_manager
 from conftest import l1_prune_
 
-TESTED_HOOKS = set()
-
-
-def tested(*names):
-    TESTED_HOOKS.update(names)
+# Which test exercises each hook; test_every_hook_has_a_test keeps this honest.
+HOOK_TESTS = {
+    "starfish_find_masks": "test_adapter_hooks_from_a_registered_plugin",
+    "starfish_supported_forms": "test_adapter_hooks_from_a_registered_plugin",
+    "starfish_write_back": "test_adapter_hooks_from_a_registered_plugin",
+    "starfish_after_prune": "test_after_prune_hook_via_attach",
+    "starfish_heal_started": "test_progress_hooks_fire_in_order",
+    "starfish_step_ended": "test_progress_hooks_fire_in_order",
+    "starfish_epoch_ended": "test_progress_hooks_fire_in_order",
+    "starfish_heal_finished": "test_progress_hooks_fire_in_order",
+}
 
 
 class Recorder:
@@ -42,7 +48,6 @@ class Recorder:
 
 
 def test_progress_hooks_fire_in_order(pruned, dense, images, fast):
-    tested("starfish_heal_started", "starfish_step_ended", "starfish_epoch_ended", "starfish_heal_finished")
     recorder = Recorder()
     pm = starfish.plugin_manager()
     pm.register(recorder)
@@ -101,7 +106,6 @@ class FirstLinearOnly:
 
 
 def test_adapter_hooks_from_a_registered_plugin(dense, images, fast):
-    tested("starfish_find_masks", "starfish_write_back", "starfish_supported_forms")
     adapter = FirstLinearOnly()
     pm = starfish.plugin_manager()
     pm.register(adapter)
@@ -135,7 +139,6 @@ class StopAfterFirst:
 
 
 def test_after_prune_hook_via_attach(dense, images, fast):
-    tested("starfish_after_prune")
     from torch.ao.pruning import WeightNormSparsifier
 
     model = copy.deepcopy(dense)
@@ -157,8 +160,9 @@ def test_after_prune_hook_via_attach(dense, images, fast):
 
 
 def test_every_hook_has_a_test():
-    # the hook tests above run before this one (pytest keeps file order)
-    assert TESTED_HOOKS == set(HOOK_NAMES)
+    assert set(HOOK_TESTS) == set(HOOK_NAMES)
+    for test in HOOK_TESTS.values():
+        assert callable(globals().get(test)), test
 
 
 def test_entry_point_plugins_are_discovered(tmp_path, monkeypatch):
