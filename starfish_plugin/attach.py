@@ -29,8 +29,9 @@ class Attachment:
         self.reports: list[HealReport] = []
         self.results: list[list[Any]] = []
         self.stop_requested = False
-        self._original_step = pruner.step
-        pruner.step = self._wrap(pruner.step)
+        self._instance_step = pruner.__dict__.get("step")  # a step set on the instance, if any
+        self._wrapper = self._wrap(pruner.step)
+        pruner.step = self._wrapper
 
     def _after_step(self) -> None:
         self.steps += 1
@@ -63,11 +64,23 @@ class Attachment:
 
     @property
     def attached(self) -> bool:
-        return "step" in self.pruner.__dict__
+        return self.pruner.__dict__.get("step") is self._wrapper
 
     def detach(self) -> None:
-        """Restore the pruner's own ``step``; healing no longer follows it."""
-        self.pruner.__dict__.pop("step", None)
+        """Restore the pruner's own ``step``; healing no longer follows it.
+
+        Raises:
+            ValueError: another ``attach`` wrapped the pruner after this one; detach that one first.
+        """
+        current = self.pruner.__dict__.get("step")
+        if current is not self._wrapper:
+            if current is not None and current is not self._instance_step:
+                raise ValueError("another attach() wrapped this pruner after this one; detach that handle first")
+            return  # already detached
+        if self._instance_step is None:
+            del self.pruner.__dict__["step"]
+        else:
+            self.pruner.step = self._instance_step
 
 
 def attach(pruner: Any, dense: nn.Module, calibration: object, config: HealConfig | None = None) -> Attachment:
@@ -100,6 +113,8 @@ def attach(pruner: Any, dense: nn.Module, calibration: object, config: HealConfi
             f"{type(pruner).__name__} has no .model to heal; for a torch.ao sparsifier call "
             "sparsifier.prepare(model, config) before attach()"
         )
-    if config is not None and not isinstance(config, HealConfig):
-        raise TypeError(f"config must be a starfish.HealConfig, got {type(config).__name__}")
+    if config is not None:
+        if not isinstance(config, HealConfig):
+            raise TypeError(f"config must be a starfish.HealConfig, got {type(config).__name__}")
+        config.validate()
     return Attachment(pruner, model, dense, calibration, config)

@@ -127,6 +127,16 @@ def _first_tensor(output: object, name: str) -> torch.Tensor:
     raise BlockError(f"block {name!r} returned {type(output).__name__}, not a tensor; choose another block")
 
 
+def require_outputs(outputs: dict[str, torch.Tensor], names: Sequence[str], label: str) -> None:
+    """Raise ``BlockError`` if a block produced no output in the last forward."""
+    missing = [n for n in names if n not in outputs]
+    if missing:
+        raise BlockError(
+            f"block(s) {missing} of the {label} model exist but are not called in its forward; choose blocks "
+            "that run (blocks=[...])"
+        )
+
+
 @contextmanager
 def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
     """Record each named block's output (its first tensor) on every forward, keyed by name.

@@ -81,7 +81,13 @@ def load_calibration(calibration: object) -> CalibrationData:
             raise CalibrationTypeError(f"{where} holds inputs of type {type(x).__name__}; inputs must be Tensors")
         if singles:
             x = x.unsqueeze(0)
-            y = None if y is None else torch.as_tensor(y).reshape(1)
+            if y is not None:
+                y = torch.as_tensor(y)
+                if y.numel() != 1:
+                    raise CalibrationTypeError(
+                        f"{where} has a label of shape {tuple(y.shape)}; labels must be class indices (one integer each)"
+                    )
+                y = y.reshape(1)
         if x.dim() < 2:
             raise CalibrationError(
                 f"{where} has shape {tuple(x.shape)}; inputs need a batch dimension first, e.g. [N, C, H, W]"
@@ -95,8 +101,11 @@ def load_calibration(calibration: object) -> CalibrationData:
             raise CalibrationError(f"{where} {'lacks' if y is None else 'has'} labels unlike earlier batches")
         if y is not None:
             y = torch.as_tensor(y)
-            if y.shape[:1] != x.shape[:1]:
-                raise CalibrationError(f"{where} has {x.shape[0]} inputs but labels of shape {tuple(y.shape)}")
+            if y.dim() != 1 or y.shape[0] != x.shape[0]:
+                raise CalibrationError(
+                    f"{where} has {x.shape[0]} inputs but labels of shape {tuple(y.shape)}; "
+                    "labels must be class indices, one per input"
+                )
             labels.append(y)
         inputs.append(x)
     if not inputs or sum(x.shape[0] for x in inputs) == 0:
@@ -116,4 +125,6 @@ def load_calibration(calibration: object) -> CalibrationData:
     label_tensor = (torch.cat(labels) if len(labels) > 1 else labels[0]) if labels else None
     if label_tensor is not None and label_tensor.is_floating_point():
         raise CalibrationTypeError(f"calibration labels have dtype {label_tensor.dtype}; class indices must be integers")
+    if label_tensor is not None:
+        label_tensor = label_tensor.long()
     return CalibrationData(inputs=data, labels=label_tensor, source=source)

@@ -23,6 +23,10 @@ class MaskShapeError(StarfishError, ValueError):
     """A mask does not have the shape of the tensor it masks."""
 
 
+class AdapterError(StarfishError, ValueError):
+    """No adapter wrote a healed model back into its toolkit's form."""
+
+
 class BlockError(StarfishError, ValueError):
     """Blocks could not be discovered, or a named block does not exist."""
 

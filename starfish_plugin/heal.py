@@ -16,7 +16,7 @@ from starfish_plugin._modes import eval_mode
 from starfish_plugin.blocks import capture_outputs, resolve_blocks
 from starfish_plugin.calibration import CalibrationData, load_calibration
 from starfish_plugin.config import HealConfig
-from starfish_plugin.errors import CalibrationError, ConfigError, NonFiniteError
+from starfish_plugin.errors import AdapterError, CalibrationError, ConfigError, NonFiniteError
 from starfish_plugin.losses import HealLoss, cosine_distance
 from starfish_plugin.masks import SparsityPlan, find_masks
 from starfish_plugin.plugins import plugin_manager
@@ -37,7 +37,10 @@ def resolve_config(config: HealConfig | None, overrides: dict[str, Any]) -> Heal
         config = HealConfig()
     elif not isinstance(config, HealConfig):
         raise TypeError(f"config must be a starfish.HealConfig, got {type(config).__name__}")
-    return config.replace(**overrides) if overrides else config
+    if overrides:
+        return config.replace(**overrides)
+    config.validate()  # a config edited after construction is checked too
+    return config
 
 
 @contextmanager
@@ -103,6 +106,23 @@ def block_cosines(
     return {b: s / seen for b, s in sums.items()}
 
 
+def check_logits(logits: object, data: CalibrationData, config: HealConfig) -> None:
+    """The ``kl`` and ``ce`` losses need ``[B, classes]`` logits, and ``ce`` labels below ``classes``."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ConfigError(
+            f"loss {config.loss!r} needs a classifier returning logits [B, classes], but the model returns "
+            f"{shape}; use loss='cosine' or 'mse'"
+        )
+    if "ce" in config.loss_terms() and data.labels is not None:
+        low, high = int(data.labels.min()), int(data.labels.max())
+        if low < 0 or high >= logits.shape[1]:
+            raise CalibrationError(
+                f"calibration labels span {low}..{high} but the model has {logits.shape[1]} classes; "
+                "labels must be class indices in [0, classes)"
+            )
+
+
 def _peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
@@ -156,11 +176,8 @@ def heal(
     with eval_mode(dense), eval_mode(pruned):
         probe_x = data.inputs[: config.batch_size].to(device)
         dense_logits = probe_forward(dense, probe_x, "dense")
-        if (loss_fn.needs_labels or loss_fn.needs_logits) and dense_logits.dim() != 2:
-            raise ConfigError(
-                f"loss {config.loss!r} needs a classifier returning logits [B, classes], but the model "
-                f"returns shape {tuple(dense_logits.shape)}; use loss='cosine' or 'mse'"
-            )
+        if loss_fn.needs_labels or loss_fn.needs_logits:
+            check_logits(dense_logits, data, config)
         probe_out = dense_outputs(dense, blocks, probe_x, loss_fn.needs_logits)
         check_finite(probe_out)
         target_plan = plan_targets(probe_out, len(data), config.targets, config.target_memory_budget)
@@ -177,16 +194,25 @@ def heal(
         try:
             with trainable_only(pruned, plan.parameters()), eval_mode(pruned, config.train_mode):
                 epoch_losses = _train(pruned, plan, targets, data, loss_fn, config, device, total_steps, pm)
-        except BaseException:
+        except BaseException as exc:
             if backup is not None:
                 with torch.no_grad():
                     for p, saved in zip(plan.parameters(), backup):
                         p.copy_(saved)
+            pm.hook.starfish_write_back(model=pruned, plan=plan)  # refresh derived attributes
+            pm.hook.starfish_heal_failed(model=pruned, error=exc, config=config)
             raise
+        finally:
+            for p in plan.parameters():
+                p.grad = None
         train_seconds = time.perf_counter() - train_start
         after = block_cosines(pruned, targets, data, config.diagnostic_samples, config.batch_size, config.cosine_reduction)
 
-    pm.hook.starfish_write_back(model=pruned, plan=plan)
+    if pm.hook.starfish_write_back(model=pruned, plan=plan) is None:
+        raise AdapterError(
+            f"no adapter wrote the healed model back for the plan read by '{plan.adapter}': its "
+            "starfish_write_back must return True for its own plans (the weights are healed in place)"
+        )
     reread = find_masks(pruned)
     peak, peak_kind = _peak_memory(device)
     trainable = sum(int(e.mask.sum()) for e in plan)
@@ -262,9 +288,11 @@ def _train(
                 pm.hook.starfish_step_ended(step=step, total_steps=total_steps, config=config)
             mean = running.item() / len(data)
             if not math.isfinite(mean):
+                state = "restored" if config.restore_on_error else "left as they were (restore_on_error=False)"
                 raise NonFiniteError(
-                    f"the healing loss became {mean} in epoch {epoch + 1}; the weights were restored. "
-                    f"Lower HealConfig.lr (now {config.lr}) or check the models for overflow"
+                    f"the healing loss became {mean} in epoch {epoch + 1}; the weights were {state}. "
+                    f"Lower HealConfig.lr (now {config.lr}), or check that the dense model's outputs are finite "
+                    "on every calibration input (with targets='online' only the first batch is checked up front)"
                 )
             losses.append(mean)
             pm.hook.starfish_epoch_ended(

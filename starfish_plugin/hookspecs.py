@@ -109,6 +109,19 @@ def starfish_epoch_ended(epoch, epochs, loss, lr, seconds, config):
 
 
 @hookspec
+def starfish_heal_failed(model, error, config):
+    """Fires when healing stops with an exception after it started (after ``starfish_heal_started``).
+
+    :param model: the pruned model; its trained tensors are already restored when
+        ``config.restore_on_error`` is set.
+    :param error: the exception, re-raised once every implementation has run.
+    :param config: the effective ``HealConfig``.
+
+    Return value ignored. All implementations are called.
+    """
+
+
+@hookspec
 def starfish_heal_finished(model, report, config):
     """Fires when a heal has finished and the model is back in its toolkit's form.
 

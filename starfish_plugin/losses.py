@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from starfish_plugin.blocks import require_outputs
 from starfish_plugin.errors import CalibrationError
 
 
@@ -17,11 +18,12 @@ def cosine_distance(pred: torch.Tensor, target: torch.Tensor, reduction: str = "
         reduction: ``"token"`` takes the cosine over the last dimension of ``[B, T, D]`` outputs
             (per token) and averages; ``"example"`` flattens each example (conv maps
             ``[B, C, H, W]``); ``"auto"`` is per token for 3-D outputs and per example otherwise.
+            Outputs that are not 3-D are always compared per example. Computed in fp32.
     """
-    target = target.to(pred.dtype)
+    pred, target = pred.float(), target.float()
     if reduction == "auto":
         reduction = "token" if pred.dim() == 3 else "example"
-    if reduction == "token":
+    if reduction == "token" and pred.dim() == 3:
         cos = F.cosine_similarity(pred, target, dim=-1, eps=1e-8)
     else:
         cos = F.cosine_similarity(pred.flatten(1), target.flatten(1), dim=1, eps=1e-8)
@@ -30,7 +32,7 @@ def cosine_distance(pred: torch.Tensor, target: torch.Tensor, reduction: str = "
 
 def block_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error between a block's output and its dense target."""
-    return F.mse_loss(pred, target.to(pred.dtype))
+    return F.mse_loss(pred.float(), target.float())
 
 
 def logit_kl(logits: torch.Tensor, dense_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -66,6 +68,7 @@ class HealLoss:
     def block_term(self, name: str, outputs, targets) -> torch.Tensor:
         fn = cosine_distance if name == "cosine" else block_mse
         kwargs = {"reduction": self.reduction} if name == "cosine" else {}
+        require_outputs(outputs, self.blocks, "pruned")
         values = [fn(outputs[b], targets[b], **kwargs) for b in self.blocks]
         return torch.stack(values).mean()
 
@@ -76,7 +79,7 @@ class HealLoss:
         targets: Mapping[str, torch.Tensor],
         labels: torch.Tensor | None,
     ) -> torch.Tensor:
-        total = logits.new_zeros((), dtype=torch.float32)
+        total: torch.Tensor | float = 0.0
         for name, weight in self.terms.items():
             if name in ("cosine", "mse"):
                 value = self.block_term(name, outputs, targets)
@@ -87,4 +90,5 @@ class HealLoss:
                     raise CalibrationError("loss 'ce' needs labels; pass (inputs, labels) calibration batches")
                 value = F.cross_entropy(logits, labels)
             total = total + weight * value
+        assert isinstance(total, torch.Tensor)  # at least one term has weight > 0
         return total

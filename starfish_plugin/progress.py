@@ -51,6 +51,13 @@ def starfish_epoch_ended(epoch, epochs, loss, lr, seconds, config) -> None:
 
 
 @hookimpl
+def starfish_heal_failed(model, error, config) -> None:
+    _close()
+    if not config.quiet:
+        print(f"[starfish] healing failed: {error}", file=sys.stderr)
+
+
+@hookimpl
 def starfish_heal_finished(model, report, config) -> None:
     _close()
     if not config.quiet:

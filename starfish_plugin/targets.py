@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from starfish_plugin.blocks import capture_outputs
+from starfish_plugin.blocks import capture_outputs, require_outputs
 from starfish_plugin.calibration import CalibrationData
 from starfish_plugin.errors import NonFiniteError
 
@@ -64,6 +64,7 @@ def dense_outputs(dense: nn.Module, blocks: Sequence[str], x: torch.Tensor, need
     """Block outputs of ``dense`` on ``x`` (and its logits under the key ``LOGITS`` if asked)."""
     with capture_outputs(dense, blocks) as outputs:
         logits = dense(x)
+        require_outputs(outputs, blocks, "dense")
         result = {name: outputs[name] for name in blocks}
     if need_logits:
         result[LOGITS] = logits

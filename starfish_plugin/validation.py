@@ -20,9 +20,9 @@ def check_models(pruned: object, dense: object) -> None:
             "pruned and dense are the same object; keep an untouched copy "
             "(dense = copy.deepcopy(model)) before pruning"
         )
-    dense_ptrs = {p.data_ptr(): n for n, p in dense.named_parameters()}
+    dense_ptrs = {p.data_ptr(): n for n, p in dense.named_parameters() if p.numel() > 0}
     for name, p in pruned.named_parameters():
-        if p.data_ptr() in dense_ptrs:
+        if p.numel() > 0 and p.data_ptr() in dense_ptrs:
             raise ModelMismatchError(
                 f"pruned parameter {name!r} shares storage with dense parameter {dense_ptrs[p.data_ptr()]!r}; "
                 "healing would change the dense model. Pass dense = copy.deepcopy(model) taken before pruning"

@@ -91,6 +91,33 @@ def test_block_names_that_do_not_exist(pruned, dense, images, fast, guard):
         starfish.heal(pruned, dense, images, fast, blocks=lambda n, m: False)
 
 
+def test_block_that_never_runs(dense, images, fast):
+    dense = copy.deepcopy(dense)
+    dense.unused = nn.Linear(2, 2)
+    pruned = l1_prune_(copy.deepcopy(dense))
+    saved = state_copy(pruned)
+    with pytest.raises(errors.BlockError, match=r"\['unused'\] of the dense model exist but are not called"):
+        starfish.heal(pruned, dense, images, fast, blocks=["blocks.0", "unused"])
+    assert_state_equal(pruned, saved)
+
+
+def test_labels_out_of_range_or_not_indices(pruned, dense, images, fast, guard):
+    too_big = torch.full((64,), 7)
+    with pytest.raises(errors.CalibrationError, match=r"labels span 7..7 but the model has 5 classes"):
+        starfish.heal(pruned, dense, list(zip(images.split(16), too_big.split(16))), fast, loss="ce")
+    one_hot = torch.nn.functional.one_hot(torch.zeros(64, dtype=torch.long), 5)
+    with pytest.raises(errors.CalibrationError, match="labels must be class indices"):
+        starfish.heal(pruned, dense, list(zip(images.split(16), one_hot.split(16))), fast, loss="ce")
+    with pytest.raises(errors.CalibrationTypeError, match="labels must be class indices"):
+        starfish.heal(pruned, dense, torch.utils.data.TensorDataset(images, one_hot), fast, loss="ce")
+
+
+def test_config_edited_after_construction_is_checked(pruned, dense, images, fast, guard):
+    fast.lr = -1.0
+    with pytest.raises(errors.ConfigError, match="lr must be a finite number > 0"):
+        starfish.heal(pruned, dense, images, fast)
+
+
 def test_ce_without_labels(pruned, dense, images, fast, guard):
     with pytest.raises(errors.CalibrationError, match="'ce' needs labels"):
         starfish.heal(pruned, dense, images, fast, loss="ce")

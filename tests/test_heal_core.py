@@ -126,6 +126,11 @@ def test_every_loss_runs_through_the_same_loop(loss, pruned, dense, images, labe
     assert report.mask_unchanged and report.masked_weights_zero
 
 
+def test_int32_labels_work_with_ce(pruned, dense, images, labels, fast):
+    report = starfish.heal(pruned, dense, list(zip(images.split(16), labels.int().split(16))), fast, loss="ce")
+    assert report.epoch_losses[-1] < report.epoch_losses[0]
+
+
 def test_cosine_reduction_token_vs_example():
     from starfish_plugin.losses import cosine_distance
 

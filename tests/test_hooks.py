@@ -23,6 +23,7 @@ HOOK_TESTS = {
     "starfish_step_ended": "test_progress_hooks_fire_in_order",
     "starfish_epoch_ended": "test_progress_hooks_fire_in_order",
     "starfish_heal_finished": "test_progress_hooks_fire_in_order",
+    "starfish_heal_failed": "test_heal_failed_fires_after_the_weights_are_restored",
 }
 
 
@@ -62,6 +63,32 @@ def test_progress_hooks_fire_in_order(pruned, dense, images, fast):
     assert [e[2] for e in epochs] == report.epoch_losses
     assert epochs[-1][3] == pytest.approx(fast.min_lr)
     assert recorder.calls[-1] == ("finished", True)
+
+
+class FailureRecorder:
+    def __init__(self):
+        self.seen = []
+
+    @starfish.hookimpl
+    def starfish_heal_failed(self, model, error, config):
+        fc1 = model.blocks[0].mlp.fc1
+        self.seen.append((type(error).__name__, torch.isfinite(fc1.weight_orig).all().item(),
+                          torch.isfinite(fc1.weight).all().item()))
+
+
+def test_heal_failed_fires_after_the_weights_are_restored(pruned, dense, images, capsys):
+    recorder = FailureRecorder()
+    pm = starfish.plugin_manager()
+    pm.register(recorder)
+    try:
+        with pytest.raises(starfish_errors().NonFiniteError):
+            starfish.heal(pruned, dense, images, lr=1e30, min_lr=1e29, epochs=1)
+    finally:
+        pm.unregister(recorder)
+    # restored before the hook ran, and the stale prune attribute refreshed too
+    assert recorder.seen == [("NonFiniteError", True, True)]
+    assert "[starfish] healing failed: the healing loss became" in capsys.readouterr().err
+    assert all(p.grad is None for p in pruned.parameters())
 
 
 def test_default_progress_prints_one_line_per_epoch_and_quiet_silences_it(pruned, dense, images, fast, capsys):
@@ -122,6 +149,25 @@ def test_adapter_hooks_from_a_registered_plugin(dense, images, fast):
         assert torch.equal(fc1.weight == 0, zeros)  # "zero" entries re-zeroed after each step
         with pytest.raises(starfish_errors().MaskNotFoundError, match="test adapter"):
             starfish.find_masks(copy.deepcopy(dense))
+    finally:
+        pm.unregister(adapter)
+
+
+class ForgetfulAdapter(FirstLinearOnly):
+    @starfish.hookimpl
+    def starfish_write_back(self, model, plan):
+        return None
+
+
+def test_an_adapter_that_never_writes_back_is_an_error(dense, images, fast):
+    adapter = ForgetfulAdapter()
+    pm = starfish.plugin_manager()
+    pm.register(adapter)
+    try:
+        pruned = copy.deepcopy(dense)
+        pruned.blocks[0].mlp.fc1.zeros_are_mask = True
+        with pytest.raises(starfish_errors().AdapterError, match="read by 'first-linear'"):
+            starfish.heal(pruned, dense, images, fast)
     finally:
         pm.unregister(adapter)
 
@@ -206,6 +252,23 @@ def test_trace_env_prints_hook_calls(monkeypatch, pruned, capsys):
     reset_plugin_manager()
     starfish.find_masks(pruned)
     assert "[starfish] starfish_find_masks(model) -> [" in capsys.readouterr().err
+
+
+def test_two_attachments_detach_in_reverse_order(dense, images, fast):
+    from torch.ao.pruning import WeightNormSparsifier
+
+    model = copy.deepcopy(dense)
+    sparsifier = WeightNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4), zeros_per_block=4)
+    sparsifier.prepare(model, [{"tensor_fqn": "blocks.0.mlp.fc1.weight"}])
+    first = starfish.attach(sparsifier, dense, images, fast)
+    second = starfish.attach(sparsifier, dense, images, fast)
+    with pytest.raises(ValueError, match="detach that handle first"):
+        first.detach()
+    second.detach()
+    assert first.attached and not second.attached
+    first.detach()
+    assert "step" not in sparsifier.__dict__
+    first.detach()  # a second detach is harmless
 
 
 def test_attach_rejects_objects_without_step_or_model(dense, images):
