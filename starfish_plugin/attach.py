@@ -11,6 +11,7 @@ from torch import nn
 from starfish_plugin.config import HealConfig
 from starfish_plugin.plugins import plugin_manager
 from starfish_plugin.report import HealReport
+from starfish_plugin.validation import check_models
 
 
 class Attachment:
@@ -30,6 +31,8 @@ class Attachment:
         self.results: list[list[Any]] = []
         self.stop_requested = False
         self._instance_step = pruner.__dict__.get("step")  # a step set on the instance, if any
+        # an adapter may take over running each step (e.g. to record which channels survive)
+        self._runner = plugin_manager().hook.starfish_prepare_pruner(pruner=pruner, model=model, dense=dense)
         self._wrapper = self._wrap(pruner.step)
         pruner.step = self._wrapper
 
@@ -50,7 +53,7 @@ class Attachment:
     def _wrap(self, step):
         @functools.wraps(step)
         def wrapped(*args: Any, **kwargs: Any):
-            result = step(*args, **kwargs)
+            result = self._runner(step, *args, **kwargs) if self._runner else step(*args, **kwargs)
             if inspect.isgenerator(result):  # interactive pruning: heal once the groups are applied
                 return self._heal_after(result)
             self._after_step()
@@ -113,6 +116,7 @@ def attach(pruner: Any, dense: nn.Module, calibration: object, config: HealConfi
             f"{type(pruner).__name__} has no .model to heal; for a torch.ao sparsifier call "
             "sparsifier.prepare(model, config) before attach()"
         )
+    check_models(model, dense)
     if config is not None:
         if not isinstance(config, HealConfig):
             raise TypeError(f"config must be a starfish.HealConfig, got {type(config).__name__}")

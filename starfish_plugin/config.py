@@ -15,6 +15,7 @@ BlockSelector = Union[Sequence[str], Callable[[str, torch.nn.Module], bool], Non
 LOSS_NAMES = ("cosine", "mse", "kl", "ce")
 TARGET_MODES = ("auto", "memory", "online")
 COSINE_REDUCTIONS = ("auto", "token", "example")
+TRAINABLE = ("pruned", "all")
 
 
 @dataclass
@@ -45,6 +46,8 @@ class HealConfig:
         quiet: silence the default progress bar and per-epoch lines.
         restore_on_error: if healing fails part-way (e.g. the loss turns NaN), put the trainable
             weights back as they were before healing.
+        trainable: ``"pruned"`` trains the surviving entries of the pruned tensors (the paper);
+            ``"all"`` trains every parameter (masked entries still held at zero).
     """
 
     epochs: int = 10
@@ -64,6 +67,7 @@ class HealConfig:
     train_mode: bool = False
     quiet: bool = False
     restore_on_error: bool = True
+    trainable: str = "pruned"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -111,6 +115,8 @@ class HealConfig:
             raise ConfigError(f"HealConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.targets not in TARGET_MODES:
             raise ConfigError(f"HealConfig.targets must be one of {TARGET_MODES}, got {self.targets!r}")
+        if self.trainable not in TRAINABLE:
+            raise ConfigError(f"HealConfig.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
         if self.cosine_reduction not in COSINE_REDUCTIONS:
             raise ConfigError(
                 f"HealConfig.cosine_reduction must be one of {COSINE_REDUCTIONS}, got {self.cosine_reduction!r}"

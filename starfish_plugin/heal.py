@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from starfish_plugin._modes import eval_mode
+from starfish_plugin.alignment import channel_index, select_channels
 from starfish_plugin.blocks import capture_outputs, resolve_blocks
 from starfish_plugin.calibration import CalibrationData, load_calibration
 from starfish_plugin.config import HealConfig
-from starfish_plugin.errors import AdapterError, CalibrationError, ConfigError, NonFiniteError
+from starfish_plugin.errors import AdapterError, CalibrationError, ConfigError, ModelMismatchError, NonFiniteError
 from starfish_plugin.losses import HealLoss, cosine_distance
 from starfish_plugin.masks import SparsityPlan, find_masks
 from starfish_plugin.plugins import plugin_manager
@@ -61,13 +62,14 @@ class MaskKeeper:
     """Keeps the mask fixed: masks gradients, and re-applies the mask after every step."""
 
     def __init__(self, plan: SparsityPlan, weight_decay: float) -> None:
-        self.params = [e.parameter for e in plan]
-        self.grad_masks = [e.mask.to(e.parameter.dtype) for e in plan]
-        self.zero = [(e.parameter, m) for e, m in zip(plan, self.grad_masks) if e.masked_entries == "zero"]
+        sparse = [e for e in plan if not bool(e.mask.all())]  # all-ones masks need no keeping
+        self.params = [e.parameter for e in sparse]
+        self.grad_masks = [e.mask.to(e.parameter.dtype) for e in sparse]
+        self.zero = [(e.parameter, m) for e, m in zip(sparse, self.grad_masks) if e.masked_entries == "zero"]
         # With weight decay, AdamW also shrinks masked entries that the toolkit keeps; restore them.
         self.keep = [
             (e.parameter, e.mask, e.parameter.detach().clone())
-            for e in plan
+            for e in sparse
             if e.masked_entries == "keep" and weight_decay > 0
         ]
 
@@ -104,6 +106,18 @@ def block_cosines(
                 sums[b] += (1.0 - cosine_distance(outputs[b].float(), dense[b], reduction).item()) * len(idx)
             seen += len(idx)
     return {b: s / seen for b, s in sums.items()}
+
+
+def probe_structural(pruned: nn.Module, blocks: list[str], x: torch.Tensor, plan: SparsityPlan) -> dict:
+    """Block outputs of a structurally pruned model on one input, or a clear error if it cannot run."""
+    try:
+        return dense_outputs(pruned, blocks, x, False, label="pruned")
+    except (RuntimeError, ValueError, IndexError, AssertionError) as exc:
+        raise ModelMismatchError(
+            f"the pruned {type(pruned).__name__} fails a forward on a calibration input of shape "
+            f"{tuple(x.shape)}: {exc}. If attention heads or widths were pruned, its attention modules' "
+            f"num_heads / head_dim must match the new shapes. {plan.hint}"
+        ) from exc
 
 
 def check_logits(logits: object, data: CalibrationData, config: HealConfig) -> None:
@@ -159,7 +173,7 @@ def heal(
     pm = plugin_manager()
     check_models(pruned, dense)
     device = resolve_device(pruned, dense, config.device)
-    plan = find_masks(pruned)
+    plan = find_masks(pruned, dense)
     check_architecture(pruned, dense, plan)
     blocks = resolve_blocks(dense, pruned, config.blocks)
     loss_fn = HealLoss(config.loss_terms(), blocks, config.cosine_reduction, config.kl_temperature)
@@ -180,30 +194,36 @@ def heal(
             check_logits(dense_logits, data, config)
         probe_out = dense_outputs(dense, blocks, probe_x, loss_fn.needs_logits)
         check_finite(probe_out)
+        index, alignment = {}, {b: "direct" for b in blocks}
+        if plan.structural:  # e.g. Torch-Pruning: widths may differ from the dense model
+            pruned_out = probe_structural(pruned, blocks, probe_x[:1], plan)
+            index, alignment = channel_index(plan, pruned, blocks, probe_out, pruned_out)
+            select_channels(probe_out, index)
         target_plan = plan_targets(probe_out, len(data), config.targets, config.target_memory_budget)
         targets = DenseTargets(
-            dense, blocks, data, target_plan, device, loss_fn.needs_logits, config.batch_size
+            dense, blocks, data, target_plan, device, loss_fn.needs_logits, config.batch_size, index
         )
         before = block_cosines(pruned, targets, data, config.diagnostic_samples, config.batch_size, config.cosine_reduction)
 
         steps_per_epoch = math.ceil(len(data) / config.batch_size)
         total_steps = steps_per_epoch * config.epochs
         pm.hook.starfish_heal_started(model=pruned, plan=plan, config=config, total_steps=total_steps)
-        backup = [p.detach().clone() for p in plan.parameters()] if config.restore_on_error else None
+        params = trainable_parameters(pruned, plan, config.trainable)
+        backup = [p.detach().clone() for p in params] if config.restore_on_error else None
         train_start = time.perf_counter()
         try:
-            with trainable_only(pruned, plan.parameters()), eval_mode(pruned, config.train_mode):
-                epoch_losses = _train(pruned, plan, targets, data, loss_fn, config, device, total_steps, pm)
+            with trainable_only(pruned, params), eval_mode(pruned, config.train_mode):
+                epoch_losses = _train(pruned, plan, params, targets, data, loss_fn, config, device, total_steps, pm)
         except BaseException as exc:
             if backup is not None:
                 with torch.no_grad():
-                    for p, saved in zip(plan.parameters(), backup):
+                    for p, saved in zip(params, backup):
                         p.copy_(saved)
             pm.hook.starfish_write_back(model=pruned, plan=plan)  # refresh derived attributes
             pm.hook.starfish_heal_failed(model=pruned, error=exc, config=config)
             raise
         finally:
-            for p in plan.parameters():
+            for p in params:
                 p.grad = None
         train_seconds = time.perf_counter() - train_start
         after = block_cosines(pruned, targets, data, config.diagnostic_samples, config.batch_size, config.cosine_reduction)
@@ -213,9 +233,10 @@ def heal(
             f"no adapter wrote the healed model back for the plan read by '{plan.adapter}': its "
             "starfish_write_back must return True for its own plans (the weights are healed in place)"
         )
-    reread = find_masks(pruned)
+    reread = find_masks(pruned, dense)
     peak, peak_kind = _peak_memory(device)
-    trainable = sum(int(e.mask.sum()) for e in plan)
+    in_plan = {id(e.parameter) for e in plan}
+    trainable = sum(int(e.mask.sum()) for e in plan) + sum(p.numel() for p in params if id(p) not in in_plan)
     report = HealReport(
         loss=config.loss if isinstance(config.loss, str) else "+".join(f"{w}*{n}" for n, w in config.loss.items()),
         blocks=blocks,
@@ -240,6 +261,7 @@ def heal(
         trainable_parameters=trainable,
         frozen_parameters=sum(p.numel() for p in pruned.parameters()) - trainable,
         device=str(device),
+        target_alignment=alignment,
         notes=list(plan.notes) + [f"calibration from a {data.source}"]
         + ([f"blocks kept in fp32 (outside fp16 range): {targets.fp32_blocks}"] if targets.fp32_blocks else []),
         config=config.to_dict(),
@@ -248,9 +270,19 @@ def heal(
     return report
 
 
+def trainable_parameters(model: nn.Module, plan: SparsityPlan, which: str) -> list[nn.Parameter]:
+    """The plan's tensors (``"pruned"``), or every floating parameter of ``model`` (``"all"``)."""
+    params = plan.parameters()
+    if which == "all":
+        seen = {id(p) for p in params}
+        params += [p for p in model.parameters() if p.is_floating_point() and id(p) not in seen]
+    return params
+
+
 def _train(
     model: nn.Module,
     plan: SparsityPlan,
+    params: list[nn.Parameter],
     targets: DenseTargets,
     data: CalibrationData,
     loss_fn: HealLoss,
@@ -260,7 +292,6 @@ def _train(
     pm,
 ) -> list[float]:
     """The optimizer loop; returns the mean loss of each epoch."""
-    params = plan.parameters()
     keeper = MaskKeeper(plan, config.weight_decay)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=config.min_lr)

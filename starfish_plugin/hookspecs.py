@@ -14,10 +14,11 @@ hookimpl = pluggy.HookimplMarker("starfish")
 
 
 @hookspec(firstresult=True)
-def starfish_find_masks(model):
+def starfish_find_masks(model, dense):
     """Fires when a model's sparsity must be read (``find_masks``, the start of ``heal``).
 
     :param model: the pruned ``nn.Module``.
+    :param dense: the dense model it was pruned from when known (``heal`` passes it), else ``None``.
 
     Return a ``SparsityPlan`` if this adapter recognises the model's form, else ``None``.
     Stops at the first non-None result.
@@ -42,6 +43,20 @@ def starfish_write_back(model, plan):
 
     Return ``True`` once the model is in its toolkit's form (also when nothing had to change),
     ``None`` if ``plan`` is not this adapter's. Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def starfish_prepare_pruner(pruner, model, dense):
+    """Fires when ``starfish.attach`` wraps a pruner, before its first step.
+
+    :param pruner: the pruner being attached.
+    :param model: ``pruner.model``.
+    :param dense: the dense model given to ``attach``.
+
+    Return a callable ``run(step, *args, **kwargs)`` that performs one pruning step by calling
+    ``step`` (the pruner's own method) and records what the adapter needs, or ``None`` if this
+    is not your toolkit's pruner. Stops at the first non-None result.
     """
 
 

@@ -60,12 +60,17 @@ class SparsityPlan:
         adapter: name of the adapter that read the model.
         structural: ``True`` when pruning changed tensor shapes (e.g. Torch-Pruning).
         notes: what the adapter inferred or assumed, copied into the ``HealReport``.
+        kept_out_channels: for structural plans, module name -> original indices of the output
+            channels that survive; used to index dense targets when a block's width shrank.
+        hint: what the user should do when a record the heal needs is missing.
     """
 
     entries: list[MaskedTensor]
     adapter: str
     structural: bool = False
     notes: list[str] = field(default_factory=list)
+    kept_out_channels: dict[str, torch.Tensor] = field(default_factory=dict)
+    hint: str = ""
 
     def __iter__(self) -> Iterator[MaskedTensor]:
         return iter(self.entries)
@@ -112,8 +117,13 @@ class SparsityPlan:
         return f"{len(self.entries)} pruned tensors read by '{self.adapter}', {self.sparsity:.1%} sparsity"
 
 
-def find_masks(model: nn.Module) -> SparsityPlan:
+def find_masks(model: nn.Module, dense: nn.Module | None = None) -> SparsityPlan:
     """Ask the registered adapters to read ``model``'s sparsity; the first that recognises it wins.
+
+    Args:
+        model: the pruned model.
+        dense: the model it was pruned from, if at hand; adapters of structural pruning compare
+            shapes against it.
 
     Raises:
         MaskNotFoundError: no adapter found a mask; the message lists the supported forms.
@@ -128,7 +138,7 @@ def find_masks(model: nn.Module) -> SparsityPlan:
     if not isinstance(model, nn.Module):
         raise TypeError(f"find_masks() needs an nn.Module, got {type(model).__name__}")
     pm = plugin_manager()
-    plan = pm.hook.starfish_find_masks(model=model)
+    plan = pm.hook.starfish_find_masks(model=model, dense=dense)
     if plan is None:
         forms = [form for forms in pm.hook.starfish_supported_forms() for form in forms]
         listed = "\n  - ".join(forms) if forms else "(no adapter is registered)"

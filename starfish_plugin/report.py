@@ -21,6 +21,8 @@ class HealReport:
         targets_mode / targets_reason: where the dense targets lived and why.
         mask_unchanged: the masks read back after healing equal the ones before, bit for bit.
         masked_weights_zero: every masked entry of every effective weight is exactly zero.
+        target_alignment: per block, ``"direct"`` or which kept channels index the dense target
+            (when structural pruning narrowed the block's output).
     """
 
     loss: str
@@ -46,6 +48,7 @@ class HealReport:
     trainable_parameters: int
     frozen_parameters: int
     device: str
+    target_alignment: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
 

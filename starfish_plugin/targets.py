@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from starfish_plugin.alignment import ChannelIndex, select_channels
 from starfish_plugin.blocks import capture_outputs, require_outputs
 from starfish_plugin.calibration import CalibrationData
 from starfish_plugin.errors import NonFiniteError
@@ -60,12 +61,24 @@ def plan_targets(
 
 
 @torch.no_grad()
-def dense_outputs(dense: nn.Module, blocks: Sequence[str], x: torch.Tensor, need_logits: bool) -> dict[str, torch.Tensor]:
-    """Block outputs of ``dense`` on ``x`` (and its logits under the key ``LOGITS`` if asked)."""
+def dense_outputs(
+    dense: nn.Module,
+    blocks: Sequence[str],
+    x: torch.Tensor,
+    need_logits: bool,
+    index: ChannelIndex | None = None,
+    label: str = "dense",
+) -> dict[str, torch.Tensor]:
+    """Block outputs of ``dense`` on ``x`` (and its logits under the key ``LOGITS`` if asked).
+
+    With ``index``, outputs of blocks whose width was pruned keep only the surviving channels.
+    """
     with capture_outputs(dense, blocks) as outputs:
         logits = dense(x)
-        require_outputs(outputs, blocks, "dense")
+        require_outputs(outputs, blocks, label)
         result = {name: outputs[name] for name in blocks}
+    if index:
+        select_channels(result, index)
     if need_logits:
         result[LOGITS] = logits
     return result
@@ -89,9 +102,10 @@ class DenseTargets:
         device: torch.device,
         need_logits: bool,
         batch_size: int,
+        index: ChannelIndex | None = None,
     ) -> None:
         self.dense, self.blocks, self.plan, self.device = dense, list(blocks), plan, device
-        self.need_logits = need_logits
+        self.need_logits, self.index = need_logits, index or {}
         self.cache: dict[str, torch.Tensor] = {}
         self.fp32_blocks: list[str] = []
         if plan.mode == "memory":
@@ -103,7 +117,7 @@ class DenseTargets:
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the dense model on ``x``; return block outputs (and logits) at full precision."""
-        return dense_outputs(self.dense, self.blocks, x, self.need_logits)
+        return dense_outputs(self.dense, self.blocks, x, self.need_logits, self.index)
 
     @torch.no_grad()
     def _fill(self, data: CalibrationData, batch_size: int) -> None:

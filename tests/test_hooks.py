@@ -24,6 +24,7 @@ HOOK_TESTS = {
     "starfish_epoch_ended": "test_progress_hooks_fire_in_order",
     "starfish_heal_finished": "test_progress_hooks_fire_in_order",
     "starfish_heal_failed": "test_heal_failed_fires_after_the_weights_are_restored",
+    "starfish_prepare_pruner": "test_prepare_pruner_hook_runs_each_step",
 }
 
 
@@ -205,6 +206,36 @@ def test_after_prune_hook_via_attach(dense, images, fast):
         starfish.plugin_manager().unregister(stopper)
 
 
+class CountingRunner:
+    def __init__(self):
+        self.calls = 0
+
+    @starfish.hookimpl(tryfirst=True)
+    def starfish_prepare_pruner(self, pruner, model, dense):
+        def run(step, *args, **kwargs):
+            self.calls += 1
+            return step(*args, **kwargs)
+
+        return run
+
+
+def test_prepare_pruner_hook_runs_each_step(dense, images, fast):
+    from torch.ao.pruning import WeightNormSparsifier
+
+    model = copy.deepcopy(dense)
+    sparsifier = WeightNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4), zeros_per_block=4)
+    sparsifier.prepare(model, [{"tensor_fqn": "blocks.0.mlp.fc1.weight"}])
+    runner = CountingRunner()
+    starfish.plugin_manager().register(runner)
+    try:
+        handle = starfish.attach(sparsifier, dense, images, fast)
+        sparsifier.step()
+        sparsifier.step()
+        assert runner.calls == 2 and handle.steps == 2
+    finally:
+        starfish.plugin_manager().unregister(runner)
+
+
 def test_every_hook_has_a_test():
     assert set(HOOK_TESTS) == set(HOOK_NAMES)
     for test in HOOK_TESTS.values():
@@ -251,7 +282,7 @@ def test_trace_env_prints_hook_calls(monkeypatch, pruned, capsys):
     monkeypatch.setenv("STARFISH_TRACE_HOOKS", "1")
     reset_plugin_manager()
     starfish.find_masks(pruned)
-    assert "[starfish] starfish_find_masks(model) -> [" in capsys.readouterr().err
+    assert "[starfish] starfish_find_masks(dense, model) -> [tp_graph, torch_masks]" in capsys.readouterr().err
 
 
 def test_two_attachments_detach_in_reverse_order(dense, images, fast):
