@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.starfish-installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup data demo test bench bench-structured clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ test: setup
 
 bench: setup data
 	cd benchmarks && ../$(BIN)/python heal_speed.py
+
+bench-structured: setup data
+	cd benchmarks && for panel in mlp mlp_heads; do for r in 0.3 0.5 0.7; do \
+		../$(BIN)/python structured.py heal --panel $$panel --ratio $$r || exit 1; done; done
+	cd benchmarks && ../$(BIN)/python structured.py latency && ../$(BIN)/python structured.py table
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

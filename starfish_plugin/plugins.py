@@ -19,6 +19,7 @@ from starfish_plugin import hookspecs
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "starfish_plugin.adapters.torch_masks",
     "starfish_plugin.adapters.tp_graph",
+    "starfish_plugin.adapters.nm_layouts",
     "starfish_plugin.progress",
     "starfish_plugin.pipeline",
 )

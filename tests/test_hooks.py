@@ -282,7 +282,7 @@ def test_trace_env_prints_hook_calls(monkeypatch, pruned, capsys):
     monkeypatch.setenv("STARFISH_TRACE_HOOKS", "1")
     reset_plugin_manager()
     starfish.find_masks(pruned)
-    assert "[starfish] starfish_find_masks(dense, model) -> [tp_graph, torch_masks]" in capsys.readouterr().err
+    assert "[starfish] starfish_find_masks(dense, model) -> [nm_layouts, tp_graph, torch_masks]" in capsys.readouterr().err
 
 
 def test_two_attachments_detach_in_reverse_order(dense, images, fast):

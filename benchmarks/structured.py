@@ -1,0 +1,182 @@
+"""Structured (CORP-like) panel: Torch-Pruning removes MLP units, or MLP units and attention heads,
+of the Fashion-MNIST ViT; heal with cosine (STARFISH), KL and CE under one budget; 3 seeds.
+
+    python benchmarks/structured.py heal --panel mlp --ratio 0.5     # ~3 min on 2 CPU cores
+    python benchmarks/structured.py latency                          # CPU latency, dense vs pruned
+    python benchmarks/structured.py table                            # Markdown tables from the JSON
+
+Budget (same for every loss): 1,000 calibration images from the training split x 10 epochs,
+AdamW 6e-4 -> 1e-6 cosine, batch 32. Seeds change which calibration images are drawn and their
+order; the pruning itself is deterministic (L2 magnitude). Accuracy: the full 10,000-image test set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+import warnings
+
+import timm
+import torch
+import torch_pruning as tp
+
+import starfish_plugin as starfish
+from starfish_plugin.data import load_fashion_mnist
+from starfish_plugin.zoo import load_checkpoint
+
+from common import RESULTS, hardware, median, save
+
+PANELS = ("mlp", "mlp_heads")
+RATIOS = (0.3, 0.5, 0.7)
+LOSSES = ("cosine", "kl", "ce")
+SEEDS = (0, 1, 2)
+warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+
+
+def make_pruner(model: torch.nn.Module, panel: str, ratio: float):
+    """A MetaPruner over MLP hidden units (``mlp``) or MLP units and whole heads (``mlp_heads``)."""
+    example = torch.randn(1, 1, 28, 28)
+    ignored = [model.head, model.patch_embed.proj]
+    for block in model.blocks:
+        ignored += [block.mlp.fc2, block.attn.proj]  # the residual stream stays whole
+        if panel == "mlp":
+            ignored.append(block.attn.qkv)
+    kwargs = {}
+    if panel == "mlp_heads":
+        heads = {m.qkv: m.num_heads for m in model.modules() if isinstance(m, timm.layers.Attention)}
+        kwargs = {"num_heads": heads, "prune_num_heads": True, "prune_head_dims": False, "head_pruning_ratio": ratio}
+    return tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                pruning_ratio=ratio, ignored_layers=ignored, **kwargs)
+
+
+def pruned_model(dense: torch.nn.Module, panel: str, ratio: float) -> torch.nn.Module:
+    model = copy.deepcopy(dense)
+    pruner = make_pruner(model, panel, ratio)
+    from starfish_plugin.adapters import tp_graph
+
+    tp_graph.track(pruner)
+    pruner.step()
+    return model
+
+
+def heal_panel(panel: str, ratio: float) -> dict:
+    torch.manual_seed(0)
+    train_x, train_y = load_fashion_mnist("train")
+    test = list(zip(*(t.split(1000) for t in load_fashion_mnist("test"))))
+    dense = load_checkpoint("vit_fmnist")
+    base = pruned_model(dense, panel, ratio)
+    kept = sum(p.numel() for p in base.parameters()) / sum(p.numel() for p in dense.parameters())
+    runs = []
+    for seed in SEEDS:
+        pick = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(1000 + seed))[:1000]
+        calibration = list(zip(train_x[pick].split(32), train_y[pick].split(32)))
+        for loss in LOSSES:
+            model = pruned_model(dense, panel, ratio)  # deterministic: the same structure every time
+            start = time.perf_counter()
+            report = starfish.heal(model, dense, calibration, loss=loss, seed=seed, quiet=True, diagnostic_samples=0)
+            runs.append({"seed": seed, "loss": loss, "top1": starfish.evaluate(model, test),
+                         "heal_seconds": time.perf_counter() - start, "final_loss": report.epoch_losses[-1]})
+            print(f"{panel} {ratio} seed {seed} {loss}: {runs[-1]['top1']:.2f}", flush=True)
+    return {
+        "benchmark": "structured",
+        "panel": panel,
+        "ratio": ratio,
+        "parameters_kept": kept,
+        "heads_kept": base.blocks[0].attn.num_heads,
+        "mlp_units_kept": base.blocks[0].mlp.fc1.out_features,
+        "dense_top1": starfish.evaluate(dense, test),
+        "pruned_top1": starfish.evaluate(base, test),
+        "budget": {"calibration_images": 1000, "epochs": 10, "batch_size": 32, "lr": 6e-4, "min_lr": 1e-6},
+        "runs": runs,
+        "hardware": hardware(),
+    }
+
+
+def _time(model, x, repeats):
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def latency(repeats: int = 30) -> dict:
+    torch.manual_seed(0)
+    dense = load_checkpoint("vit_fmnist").eval()
+    rows = []
+    for panel in PANELS:
+        for ratio in RATIOS:
+            pruned = pruned_model(dense, panel, ratio).eval()
+            for batch in (1, 32):
+                x = torch.randn(batch, 1, 28, 28)
+                for m in (dense, pruned):
+                    _time(m, x, 5)  # warm-up
+                d_times, p_times = [], []
+                for _ in range(repeats):  # interleaved, so drift hits both alike
+                    d_times += _time(dense, x, 1)
+                    p_times += _time(pruned, x, 1)
+                with torch.inference_mode():
+                    torch.testing.assert_close(pruned(x).shape, dense(x).shape)
+                rows.append({
+                    "panel": panel, "ratio": ratio, "batch": batch,
+                    "dense_ms": 1e3 * median(d_times), "pruned_ms": 1e3 * median(p_times),
+                    "speedup": median(d_times) / median(p_times),
+                    "parameters_kept": sum(p.numel() for p in pruned.parameters())
+                    / sum(p.numel() for p in dense.parameters()),
+                })
+                print(rows[-1], flush=True)
+    return {"benchmark": "structured_latency", "dtype": "float32", "repeats": repeats, "rows": rows,
+            "hardware": hardware()}
+
+
+def table() -> str:
+    lines = ["| panel | ratio | params kept | pruned | cosine (STARFISH) | KL | CE |", "|---|---:|---:|---:|---:|---:|---:|"]
+    dense = None
+    for panel in PANELS:
+        for ratio in RATIOS:
+            path = RESULTS / f"structured_{panel}_{ratio}.json"
+            if not path.exists():
+                continue
+            data = json.loads(path.read_text())
+            dense = data["dense_top1"]
+            cells = []
+            for loss in LOSSES:
+                accs = [r["top1"] for r in data["runs"] if r["loss"] == loss]
+                cells.append(f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f}")
+            lines.append(f"| {panel} | {ratio} | {data['parameters_kept']:.0%} | {data['pruned_top1']:.2f} | "
+                         + " | ".join(cells) + " |")
+    out = f"dense: {dense:.2f}\n\n" + "\n".join(lines)
+    path = RESULTS / "structured_latency.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        out += "\n\n| panel | ratio | batch | dense ms | pruned ms | speedup |\n|---|---:|---:|---:|---:|---:|\n"
+        out += "\n".join(f"| {r['panel']} | {r['ratio']} | {r['batch']} | {r['dense_ms']:.2f} | {r['pruned_ms']:.2f} | "
+                         f"{r['speedup']:.2f}x |" for r in data["rows"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    heal = sub.add_parser("heal")
+    heal.add_argument("--panel", choices=PANELS, required=True)
+    heal.add_argument("--ratio", type=float, choices=RATIOS, required=True)
+    lat = sub.add_parser("latency")
+    lat.add_argument("--repeats", type=int, default=30)
+    sub.add_parser("table")
+    args = parser.parse_args()
+    if args.command == "heal":
+        print("saved", save(f"structured_{args.panel}_{args.ratio}", heal_panel(args.panel, args.ratio)))
+    elif args.command == "latency":
+        print("saved", save("structured_latency", latency(args.repeats)))
+    else:
+        print(table())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""N:M (2:4, 4:8) sparsity: inferred from zeros when validated, preserved exactly through healing."""
+
+import copy
+
+import pytest
+import torch
+from torch.ao.pruning import WeightNormSparsifier
+from torch.nn.utils import prune
+
+import starfish_plugin as starfish
+from starfish_plugin import errors
+from starfish_plugin.adapters.nm_layouts import NMPatternError, check_nm, infer_masks_from_zeros, nm_violation
+from conftest import prunable_linears
+
+
+def nm_prune_(model, n=2, m=4, squash=True):
+    sparsifier = WeightNormSparsifier(sparsity_level=1.0, sparse_block_shape=(1, m), zeros_per_block=m - n)
+    sparsifier.prepare(model, [{"tensor_fqn": f"{name}.weight"} for name, _ in prunable_linears(model)])
+    sparsifier.step()
+    if squash:
+        sparsifier.squash_mask()
+    return sparsifier
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
+def test_squashed_nm_zeros_heal_and_stay_nm(n, m, dense, images, fast):
+    pruned = copy.deepcopy(dense)
+    nm_prune_(pruned, n, m)
+    zeros = {name: lin.weight == 0 for name, lin in prunable_linears(pruned)}
+    plan = starfish.find_masks(pruned)
+    assert plan.adapter == "nm_layouts" and f"{n}:{m} validated for all {len(zeros)} tensors" in plan.notes[0]
+    report = starfish.heal(pruned, dense, images, fast)
+    assert report.mask_unchanged and report.masked_weights_zero
+    assert report.epoch_losses[-1] < report.epoch_losses[0]
+    for name, lin in prunable_linears(pruned):
+        assert torch.equal(lin.weight == 0, zeros[name])
+        check_nm(lin.weight, name, n, m)
+
+
+def test_parametrized_24_survives_healing_and_squash(dense, images, fast):
+    pruned = copy.deepcopy(dense)
+    sparsifier = nm_prune_(pruned, squash=False)
+    report = starfish.heal(pruned, dense, images, fast)
+    assert report.adapter == "torch_masks" and report.mask_unchanged
+    sparsifier.squash_mask()
+    for name, lin in prunable_linears(pruned):
+        check_nm(lin.weight, name)
+
+
+def test_unstructured_zeros_need_an_opt_in(dense, images, fast):
+    pruned = copy.deepcopy(dense)
+    for _, lin in prunable_linears(pruned):
+        prune.l1_unstructured(lin, "weight", amount=0.6)
+        prune.remove(lin, "weight")
+    with pytest.raises(errors.MaskNotFoundError, match="infer_masks_from_zeros"):
+        starfish.find_masks(pruned)
+    infer_masks_from_zeros(pruned)
+    report = starfish.heal(pruned, dense, images, fast)
+    assert "opted in" in report.notes[0] and report.masked_weights_zero and report.mask_unchanged
+
+
+def test_check_nm_names_the_tensor_and_the_first_bad_group():
+    w = torch.zeros(4, 8)
+    w[0, :2] = 1.0
+    w[2, 4:7] = 1.0
+    assert nm_violation(w) == (2, 4, 3)
+    with pytest.raises(NMPatternError, match=r"blocks.0.fc1.weight is not 2:4 sparse: row 2, columns 4..7 hold 3"):
+        check_nm(w, "blocks.0.fc1.weight")
+    with pytest.raises(NMPatternError, match="not a multiple of 4"):
+        check_nm(torch.zeros(4, 6), "odd")
+    with pytest.raises(NMPatternError, match="needs a 2-D weight"):
+        check_nm(torch.zeros(4, 4, 4), "conv")
+    assert issubclass(NMPatternError, ValueError)
