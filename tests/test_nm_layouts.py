@@ -71,3 +71,33 @@ def test_check_nm_names_the_tensor_and_the_first_bad_group():
     with pytest.raises(NMPatternError, match="needs a 2-D weight"):
         check_nm(torch.zeros(4, 4, 4), "conv")
     assert issubclass(NMPatternError, ValueError)
+
+
+def test_packing_checks_pattern_shape_and_cuda_and_modifies_nothing(dense):
+    from starfish_plugin.adapters.nm_layouts import SemiStructuredError, check_packable, pack_semi_structured_
+
+    model = copy.deepcopy(dense)
+    nm_prune_(model)
+    names = [name for name, _ in prunable_linears(model)]
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    # the tiny ViT's 32-wide layers are below the fp16 kernels' 64-column tile
+    with pytest.raises(SemiStructuredError, match=r"multiple of 32 and the columns a multiple of 64"):
+        check_packable(model.blocks[0].attn.qkv.weight.half(), "blocks.0.attn.qkv.weight")
+    with pytest.raises(SemiStructuredError, match="take .* not torch.float64"):
+        check_packable(torch.zeros(64, 64, dtype=torch.float64), "w")
+    with pytest.raises(NMPatternError, match="is not 2:4 sparse"):
+        check_packable(torch.ones(64, 64), "dense.weight")
+    check_packable(nm_24 := torch.tensor([1.0, 0.0, 2.0, 0.0]).repeat(64, 16), "ok")  # 64 x 64, 2:4, fp32
+    assert nm_24.shape == (64, 64)
+    with pytest.raises(SemiStructuredError, match="not Linear layers"):
+        pack_semi_structured_(model, ["blocks.0.norm1"])
+    if not torch.cuda.is_available():
+        big = torch.nn.Sequential(torch.nn.Linear(64, 64)).half()
+        with torch.no_grad():
+            big[0].weight.copy_(nm_24)
+        with pytest.raises(SemiStructuredError, match="only on CUDA GPUs"):
+            pack_semi_structured_(big, ["0"])
+        assert torch.equal(big[0].weight, nm_24.half())
+    with pytest.raises(SemiStructuredError):
+        pack_semi_structured_(model, names)
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
