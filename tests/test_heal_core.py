@@ -166,3 +166,17 @@ def test_deeper_model_with_explicit_blocks_and_predicate(images, fast):
     assert r.blocks == ["blocks.0", "blocks.2"]
     r = starfish.heal(pruned, dense, images, fast, blocks=lambda name, m: name.endswith(".mlp"))
     assert r.blocks == ["blocks.0.mlp", "blocks.1.mlp", "blocks.2.mlp"]
+
+
+def test_kl_diagnostics_bounds_hold_and_shrink_with_healing(pruned, dense, images, fast):
+    from starfish_plugin.evaluate import kl_diagnostics
+
+    before = kl_diagnostics(pruned, dense, images)
+    assert before["bound_holds"] == 1.0 and before["kl"] > 0
+    assert before["kl"] <= before["logit_range_bound"] <= before["representation_bound"]
+    starfish.heal(pruned, dense, images, fast)
+    after = kl_diagnostics(pruned, dense, images)
+    assert after["bound_holds"] == 1.0
+    assert after["representation_distance"] < before["representation_distance"]
+    same = kl_diagnostics(copy.deepcopy(dense), dense, images)
+    assert same["kl"] < 1e-6 and same["representation_distance"] < 1e-9
