@@ -16,6 +16,7 @@ LOSS_NAMES = ("cosine", "mse", "kl", "ce")
 TARGET_MODES = ("auto", "memory", "online")
 COSINE_REDUCTIONS = ("auto", "token", "example")
 TRAINABLE = ("pruned", "all")
+BLOCK_WEIGHTINGS = ("uniform", "adaptive")
 
 
 @dataclass
@@ -46,6 +47,9 @@ class HealConfig:
         quiet: silence the default progress bar and per-epoch lines.
         restore_on_error: if healing fails part-way (e.g. the loss turns NaN), put the trainable
             weights back as they were before healing.
+        block_weighting: ``"uniform"`` (the paper: every block's term counts the same) or
+            ``"adaptive"`` (each block's term weighted by its current mismatch, the paper's
+            suggested next step; experimental, see the recovery benchmark).
         trainable: ``"pruned"`` trains the surviving entries of the pruned tensors (the paper);
             ``"all"`` trains every parameter (masked entries still held at zero).
     """
@@ -68,6 +72,7 @@ class HealConfig:
     quiet: bool = False
     restore_on_error: bool = True
     trainable: str = "pruned"
+    block_weighting: str = "uniform"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -115,6 +120,10 @@ class HealConfig:
             raise ConfigError(f"HealConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.targets not in TARGET_MODES:
             raise ConfigError(f"HealConfig.targets must be one of {TARGET_MODES}, got {self.targets!r}")
+        if self.block_weighting not in BLOCK_WEIGHTINGS:
+            raise ConfigError(
+                f"HealConfig.block_weighting must be one of {BLOCK_WEIGHTINGS}, got {self.block_weighting!r}"
+            )
         if self.trainable not in TRAINABLE:
             raise ConfigError(f"HealConfig.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
         if self.cosine_reduction not in COSINE_REDUCTIONS:

@@ -176,7 +176,9 @@ def heal(
     plan = find_masks(pruned, dense)
     check_architecture(pruned, dense, plan)
     blocks = resolve_blocks(dense, pruned, config.blocks)
-    loss_fn = HealLoss(config.loss_terms(), blocks, config.cosine_reduction, config.kl_temperature)
+    loss_fn = HealLoss(
+        config.loss_terms(), blocks, config.cosine_reduction, config.kl_temperature, config.block_weighting
+    )
     data = load_calibration(calibration)
     if loss_fn.needs_labels and data.labels is None:
         raise CalibrationError("loss 'ce' needs labels; pass (inputs, labels) batches or a labeled Dataset")

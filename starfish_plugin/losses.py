@@ -47,11 +47,16 @@ class HealLoss:
     """A weighted sum of ``cosine``, ``mse`` (both over blocks), ``kl`` and ``ce`` (on logits)."""
 
     def __init__(
-        self, terms: Mapping[str, float], blocks: Sequence[str], reduction: str = "auto", temperature: float = 1.0
+        self,
+        terms: Mapping[str, float],
+        blocks: Sequence[str],
+        reduction: str = "auto",
+        temperature: float = 1.0,
+        block_weighting: str = "uniform",
     ) -> None:
         self.terms = {k: float(v) for k, v in terms.items() if v > 0}
         self.blocks = list(blocks)
-        self.reduction, self.temperature = reduction, temperature
+        self.reduction, self.temperature, self.block_weighting = reduction, temperature, block_weighting
 
     @property
     def needs_blocks(self) -> bool:
@@ -69,8 +74,13 @@ class HealLoss:
         fn = cosine_distance if name == "cosine" else block_mse
         kwargs = {"reduction": self.reduction} if name == "cosine" else {}
         require_outputs(outputs, self.blocks, "pruned")
-        values = [fn(outputs[b], targets[b], **kwargs) for b in self.blocks]
-        return torch.stack(values).mean()
+        values = torch.stack([fn(outputs[b], targets[b], **kwargs) for b in self.blocks])
+        if self.block_weighting == "adaptive":
+            # weight each block by its current mismatch (no gradient through the weights);
+            # weights average to 1, so the loss scale matches the uniform mean
+            weights = values.detach() / values.detach().sum().clamp_min(1e-12) * len(values)
+            return (weights * values).mean()
+        return values.mean()
 
     def __call__(
         self,

@@ -131,6 +131,19 @@ def test_int32_labels_work_with_ce(pruned, dense, images, labels, fast):
     assert report.epoch_losses[-1] < report.epoch_losses[0]
 
 
+def test_adaptive_block_weighting_weights_blocks_by_mismatch(pruned, dense, images, fast):
+    from starfish_plugin.losses import HealLoss
+
+    out = {"a": torch.ones(2, 3, 4), "b": torch.ones(2, 3, 4)}
+    tgt = {"a": torch.ones(2, 3, 4), "b": -torch.ones(2, 3, 4)}  # a aligned (0), b opposite (2)
+    uniform = HealLoss({"cosine": 1.0}, ["a", "b"]).block_term("cosine", out, tgt)
+    adaptive = HealLoss({"cosine": 1.0}, ["a", "b"], block_weighting="adaptive").block_term("cosine", out, tgt)
+    torch.testing.assert_close(uniform, torch.tensor(1.0))
+    torch.testing.assert_close(adaptive, torch.tensor(2.0))  # all weight on the mismatched block
+    report = starfish.heal(pruned, dense, images, fast, block_weighting="adaptive")
+    assert report.epoch_losses[-1] < report.epoch_losses[0] and report.mask_unchanged
+
+
 def test_cosine_reduction_token_vs_example():
     from starfish_plugin.losses import cosine_distance
 
