@@ -91,9 +91,26 @@ def detect_pattern(weights: dict[str, torch.Tensor]) -> tuple[int, int] | None:
     return None
 
 
+def _new_zeros(weights: dict[str, nn.Parameter], dense: nn.Module | None) -> dict[str, nn.Parameter]:
+    """Keep the tensors whose zeros were made by pruning: some entry is zero here but not in dense.
+
+    Without a dense model every tensor with zeros is kept. This stops a dense model that merely
+    has structural zeros (identity or one-hot layers) from being taken for a pruned one.
+    """
+    if dense is None:
+        return weights
+    reference = dict(dense.named_parameters())
+    kept = {}
+    for name, w in weights.items():
+        other = reference.get(name)
+        if other is None or other.shape != w.shape or bool(((w == 0) & (other != 0)).any()):
+            kept[name] = w
+    return kept
+
+
 @hookimpl(trylast=True)
 def starfish_find_masks(model, dense):
-    weights = _zero_weights(model)
+    weights = _new_zeros(_zero_weights(model), dense)
     if not weights:
         return None
     pattern = detect_pattern(weights)
@@ -174,6 +191,11 @@ def pack_semi_structured_(model: nn.Module, names: list[str], backend: str = "cu
             "2:4 semi-structured kernels run only on CUDA GPUs (Ampere or newer); this "
             + ("machine has no CUDA GPU" if not torch.cuda.is_available() else "model is not on the GPU: .cuda() it")
             + ". Keep the healed model in its masked dense form here"
+        )
+    if torch.cuda.get_device_capability() < (8, 0):
+        raise SemiStructuredError(
+            f"2:4 sparse tensor cores need compute capability 8.0 (Ampere) or newer; this GPU has "
+            f"{torch.cuda.get_device_capability()}"
         )
     from torch.sparse import SparseSemiStructuredTensor
     from torchao.sparsity import semi_sparse_weight, sparsify_

@@ -31,7 +31,9 @@ NAME = "torch_pruning"
 HINT = (
     "With Torch-Pruning, call starfish.attach(pruner, dense, calibration) (or "
     "starfish_plugin.adapters.tp_graph.track(pruner)) before the first pruner.step(): the kept "
-    "channels are recorded and attention modules updated (tp_graph.sync_attention(model, pruner))."
+    "channels are recorded and attention modules updated (tp_graph.sync_attention(model, pruner)). "
+    "The record belongs to that model object: a copy or a reloaded model has none, so heal the "
+    "tracked model itself."
 )
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 TRAINED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -40,7 +42,12 @@ _RECORDS: "weakref.WeakKeyDictionary[nn.Module, KeptChannels]" = weakref.WeakKey
 
 
 def is_torch_pruning_pruner(pruner: object) -> bool:
-    return type(pruner).__module__.startswith("torch_pruning") and hasattr(pruner, "DG")
+    """A Torch-Pruning ``BasePruner`` (or subclass, user-defined ones included)."""
+    try:
+        import torch_pruning
+    except ImportError:
+        return False
+    return isinstance(pruner, torch_pruning.pruner.BasePruner)
 
 
 def channel_count(module: nn.Module, dim: str) -> int | None:
@@ -64,7 +71,9 @@ class KeptChannels:
     """Which original channels survive in each module of one model pruned by Torch-Pruning."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.names = {module: name for name, module in model.named_modules()}
+        # keyed by id(): holding the modules themselves would keep the model alive forever
+        self.names = {id(module): name for name, module in model.named_modules()}
+        self.runner_installed = False
         self.kept: dict[tuple[str, str], list[int]] = {}
         self.original: dict[tuple[str, str], int] = {}
         self.groups = 0
@@ -76,7 +85,7 @@ class KeptChannels:
         out: dict[tuple[str, str], tuple[nn.Module, set[int]]] = {}
         for dep, idxs in group:
             module = dep.target.module
-            name = self.names.get(module)
+            name = self.names.get(id(module))
             if name is None or not isinstance(module, nn.Module):
                 continue  # graph-internal ops and bare nn.Parameters (cls_token, pos_embed)
             dim = "out" if isinstance(module, NORMS) or graph.is_out_channel_pruning_fn(dep.handler) else "in"
@@ -114,6 +123,9 @@ class KeptChannels:
             if dim == "out" and (name, dim) not in self.inconsistent
         }
 
+    def original_out(self) -> dict[str, int]:
+        return {name: size for (name, dim), size in self.original.items() if dim == "out"}
+
     def pruned_modules(self) -> set[str]:
         return {name for (name, _), kept in self.kept.items() if len(kept) < self.original[(name, _)]}
 
@@ -124,6 +136,8 @@ def sync_attention(model: nn.Module, pruner: Any | None = None) -> None:
     for module in model.modules():
         qkv = getattr(module, "qkv", None)
         if isinstance(qkv, nn.Linear) and hasattr(module, "num_heads") and hasattr(module, "head_dim"):
+            if qkv.out_features == 3 * module.num_heads * module.head_dim:
+                continue  # qkv untouched (e.g. an interactive caller skipped its group)
             module.num_heads = int(heads.get(qkv, module.num_heads))
             module.head_dim = qkv.out_features // (3 * module.num_heads)
             if hasattr(module, "attn_dim"):
@@ -174,19 +188,24 @@ def track(pruner: Any) -> KeptChannels:
         >>> pruner.step()
         >>> starfish.heal(pruner.model, dense, images)
     """
-    _start(pruner)
+    record = _RECORDS.get(pruner.model)
+    if record is not None and record.runner_installed:
+        return record  # already recording (track or attach): never record a step twice
+    record = _start(pruner)
     original = pruner.step
 
     def step(*args: Any, **kwargs: Any):
         return run_step(pruner, original, *args, **kwargs)
 
-    step.starfish_tracking = True  # type: ignore[attr-defined]
     pruner.step = step
-    return _RECORDS[pruner.model]
+    record.runner_installed = True
+    return record
 
 
 def run_step(pruner: Any, step: Callable[..., Any], *args: Any, interactive: bool = False, **kwargs: Any):
     """Run one Torch-Pruning step through ``step`` while recording the kept channels."""
+    if args:  # step(True): the flag given by position
+        interactive, args = bool(args[0]), args[1:]
     record = _RECORDS.get(pruner.model) or _start(pruner)
     groups = step(*args, interactive=True, **kwargs)
     if interactive:
@@ -198,13 +217,19 @@ def run_step(pruner: Any, step: Callable[..., Any], *args: Any, interactive: boo
 
 
 def _interactive(pruner: Any, record: KeptChannels, groups) -> Iterator[Any]:
-    for group in groups or ():
-        pending = record.removals(group, pruner.DG)
-        before = {key: channel_count(module, key[1]) for key, (module, _) in pending.items()}
-        yield group  # the caller decides whether to group.prune()
-        if record.apply(pending, before):
+    pending, before = {}, {}
+    try:
+        for group in groups or ():
+            pending = record.removals(group, pruner.DG)
+            before = {key: channel_count(module, key[1]) for key, (module, _) in pending.items()}
+            yield group  # the caller decides whether to group.prune()
+            if record.apply(pending, before):
+                record.groups += 1
+            pending = {}
+    finally:  # also when the caller breaks out early: commit the last group and finish the step
+        if pending and record.apply(pending, before):
             record.groups += 1
-    _finish_step(pruner, record)
+        _finish_step(pruner, record)
 
 
 def _finish_step(pruner: Any, record: KeptChannels) -> None:
@@ -218,9 +243,10 @@ def starfish_prepare_pruner(pruner, model, dense):
         return None
     if getattr(pruner, "current_step", 0) == 0:
         _check_dense(model, dense)
-    if getattr(pruner.step, "starfish_tracking", False) and model in _RECORDS:
+    record = _RECORDS.get(model)
+    if record is not None and record.runner_installed:
         return lambda step, *args, **kwargs: step(*args, **kwargs)  # track() already records
-    _start(pruner)
+    _start(pruner).runner_installed = True
 
     def runner(step, *args, **kwargs):
         return run_step(pruner, step, *args, **kwargs)
@@ -268,7 +294,8 @@ def starfish_find_masks(model, dense):
         if record.inconsistent:
             notes.append(f"kept-channel records dropped as inconsistent: {sorted(n for n, _ in record.inconsistent)[:5]}")
         return SparsityPlan(_trained_entries(model, names), NAME, structural=True, notes=notes,
-                            kept_out_channels=record.kept_out(), hint=HINT)
+                            kept_out_channels=record.kept_out(), original_out_channels=record.original_out(),
+                            hint=HINT)
     if dense is None:
         return None
     names = _shrunk_modules(model, dense)

@@ -8,7 +8,10 @@ order). Recorded per run: top-1 on the full 10k test set, per-block cosine befor
 diagnostics of ``starfish_plugin.evaluate.kl_diagnostics`` before/after on the calibration set,
 and heal time.
 
-    python benchmarks/recovery.py main --sparsity 0.8     # ~6 min on 2 CPU cores
+    python benchmarks/recovery.py main --sparsity 0.8     # ~7 min on 2 CPU cores
+    python benchmarks/recovery.py small --sparsity 0.9    # 256 images x 10 epochs
+    python benchmarks/recovery.py sweep                   # 250 / 500 / 1,000 / 2,000 images at 0.9
+    python benchmarks/recovery.py source                  # training split vs held-out calibration
     python benchmarks/recovery.py table
 """
 
@@ -68,6 +71,54 @@ def run_main(sparsity: float, n_calibration: int = 1000, epochs: int = 10) -> di
     }
 
 
+def run_small(sparsity: float) -> dict:
+    """The small-budget ablation: 256 calibration images x 10 epochs, every loss, 3 seeds."""
+    result = run_main(sparsity, n_calibration=256)
+    result["benchmark"] = "recovery_small"
+    return result
+
+
+def run_sweep(sparsity: float = 0.9, sizes: tuple[int, ...] = (250, 500, 1000, 2000)) -> dict:
+    """Calibration-size sweep with cosine: accuracy and heal time (the paper: runtime linear in n)."""
+    train_x, _ = load_fashion_mnist("train")
+    test = list(zip(*(t.split(1000) for t in load_fashion_mnist("test"))))
+    dense = load_checkpoint("vit_fmnist")
+    base = prune_vit_(copy.deepcopy(dense), sparsity)
+    runs = []
+    for seed in SEEDS:
+        order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(1000 + seed))
+        for n in sizes:
+            model = copy.deepcopy(base)
+            report = starfish.heal(model, dense, train_x[order[:n]], seed=seed, quiet=True, diagnostic_samples=0)
+            runs.append({"seed": seed, "images": n, "top1": starfish.evaluate(model, test),
+                         "train_seconds": report.train_seconds, "samples_per_second": report.samples_per_second})
+            print(f"sweep {sparsity} seed {seed} n={n}: {runs[-1]['top1']:.2f} ({report.train_seconds:.0f} s)", flush=True)
+    return {"benchmark": "recovery_sweep", "sparsity": sparsity, "runs": runs, "hardware": hardware()}
+
+
+def run_source(sparsity: float = 0.9) -> dict:
+    """Calibration from the training split against a held-out split (first half of the test set);
+    both are evaluated on the second half of the test set, which neither has seen."""
+    train_x, _ = load_fashion_mnist("train")
+    test_x, test_y = load_fashion_mnist("test")
+    held_out, evaluation = test_x[:5000], list(zip(test_x[5000:].split(1000), test_y[5000:].split(1000)))
+    dense = load_checkpoint("vit_fmnist")
+    base = prune_vit_(copy.deepcopy(dense), sparsity)
+    runs = []
+    for seed in SEEDS:
+        gen = torch.Generator().manual_seed(1000 + seed)
+        sources = {"train": train_x[torch.randperm(len(train_x), generator=gen)[:1000]],
+                   "held_out": held_out[torch.randperm(len(held_out), generator=gen)[:1000]]}
+        for source, images in sources.items():
+            model = copy.deepcopy(base)
+            starfish.heal(model, dense, images, seed=seed, quiet=True, diagnostic_samples=0)
+            runs.append({"seed": seed, "source": source, "top1": starfish.evaluate(model, evaluation)})
+            print(f"source {sparsity} seed {seed} {source}: {runs[-1]['top1']:.2f}", flush=True)
+    return {"benchmark": "recovery_source", "sparsity": sparsity, "evaluated_on": "test images 5000-9999",
+            "dense_top1": starfish.evaluate(dense, evaluation), "pruned_top1": starfish.evaluate(base, evaluation),
+            "runs": runs, "hardware": hardware()}
+
+
 def table() -> str:
     head = "| sparsity | pruned | " + " | ".join(LOSSES) + " |"
     lines = [head, "|---" * (len(LOSSES) + 2) + "|"]
@@ -95,10 +146,20 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("main")
     m.add_argument("--sparsity", type=float, choices=SPARSITIES, required=True)
+    small = sub.add_parser("small")
+    small.add_argument("--sparsity", type=float, choices=SPARSITIES, required=True)
+    sub.add_parser("sweep")
+    sub.add_parser("source")
     sub.add_parser("table")
     args = parser.parse_args()
     if args.command == "main":
         print("saved", save(f"recovery_main_{args.sparsity}", run_main(args.sparsity)))
+    elif args.command == "small":
+        print("saved", save(f"recovery_small_{args.sparsity}", run_small(args.sparsity)))
+    elif args.command == "sweep":
+        print("saved", save("recovery_sweep", run_sweep()))
+    elif args.command == "source":
+        print("saved", save("recovery_source", run_source()))
     else:
         print(table())
 

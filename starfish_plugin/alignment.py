@@ -33,19 +33,21 @@ def channel_index(
     blocks: Sequence[str],
     dense_out: Mapping[str, torch.Tensor],
     pruned_out: Mapping[str, torch.Tensor],
+    order: Sequence[str] | None = None,
 ) -> tuple[ChannelIndex, dict[str, str]]:
     """For each block, how to compare its pruned output with the dense target.
 
     A block whose output shape is unchanged is compared directly. A block whose channel width
     shrank (the residual stream was pruned) is compared with the dense target indexed by the kept
-    channels of the last module inside the block that has a record of that width.
+    channels of the last module to finish inside the block (in ``order``, the forward order;
+    registration order if not given) that has a record of that width and of the dense width.
 
     Returns:
         the indices to apply to dense targets, and a description per block for the report.
     """
     index: ChannelIndex = {}
     described: dict[str, str] = {}
-    order = [name for name, _ in pruned.named_modules()]
+    order = list(order) if order is not None else [name for name, _ in pruned.named_modules()]
     for block in blocks:
         d, p = dense_out[block], pruned_out[block]
         if d.shape[1:] == p.shape[1:]:
@@ -53,9 +55,15 @@ def channel_index(
             continue
         dim = _differing_dim(d, p, block)
         width, original = p.shape[dim], d.shape[dim]
-        inside = [n for n in order if n.startswith(block + ".") and n in plan.kept_out_channels]
+        inside = [n for n in order if (n == block or n.startswith(block + ".")) and n in plan.kept_out_channels]
         match = next(
-            (n for n in reversed(inside) if len(plan.kept_out_channels[n]) == width), None
+            (
+                n
+                for n in reversed(inside)
+                if len(plan.kept_out_channels[n]) == width
+                and plan.original_out_channels.get(n, original) == original
+            ),
+            None,
         )
         if match is None:
             raise BlockError(

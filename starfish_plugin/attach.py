@@ -62,8 +62,10 @@ class Attachment:
         return wrapped
 
     def _heal_after(self, groups):
-        yield from groups
-        self._after_step()
+        try:
+            yield from groups
+        finally:  # also when the caller stops iterating early
+            self._after_step()
 
     @property
     def attached(self) -> bool:

@@ -108,16 +108,28 @@ def block_cosines(
     return {b: s / seen for b, s in sums.items()}
 
 
-def probe_structural(pruned: nn.Module, blocks: list[str], x: torch.Tensor, plan: SparsityPlan) -> dict:
-    """Block outputs of a structurally pruned model on one input, or a clear error if it cannot run."""
+def probe_structural(
+    pruned: nn.Module, blocks: list[str], x: torch.Tensor, plan: SparsityPlan
+) -> tuple[dict, list[str]]:
+    """Block outputs of a structurally pruned model on one input and the order in which its
+    modules finished, or a clear error if it cannot run."""
+    order: list[str] = []
+    handles = [
+        module.register_forward_hook(lambda _m, _a, _o, name=name: order.append(name))
+        for name, module in pruned.named_modules()
+        if name in plan.kept_out_channels
+    ]
     try:
-        return dense_outputs(pruned, blocks, x, False, label="pruned")
+        return dense_outputs(pruned, blocks, x, False, label="pruned"), order
     except (RuntimeError, ValueError, IndexError, AssertionError) as exc:
         raise ModelMismatchError(
             f"the pruned {type(pruned).__name__} fails a forward on a calibration input of shape "
             f"{tuple(x.shape)}: {exc}. If attention heads or widths were pruned, its attention modules' "
             f"num_heads / head_dim must match the new shapes. {plan.hint}"
         ) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def check_logits(logits: object, data: CalibrationData, config: HealConfig) -> None:
@@ -198,8 +210,8 @@ def heal(
         check_finite(probe_out)
         index, alignment = {}, {b: "direct" for b in blocks}
         if plan.structural:  # e.g. Torch-Pruning: widths may differ from the dense model
-            pruned_out = probe_structural(pruned, blocks, probe_x[:1], plan)
-            index, alignment = channel_index(plan, pruned, blocks, probe_out, pruned_out)
+            pruned_out, order = probe_structural(pruned, blocks, probe_x[:1], plan)
+            index, alignment = channel_index(plan, pruned, blocks, probe_out, pruned_out, order)
             select_channels(probe_out, index)
         target_plan = plan_targets(probe_out, len(data), config.targets, config.target_memory_budget)
         targets = DenseTargets(

@@ -62,6 +62,7 @@ class SparsityPlan:
         notes: what the adapter inferred or assumed, copied into the ``HealReport``.
         kept_out_channels: for structural plans, module name -> original indices of the output
             channels that survive; used to index dense targets when a block's width shrank.
+        original_out_channels: module name -> its output width before pruning.
         hint: what the user should do when a record the heal needs is missing.
     """
 
@@ -70,6 +71,7 @@ class SparsityPlan:
     structural: bool = False
     notes: list[str] = field(default_factory=list)
     kept_out_channels: dict[str, torch.Tensor] = field(default_factory=dict)
+    original_out_channels: dict[str, int] = field(default_factory=dict)
     hint: str = ""
 
     def __iter__(self) -> Iterator[MaskedTensor]:

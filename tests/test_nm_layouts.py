@@ -101,3 +101,16 @@ def test_packing_checks_pattern_shape_and_cuda_and_modifies_nothing(dense):
     with pytest.raises(SemiStructuredError):
         pack_semi_structured_(model, names)
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+def test_a_dense_model_with_structural_zeros_is_not_taken_for_pruned(dense, images, fast):
+    model = copy.deepcopy(dense)
+    with torch.no_grad():  # a one-hot-like layer: every row has a single non-zero, so it passes 2:4
+        fc = model.blocks[0].mlp.fc1
+        fc.weight.zero_()
+        fc.weight[torch.arange(fc.out_features), torch.arange(fc.out_features) % fc.in_features] = 1.0
+    reference = copy.deepcopy(model)
+    pruned = copy.deepcopy(model)
+    with pytest.raises(errors.MaskNotFoundError):
+        starfish.heal(pruned, reference, images, fast)  # no zeros are new relative to dense
+    assert starfish.find_masks(pruned).adapter == "nm_layouts"  # without dense, the zeros are all it has

@@ -248,3 +248,31 @@ def test_coverage_matrix(name):
         assert all(v.startswith("kept channels") for v in report.target_alignment.values())
     if name in ("timm_deit_tiny_mlp", "timm_deit_tiny_heads"):
         assert set(report.target_alignment.values()) == {"direct"}
+
+
+def test_positional_interactive_flag_early_break_and_track_twice(dense4, images, cfg):
+    model = copy.deepcopy(dense4)
+    pruner = vit_pruner(model, images[:1])
+    record = tp_graph.track(pruner)
+    assert tp_graph.track(pruner) is record  # idempotent: steps are never recorded twice
+    handle = starfish.attach(pruner, dense4, images, cfg)
+    for group in pruner.step(True):  # interactive flag by position
+        group.prune()
+        break  # stop after the first (residual) group
+    assert handle.steps == 1 and record.groups == 1 and not record.inconsistent
+    assert handle.reports[0].target_alignment["blocks.0"].startswith("kept channels")
+    assert model.blocks[0].mlp.fc1.out_features == 64
+
+
+def test_tracked_model_is_not_kept_alive(dense4, images):
+    import gc
+    import weakref
+
+    model = copy.deepcopy(dense4)
+    pruner = vit_pruner(model, images[:1])
+    tp_graph.track(pruner)
+    pruner.step()
+    ref = weakref.ref(model)
+    del model, pruner
+    gc.collect()
+    assert ref() is None
