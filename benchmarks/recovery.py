@@ -119,6 +119,26 @@ def run_source(sparsity: float = 0.9) -> dict:
             "runs": runs, "hardware": hardware()}
 
 
+VARIANTS = {"adaptive": {"block_weighting": "adaptive"}}
+
+
+def run_variant(name: str, sparsity: float, n_calibration: int = 1000) -> dict:
+    """A candidate improvement over plain cosine, same budget and seeds as the main table."""
+    train_x, _ = load_fashion_mnist("train")
+    test = list(zip(*(t.split(1000) for t in load_fashion_mnist("test"))))
+    dense = load_checkpoint("vit_fmnist")
+    base = prune_vit_(copy.deepcopy(dense), sparsity)
+    runs = []
+    for seed in SEEDS:
+        pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(1000 + seed))[:n_calibration]
+        model = copy.deepcopy(base)
+        starfish.heal(model, dense, train_x[pick], seed=seed, quiet=True, diagnostic_samples=0, **VARIANTS[name])
+        runs.append({"seed": seed, "top1": starfish.evaluate(model, test)})
+        print(f"variant {name} {sparsity} n={n_calibration} seed {seed}: {runs[-1]['top1']:.2f}", flush=True)
+    return {"benchmark": "recovery_variant", "variant": name, "settings": VARIANTS[name], "sparsity": sparsity,
+            "calibration_images": n_calibration, "runs": runs, "hardware": hardware()}
+
+
 def table() -> str:
     head = "| sparsity | pruned | " + " | ".join(LOSSES) + " |"
     lines = [head, "|---" * (len(LOSSES) + 2) + "|"]
@@ -150,6 +170,10 @@ def main() -> None:
     small.add_argument("--sparsity", type=float, choices=SPARSITIES, required=True)
     sub.add_parser("sweep")
     sub.add_parser("source")
+    variant = sub.add_parser("variant")
+    variant.add_argument("--name", choices=sorted(VARIANTS), required=True)
+    variant.add_argument("--sparsity", type=float, choices=SPARSITIES, required=True)
+    variant.add_argument("--images", type=int, default=1000)
     sub.add_parser("table")
     args = parser.parse_args()
     if args.command == "main":
@@ -158,6 +182,9 @@ def main() -> None:
         print("saved", save(f"recovery_small_{args.sparsity}", run_small(args.sparsity)))
     elif args.command == "sweep":
         print("saved", save("recovery_sweep", run_sweep()))
+    elif args.command == "variant":
+        result = run_variant(args.name, args.sparsity, args.images)
+        print("saved", save(f"recovery_variant_{args.name}_{args.sparsity}_{args.images}", result))
     elif args.command == "source":
         print("saved", save("recovery_source", run_source()))
     else:
