@@ -38,12 +38,17 @@ LOSSES = ("cosine", "mse", "kl", "ce", "cosine+kl")
 SEEDS = (0, 1, 2)
 
 
-def run_main(sparsity: float, n_calibration: int = 1000, epochs: int = 10) -> dict:
+def _setup(sparsity: float):
+    """Training images and labels, the test batches, the dense model and its pruned copy."""
     torch.manual_seed(0)
     train_x, train_y = load_fashion_mnist("train")
     test = list(zip(*(t.split(1000) for t in load_fashion_mnist("test"))))
     dense = load_checkpoint("vit_fmnist")
-    pruned_base = prune_vit_(copy.deepcopy(dense), sparsity)
+    return train_x, train_y, test, dense, prune_vit_(copy.deepcopy(dense), sparsity)
+
+
+def run_main(sparsity: float, n_calibration: int = 1000, epochs: int = 10) -> dict:
+    train_x, train_y, test, dense, pruned_base = _setup(sparsity)
     runs = []
     for seed in SEEDS:
         pick = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(1000 + seed))[:n_calibration]
@@ -80,10 +85,7 @@ def run_small(sparsity: float) -> dict:
 
 def run_sweep(sparsity: float = 0.9, sizes: tuple[int, ...] = (250, 500, 1000, 2000)) -> dict:
     """Calibration-size sweep with cosine: accuracy and heal time (the paper: runtime linear in n)."""
-    train_x, _ = load_fashion_mnist("train")
-    test = list(zip(*(t.split(1000) for t in load_fashion_mnist("test"))))
-    dense = load_checkpoint("vit_fmnist")
-    base = prune_vit_(copy.deepcopy(dense), sparsity)
+    train_x, _, test, dense, base = _setup(sparsity)
     runs = []
     for seed in SEEDS:
         order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(1000 + seed))
@@ -124,10 +126,7 @@ VARIANTS = {"adaptive": {"block_weighting": "adaptive"}}
 
 def run_variant(name: str, sparsity: float, n_calibration: int = 1000) -> dict:
     """A candidate improvement over plain cosine, same budget and seeds as the main table."""
-    train_x, _ = load_fashion_mnist("train")
-    test = list(zip(*(t.split(1000) for t in load_fashion_mnist("test"))))
-    dense = load_checkpoint("vit_fmnist")
-    base = prune_vit_(copy.deepcopy(dense), sparsity)
+    train_x, _, test, dense, base = _setup(sparsity)
     runs = []
     for seed in SEEDS:
         pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(1000 + seed))[:n_calibration]
