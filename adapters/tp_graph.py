@@ -93,8 +93,12 @@ class KeptChannels:
             out.setdefault((name, dim), (module, set()))[1].update(plain)
         return out
 
-    def apply(self, pending: dict[tuple[str, str], tuple[nn.Module, set[int]]], before: dict) -> bool:
-        """Commit ``pending`` for the modules that really shrank; return whether any did."""
+    def sizes(self, pending: dict[tuple[str, str], tuple[nn.Module, set[int]]]) -> dict[tuple[str, str], int | None]:
+        """Current channel counts of the modules ``pending`` names, taken before pruning."""
+        return {key: channel_count(module, key[1]) for key, (module, _) in pending.items()}
+
+    def apply(self, pending: dict[tuple[str, str], tuple[nn.Module, set[int]]], before: dict) -> None:
+        """Commit ``pending`` for the modules that really shrank; count the group if any did."""
         applied = False
         for key, (module, idxs) in pending.items():
             size_before, size_now = before[key], channel_count(module, key[1])
@@ -107,14 +111,13 @@ class KeptChannels:
             if len(self.kept[key]) != size_before or size_now != size_before - len(idxs):
                 self.inconsistent.add(key)
             self.kept[key] = [c for i, c in enumerate(self.kept[key]) if i not in idxs]
-        return applied
+        self.groups += applied
 
     def run_group(self, group: Any, graph: Any, prune: Callable[[], None]) -> None:
         pending = self.removals(group, graph)
-        before = {key: channel_count(module, key[1]) for key, (module, _) in pending.items()}
+        before = self.sizes(pending)
         prune()
-        if self.apply(pending, before):
-            self.groups += 1
+        self.apply(pending, before)
 
     def kept_out(self) -> dict[str, torch.Tensor]:
         return {
@@ -221,14 +224,13 @@ def _interactive(pruner: Any, record: KeptChannels, groups) -> Iterator[Any]:
     try:
         for group in groups or ():
             pending = record.removals(group, pruner.DG)
-            before = {key: channel_count(module, key[1]) for key, (module, _) in pending.items()}
+            before = record.sizes(pending)
             yield group  # the caller decides whether to group.prune()
-            if record.apply(pending, before):
-                record.groups += 1
+            record.apply(pending, before)
             pending = {}
     finally:  # also when the caller breaks out early: commit the last group and finish the step
-        if pending and record.apply(pending, before):
-            record.groups += 1
+        if pending:
+            record.apply(pending, before)
         _finish_step(pruner, record)
 
 

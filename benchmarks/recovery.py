@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import time
 
 import torch
@@ -31,7 +30,7 @@ from starfish_plugin.demo import prune_vit_
 from starfish_plugin.evaluate import kl_diagnostics
 from starfish_plugin.zoo import load_checkpoint
 
-from common import RESULTS, hardware, save
+from common import RESULTS, accuracy_cell, hardware, save
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 LOSSES = ("cosine", "mse", "kl", "ce", "cosine+kl")
@@ -151,9 +150,8 @@ def table() -> str:
         means = {}
         cells = []
         for loss in LOSSES:
-            accs = [r["top1"] for r in data["runs"] if r["loss"] == loss]
-            means[loss] = statistics.mean(accs)
-            cells.append((loss, f"{means[loss]:.2f} ± {statistics.stdev(accs):.2f}"))
+            means[loss], cell = accuracy_cell(data["runs"], loss)
+            cells.append((loss, cell))
         best = max(means, key=means.get)
         lines.append(f"| {s} | {data['pruned_top1']:.2f} | "
                      + " | ".join(f"**{c}**" if loss == best else c for loss, c in cells) + " |")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import time
 import warnings
 
@@ -27,7 +26,7 @@ import starfish_plugin as starfish
 from starfish_plugin.data import load_fashion_mnist
 from starfish_plugin.zoo import load_checkpoint
 
-from common import RESULTS, hardware, median, save
+from common import RESULTS, accuracy_cell, hardware, median, save
 
 PANELS = ("mlp", "mlp_heads")
 RATIOS = (0.3, 0.5, 0.7)
@@ -144,10 +143,7 @@ def table() -> str:
                 continue
             data = json.loads(path.read_text())
             dense = data["dense_top1"]
-            cells = []
-            for loss in LOSSES:
-                accs = [r["top1"] for r in data["runs"] if r["loss"] == loss]
-                cells.append(f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f}")
+            cells = [accuracy_cell(data["runs"], loss)[1] for loss in LOSSES]
             lines.append(f"| {panel} | {ratio} | {data['parameters_kept']:.0%} | {data['pruned_top1']:.2f} | "
                          + " | ".join(cells) + " |")
     out = f"dense: {dense:.2f}\n\n" + "\n".join(lines)

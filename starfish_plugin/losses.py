@@ -73,8 +73,11 @@ class HealLoss:
     def block_term(self, name: str, outputs, targets) -> torch.Tensor:
         fn = cosine_distance if name == "cosine" else block_mse
         kwargs = {"reduction": self.reduction} if name == "cosine" else {}
-        require_outputs(outputs, self.blocks, "pruned")
-        values = torch.stack([fn(outputs[b], targets[b], **kwargs) for b in self.blocks])
+        try:
+            values = torch.stack([fn(outputs[b], targets[b], **kwargs) for b in self.blocks])
+        except KeyError:  # checked only on failure: nothing extra in the step loop
+            require_outputs(outputs, self.blocks, "pruned")
+            raise
         if self.block_weighting == "adaptive":
             # weight each block by its current mismatch (no gradient through the weights);
             # weights average to 1, so the loss scale matches the uniform mean
