@@ -29,6 +29,8 @@ from starfish_plugin.data import load_fashion_mnist
 from starfish_plugin.demo import prune_vit_
 from starfish_plugin.evaluate import kl_diagnostics
 from starfish_plugin.zoo import load_checkpoint
+from starfish_plugin.adapters.nm_layouts import nm_violation
+from torch.ao.pruning import WeightNormSparsifier
 
 from common import RESULTS, accuracy_cell, hardware, save
 
@@ -37,16 +39,29 @@ LOSSES = ("cosine", "mse", "kl", "ce", "cosine+kl")
 SEEDS = (0, 1, 2)
 
 
-def _setup(sparsity: float):
-    """Training images and labels, the test batches, the dense model and its pruned copy."""
+def prune_24_(model: torch.nn.Module) -> torch.nn.Module:
+    """2:4 masks on every qkv/proj/fc1/fc2 weight with torch.ao's WeightNormSparsifier (kept as
+    parametrizations, the form torchao's sparsifiers leave before ``squash_mask``)."""
+    names = [name for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ("qkv", "proj", "fc1", "fc2")]
+    sparsifier = WeightNormSparsifier(sparsity_level=1.0, sparse_block_shape=(1, 4), zeros_per_block=2)
+    sparsifier.prepare(model, [{"tensor_fqn": f"{name}.weight"} for name in names])
+    sparsifier.step()
+    return model
+
+
+def _setup(sparsity: float | str):
+    """Training images and labels, the test batches, the dense model and its pruned copy
+    (``sparsity="2:4"`` for the 2:4 panel)."""
     torch.manual_seed(0)
     train_x, train_y = load_fashion_mnist("train")
     test = list(zip(*(t.split(1000) for t in load_fashion_mnist("test"))))
     dense = load_checkpoint("vit_fmnist")
-    return train_x, train_y, test, dense, prune_vit_(copy.deepcopy(dense), sparsity)
+    pruned = prune_24_(copy.deepcopy(dense)) if sparsity == "2:4" else prune_vit_(copy.deepcopy(dense), sparsity)
+    return train_x, train_y, test, dense, pruned
 
 
-def run_main(sparsity: float, n_calibration: int = 1000, epochs: int = 10) -> dict:
+def run_main(sparsity: float | str, n_calibration: int = 1000, epochs: int = 10) -> dict:
     train_x, train_y, test, dense, pruned_base = _setup(sparsity)
     runs = []
     for seed in SEEDS:
@@ -64,6 +79,7 @@ def run_main(sparsity: float, n_calibration: int = 1000, epochs: int = 10) -> di
                 "block_cosine_before": report.block_cosine_before, "block_cosine_after": report.block_cosine_after,
                 "kl_before": diag_before, "kl_after": kl_diagnostics(model, dense, images),
                 "mask_unchanged": report.mask_unchanged,
+                **({"still_2_4": _still_24(model)} if sparsity == "2:4" else {}),
             })
             print(f"{sparsity} seed {seed} {loss}: {runs[-1]['top1']:.2f} ({seconds:.0f} s)", flush=True)
     return {
@@ -73,6 +89,11 @@ def run_main(sparsity: float, n_calibration: int = 1000, epochs: int = 10) -> di
                    "min_lr": 1e-6, "source": "training split"},
         "runs": runs, "hardware": hardware(),
     }
+
+
+def _still_24(model: torch.nn.Module) -> bool:
+    """Every masked weight of ``model`` still follows 2:4 (checked on the weights it computes with)."""
+    return all(nm_violation(e.effective_weight().detach(), 2, 4) is None for e in starfish.find_masks(model))
 
 
 def run_small(sparsity: float) -> dict:
@@ -120,7 +141,15 @@ def run_source(sparsity: float = 0.9) -> dict:
             "runs": runs, "hardware": hardware()}
 
 
-VARIANTS = {"adaptive": {"block_weighting": "adaptive"}}
+# Candidate improvements over plain cosine (and two baselines given the same changes, for fairness).
+VARIANTS = {
+    "adaptive": {"block_weighting": "adaptive"},
+    "row_norm": {"warm_start": "row_norm"},
+    "lr_4e-3": {"lr": 4e-3},
+    "row_norm_lr_4e-3": {"warm_start": "row_norm", "lr": 4e-3},
+    "kl_lr_4e-3": {"loss": "kl", "lr": 4e-3},
+    "kl_row_norm": {"loss": "kl", "warm_start": "row_norm"},
+}
 
 
 def run_variant(name: str, sparsity: float, n_calibration: int = 1000) -> dict:
@@ -158,32 +187,72 @@ def table() -> str:
     return (f"dense: {dense:.2f}\n\n" if dense is not None else "") + "\n".join(lines)
 
 
+def _sparsity(text: str) -> float | str:
+    if text == "2:4":
+        return text
+    if float(text) not in SPARSITIES:
+        raise argparse.ArgumentTypeError(f"choose one of {SPARSITIES} or 2:4")
+    return float(text)
+
+
+def _cell(runs: list[dict], key: str | None = None) -> tuple[float, str]:
+    values = torch.tensor([r["top1"] for r in runs if key is None or r.get("loss") == key])
+    return float(values.mean()), f"{values.mean():.2f} ± {values.std():.2f}"
+
+
+def variants_table() -> str:
+    """Plain cosine (and KL) from the main/small/2:4 runs against every variant run saved."""
+    rows = {}
+    for path in sorted(RESULTS.glob("recovery_variant_*.json")):
+        data = json.loads(path.read_text())
+        rows.setdefault((str(data["sparsity"]), data["calibration_images"]), {})[data["variant"]] = data["runs"]
+    names = [v for v in VARIANTS if any(v in r for r in rows.values())]
+    lines = ["| sparsity | images | cosine (paper) | kl | " + " | ".join(names) + " |",
+             "|---" * (len(names) + 4) + "|"]
+    for (sparsity, images), found in sorted(rows.items(), key=lambda kv: (kv[0][0] != "2:4", kv[0])):
+        source = {1000: f"recovery_main_{sparsity}.json", 256: f"recovery_small_{sparsity}.json"}.get(images)
+        if sparsity == "2:4":
+            source = "recovery_nm_2_4.json" if images == 1000 else None
+        base = json.loads((RESULTS / source).read_text())["runs"] if source and (RESULTS / source).exists() else []
+        cells = [_cell(base, "cosine")[1] if base else "", _cell(base, "kl")[1] if base else ""]
+        cells += [_cell(found[v])[1] if v in found else "" for v in names]
+        lines.append(f"| {sparsity} | {images} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("main")
     m.add_argument("--sparsity", type=float, choices=SPARSITIES, required=True)
+    sub.add_parser("nm", help="the 2:4 panel: WeightNormSparsifier 2:4, every loss, 3 seeds")
     small = sub.add_parser("small")
     small.add_argument("--sparsity", type=float, choices=SPARSITIES, required=True)
     sub.add_parser("sweep")
     sub.add_parser("source")
     variant = sub.add_parser("variant")
     variant.add_argument("--name", choices=sorted(VARIANTS), required=True)
-    variant.add_argument("--sparsity", type=float, choices=SPARSITIES, required=True)
+    variant.add_argument("--sparsity", type=_sparsity, required=True, help="0.5 ... 0.95, or 2:4")
     variant.add_argument("--images", type=int, default=1000)
     sub.add_parser("table")
+    sub.add_parser("variants-table")
     args = parser.parse_args()
     if args.command == "main":
         print("saved", save(f"recovery_main_{args.sparsity}", run_main(args.sparsity)))
+    elif args.command == "nm":
+        print("saved", save("recovery_nm_2_4", run_main("2:4")))
     elif args.command == "small":
         print("saved", save(f"recovery_small_{args.sparsity}", run_small(args.sparsity)))
     elif args.command == "sweep":
         print("saved", save("recovery_sweep", run_sweep()))
     elif args.command == "variant":
         result = run_variant(args.name, args.sparsity, args.images)
-        print("saved", save(f"recovery_variant_{args.name}_{args.sparsity}_{args.images}", result))
+        label = str(args.sparsity).replace(":", "_")
+        print("saved", save(f"recovery_variant_{args.name}_{label}_{args.images}", result))
     elif args.command == "source":
         print("saved", save("recovery_source", run_source()))
+    elif args.command == "variants-table":
+        print(variants_table())
     else:
         print(table())
 

@@ -25,11 +25,19 @@ class CalibrationData:
         return self.inputs.shape[0]
 
     def batches(
-        self, batch_size: int, generator: torch.Generator | None = None
+        self, batch_size: int, generator: torch.Generator | None = None, n_batches: int | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """Yield ``(indices, inputs, labels)``; shuffled when a generator is given."""
+        """Yield ``(indices, inputs, labels)``; shuffled when a generator is given.
+
+        With ``n_batches`` (distributed healing: every rank must step equally often) the samples
+        are split into exactly that many batches of near-equal size instead.
+        """
         n = len(self)
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        if n_batches is not None:
+            for idx in torch.tensor_split(order, n_batches):
+                yield idx, self.inputs[idx], None if self.labels is None else self.labels[idx]
+            return
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
             if generator is None:

@@ -13,10 +13,11 @@ from starfish_plugin.errors import ConfigError
 
 BlockSelector = Union[Sequence[str], Callable[[str, torch.nn.Module], bool], None]
 LOSS_NAMES = ("cosine", "mse", "kl", "ce")
-TARGET_MODES = ("auto", "memory", "online")
+TARGET_MODES = ("auto", "memory", "disk", "online")
 COSINE_REDUCTIONS = ("auto", "token", "example")
 TRAINABLE = ("pruned", "all")
 BLOCK_WEIGHTINGS = ("uniform", "adaptive")
+WARM_STARTS = ("none", "row_norm")
 
 
 @dataclass
@@ -32,8 +33,16 @@ class HealConfig:
         loss: ``"cosine"`` (STARFISH), ``"mse"``, ``"kl"``, ``"ce"``, a mixture such as
             ``"cosine+kl"`` (equal weights) or a mapping ``{"cosine": 1.0, "kl": 0.5}``.
         blocks: block names, a predicate ``(name, module) -> bool``, or ``None`` to discover them.
-        targets: ``"auto"``, ``"memory"`` (fp16 cache of dense block outputs) or ``"online"``
-            (a dense forward every step).
+        targets: ``"auto"`` (memory if the cache fits ``target_memory_budget``, else disk if it has
+            room, else online), ``"memory"`` (fp16 cache of dense block outputs in RAM), ``"disk"``
+            (the same cache in files, read per batch; RAM stays flat) or ``"online"`` (a dense
+            forward every step).
+        cache_dir: where a disk cache lives. A cache built there for the same dense model,
+            calibration set and blocks is reused (e.g. on resume); any other is rebuilt. ``None``:
+            a temporary directory, removed after the heal.
+        checkpoint_dir: if set, the heal's state is saved there after every epoch, and a heal
+            started with the same settings, models and calibration set resumes from it (reaching
+            the same weights as an uninterrupted run); a checkpoint of another heal is refused.
         device: where healing runs; both models must already be there. ``None``: the models' device.
         seed: seeds the calibration shuffle.
         cosine_reduction: ``"auto"`` (per token for ``[B, T, D]``, per example otherwise),
@@ -50,6 +59,10 @@ class HealConfig:
         block_weighting: ``"uniform"`` (the paper: every block's term counts the same) or
             ``"adaptive"`` (each block's term weighted by its current mismatch, the paper's
             suggested next step; experimental, see the recovery benchmark).
+        warm_start: ``"none"`` (the paper) or ``"row_norm"``: before training, scale each output
+            row of every pruned Linear/Conv weight so its output norm on calibration inputs
+            matches the dense row's (our addition for high sparsity; see the recovery benchmark).
+        warm_start_samples: calibration images the warm start measures on.
         trainable: ``"pruned"`` trains the surviving entries of the pruned tensors (the paper);
             ``"all"`` trains every parameter (masked entries still held at zero).
     """
@@ -62,6 +75,8 @@ class HealConfig:
     loss: str | Mapping[str, float] = "cosine"
     blocks: BlockSelector = None
     targets: str = "auto"
+    cache_dir: str | None = None
+    checkpoint_dir: str | None = None
     device: str | torch.device | None = None
     seed: int = 0
     cosine_reduction: str = "auto"
@@ -73,6 +88,8 @@ class HealConfig:
     restore_on_error: bool = True
     trainable: str = "pruned"
     block_weighting: str = "uniform"
+    warm_start: str = "none"
+    warm_start_samples: int = 256
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -106,7 +123,7 @@ class HealConfig:
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the first invalid field and the values it accepts."""
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "warm_start_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"HealConfig.{name} must be a positive integer, got {value!r}")
@@ -124,6 +141,8 @@ class HealConfig:
             raise ConfigError(
                 f"HealConfig.block_weighting must be one of {BLOCK_WEIGHTINGS}, got {self.block_weighting!r}"
             )
+        if self.warm_start not in WARM_STARTS:
+            raise ConfigError(f"HealConfig.warm_start must be one of {WARM_STARTS}, got {self.warm_start!r}")
         if self.trainable not in TRAINABLE:
             raise ConfigError(f"HealConfig.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
         if self.cosine_reduction not in COSINE_REDUCTIONS:
@@ -147,5 +166,7 @@ class HealConfig:
         elif self.blocks is not None:
             out["blocks"] = list(self.blocks)
         out["device"] = None if self.device is None else str(self.device)
+        out["cache_dir"] = None if self.cache_dir is None else str(self.cache_dir)
+        out["checkpoint_dir"] = None if self.checkpoint_dir is None else str(self.checkpoint_dir)
         out["loss"] = self.loss if isinstance(self.loss, str) else dict(self.loss)
         return out

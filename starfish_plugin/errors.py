@@ -41,3 +41,11 @@ class CalibrationTypeError(StarfishError, TypeError):
 
 class NonFiniteError(StarfishError, ValueError):
     """A model produced NaN or Inf (dense targets, or the loss during healing)."""
+
+
+class TargetCacheError(StarfishError, ValueError):
+    """The disk cache of dense targets cannot be written or read (no space, no permission)."""
+
+
+class CheckpointError(StarfishError, ValueError):
+    """A heal checkpoint is unreadable, or belongs to another heal."""

@@ -6,7 +6,9 @@ import math
 import resource
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,8 +18,11 @@ from starfish_plugin._modes import eval_mode
 from starfish_plugin.alignment import channel_index, select_channels
 from starfish_plugin.blocks import capture_outputs, resolve_blocks
 from starfish_plugin.calibration import CalibrationData, load_calibration
+from starfish_plugin.checkpoint import HealState, checkpoint_path, load_state, save_state, settings_of
 from starfish_plugin.config import HealConfig
+from starfish_plugin.distributed import DistContext, dist_context
 from starfish_plugin.errors import AdapterError, CalibrationError, ConfigError, ModelMismatchError, NonFiniteError
+from starfish_plugin.fingerprint import hash_tensors, model_fingerprint
 from starfish_plugin.losses import HealLoss, cosine_distance
 from starfish_plugin.masks import SparsityPlan, find_masks
 from starfish_plugin.plugins import plugin_manager
@@ -30,6 +35,7 @@ from starfish_plugin.validation import (
     probe_forward,
     resolve_device,
 )
+from starfish_plugin.warm_start import row_norm_warm_start_
 
 
 def resolve_config(config: HealConfig | None, overrides: dict[str, Any]) -> HealConfig:
@@ -195,13 +201,24 @@ def heal(
     if loss_fn.needs_labels and data.labels is None:
         raise CalibrationError("loss 'ce' needs labels; pass (inputs, labels) batches or a labeled Dataset")
     check_input_dtype(data, dense)
+    dist = dist_context()
+    n_total = len(data)
+    notes: list[str] = []
+    if dist.active:
+        if n_total // dist.world < dist.steps_per_epoch(n_total, config.batch_size):
+            raise CalibrationError(
+                f"{n_total} calibration samples are too few for {dist.world} ranks at batch_size "
+                f"{config.batch_size}: some rank would get an empty step; pass more samples or a larger batch_size"
+            )
+        data = dist.shard(data)
+        notes.append(dist.describe(len(data), n_total, config.batch_size))
     if data.labels is not None:
         data.labels = data.labels.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     mask_snapshot = plan.snapshot()
-    with eval_mode(dense), eval_mode(pruned):
+    with ExitStack() as stack, eval_mode(dense), eval_mode(pruned):
         probe_x = data.inputs[: config.batch_size].to(device)
         dense_logits = probe_forward(dense, probe_x, "dense")
         if loss_fn.needs_labels or loss_fn.needs_logits:
@@ -213,21 +230,44 @@ def heal(
             pruned_out, order = probe_structural(pruned, blocks, probe_x[:1], plan)
             index, alignment = channel_index(plan, pruned, blocks, probe_out, pruned_out, order)
             select_channels(probe_out, index)
-        target_plan = plan_targets(probe_out, len(data), config.targets, config.target_memory_budget)
+        cache_dir = config.cache_dir
+        if cache_dir is not None and dist.active:  # each rank caches its own shard
+            cache_dir = str(Path(cache_dir) / f"rank{dist.rank}-of-{dist.world}")
+        target_plan = plan_targets(probe_out, len(data), config.targets, config.target_memory_budget, cache_dir)
         targets = DenseTargets(
             dense, blocks, data, target_plan, device, loss_fn.needs_logits, config.batch_size, index
         )
+        stack.callback(targets.close)
         before = block_cosines(pruned, targets, data, config.diagnostic_samples, config.batch_size, config.cosine_reduction)
 
-        steps_per_epoch = math.ceil(len(data) / config.batch_size)
+        if dist.active:
+            steps_per_epoch = dist.steps_per_epoch(n_total, config.batch_size)
+        else:
+            steps_per_epoch = math.ceil(len(data) / config.batch_size)
         total_steps = steps_per_epoch * config.epochs
         pm.hook.starfish_heal_started(model=pruned, plan=plan, config=config, total_steps=total_steps)
         params = trainable_parameters(pruned, plan, config.trainable)
+        checkpointing = None
+        if config.checkpoint_dir is not None:
+            checkpointing = Checkpointing(
+                checkpoint_path(config.checkpoint_dir, dist.rank, dist.world),
+                settings_of(config.to_dict()) | {"world_size": dist.world},
+                {
+                    "dense model": model_fingerprint(dense),
+                    "pruned model": model_fingerprint(pruned, skip=params),
+                    "calibration set": hash_tensors([("inputs", data.inputs)]),
+                },
+            )
         backup = [p.detach().clone() for p in params] if config.restore_on_error else None
         train_start = time.perf_counter()
         try:
+            if config.warm_start == "row_norm":
+                notes.append(_warm_start(plan, dense, data, config, device))
             with trainable_only(pruned, params), eval_mode(pruned, config.train_mode):
-                epoch_losses = _train(pruned, plan, params, targets, data, loss_fn, config, device, total_steps, pm)
+                epoch_losses, epochs_run = _train(
+                    pruned, plan, params, targets, data, loss_fn, config, device, pm, dist, checkpointing, notes,
+                    n_total,
+                )
         except BaseException as exc:
             if backup is not None:
                 with torch.no_grad():
@@ -259,7 +299,7 @@ def heal(
         block_cosine_after=after,
         seconds=time.perf_counter() - start,
         train_seconds=train_seconds,
-        samples_per_second=len(data) * config.epochs / train_seconds if train_seconds > 0 else float("inf"),
+        samples_per_second=len(data) * epochs_run / train_seconds if train_seconds > 0 else float("inf"),
         steps=total_steps,
         n_samples=len(data),
         peak_memory_bytes=peak,
@@ -276,12 +316,25 @@ def heal(
         frozen_parameters=sum(p.numel() for p in pruned.parameters()) - trainable,
         device=str(device),
         target_alignment=alignment,
-        notes=list(plan.notes) + [f"calibration from a {data.source}"]
+        notes=list(plan.notes) + [f"calibration from a {data.source}"] + notes
+        + ([targets.note] if targets.note else [])
         + ([f"blocks kept in fp32 (outside fp16 range): {targets.fp32_blocks}"] if targets.fp32_blocks else []),
         config=config.to_dict(),
     )
     pm.hook.starfish_heal_finished(model=pruned, report=report, config=config)
     return report
+
+
+def _warm_start(plan: SparsityPlan, dense: nn.Module, data: CalibrationData, config: HealConfig,
+                device: torch.device) -> str:
+    """Run the row-norm warm start on the first ``warm_start_samples`` images; return a report note."""
+    n = min(config.warm_start_samples, len(data))
+    result = row_norm_warm_start_(plan, dense, (x.to(device) for x in data.inputs[:n].split(config.batch_size)))
+    note = (f"warm start row_norm on {n} images: {len(result['rescaled'])} tensors rescaled, "
+            f"median gain {result['median_gain']:.2f}")
+    if result["skipped"]:
+        note += f"; not rescaled (not a same-shape Linear/Conv weight): {result['skipped']}"
+    return note
 
 
 def trainable_parameters(model: nn.Module, plan: SparsityPlan, which: str) -> list[nn.Parameter]:
@@ -293,6 +346,15 @@ def trainable_parameters(model: nn.Module, plan: SparsityPlan, which: str) -> li
     return params
 
 
+@dataclass
+class Checkpointing:
+    """Where the heal's state is saved after each epoch, and what it must match to be resumed."""
+
+    path: Path
+    settings: dict[str, Any]
+    fingerprint: dict[str, str]
+
+
 def _train(
     model: nn.Module,
     plan: SparsityPlan,
@@ -302,25 +364,47 @@ def _train(
     loss_fn: HealLoss,
     config: HealConfig,
     device: torch.device,
-    total_steps: int,
     pm,
-) -> list[float]:
-    """The optimizer loop; returns the mean loss of each epoch."""
+    dist: DistContext,
+    checkpointing: Checkpointing | None,
+    notes: list[str],
+    n_total: int,
+) -> tuple[list[float], int]:
+    """The optimizer loop; returns the mean loss of each epoch (over every rank's samples, resumed
+    epochs included) and the number of epochs this call trained."""
+    distributed = dist.active
+    batch_size = dist.batch_size(config.batch_size)
+    steps_per_epoch = dist.steps_per_epoch(n_total, config.batch_size) if distributed else None
+    per_epoch = steps_per_epoch or math.ceil(len(data) / batch_size)
+    total_steps = per_epoch * config.epochs
     keeper = MaskKeeper(plan, config.weight_decay)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=config.min_lr)
     generator = torch.Generator().manual_seed(config.seed)
     block_names = loss_fn.blocks if loss_fn.needs_blocks else []
     losses: list[float] = []
-    step = 0
+    first_epoch = 0
+    if checkpointing is not None:
+        state = load_state(checkpointing.path, checkpointing.settings, checkpointing.fingerprint)
+        if state is not None:
+            with torch.no_grad():
+                for p, saved in zip(params, state.params, strict=True):
+                    p.copy_(saved)
+            optimizer.load_state_dict(state.optimizer)
+            schedule.load_state_dict(state.scheduler)
+            generator.set_state(state.generator)
+            first_epoch, losses = state.epoch, list(state.epoch_losses)
+            notes.append(f"resumed from {checkpointing.path} after epoch {first_epoch} of {config.epochs}")
+    forward = dist.wrap(model, device)
+    step = first_epoch * per_epoch
     with capture_outputs(model, block_names) as outputs:
-        for epoch in range(config.epochs):
+        for epoch in range(first_epoch, config.epochs):
             epoch_start = time.perf_counter()
             running = torch.zeros((), device=device)
-            for idx, x, y in data.batches(config.batch_size, generator):
+            for idx, x, y in data.batches(batch_size, generator, steps_per_epoch):
                 x = x.to(device, non_blocking=True)
                 dense = targets.get(idx, x)
-                logits = model(x)
+                logits = forward(x)
                 loss = loss_fn(outputs, logits, dense, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -331,15 +415,20 @@ def _train(
                 running += loss.detach() * len(idx)
                 step += 1
                 pm.hook.starfish_step_ended(step=step, total_steps=total_steps, config=config)
-            mean = running.item() / len(data)
+            mean = (dist.sum(running) / n_total).item()
             if not math.isfinite(mean):
-                state = "restored" if config.restore_on_error else "left as they were (restore_on_error=False)"
+                state_word = "restored" if config.restore_on_error else "left as they were (restore_on_error=False)"
                 raise NonFiniteError(
-                    f"the healing loss became {mean} in epoch {epoch + 1}; the weights were {state}. "
+                    f"the healing loss became {mean} in epoch {epoch + 1}; the weights were {state_word}. "
                     f"Lower HealConfig.lr (now {config.lr}), or check that the dense model's outputs are finite "
                     "on every calibration input (with targets='online' only the first batch is checked up front)"
                 )
             losses.append(mean)
+            if checkpointing is not None:
+                save_state(checkpointing.path, HealState(
+                    epoch + 1, losses, list(params), optimizer.state_dict(), schedule.state_dict(),
+                    generator.get_state(), checkpointing.settings, checkpointing.fingerprint,
+                ))
             pm.hook.starfish_epoch_ended(
                 epoch=epoch + 1,
                 epochs=config.epochs,
@@ -348,4 +437,4 @@ def _train(
                 seconds=time.perf_counter() - epoch_start,
                 config=config,
             )
-    return losses
+    return losses, config.epochs - first_epoch

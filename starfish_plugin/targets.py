@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -11,9 +14,9 @@ from torch import nn
 from starfish_plugin.alignment import ChannelIndex, select_channels
 from starfish_plugin.blocks import capture_outputs, require_outputs
 from starfish_plugin.calibration import CalibrationData
+from starfish_plugin.disk_targets import LOGITS, DiskTargetCache
 from starfish_plugin.errors import NonFiniteError
-
-LOGITS = "__logits__"
+from starfish_plugin.fingerprint import hash_tensors, model_fingerprint, text_fingerprint
 FP16_MAX = torch.finfo(torch.float16).max
 
 
@@ -25,6 +28,8 @@ class TargetPlan:
     reason: str
     estimate_bytes: int
     per_sample_bytes: dict[str, int] = field(default_factory=dict)
+    directory: str | None = None
+    temporary: bool = False
 
 
 def _check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -36,10 +41,21 @@ def _check_finite(name: str, tensor: torch.Tensor) -> None:
         )
 
 
+def _free_bytes(directory: Path) -> int:
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
 def plan_targets(
-    probe: dict[str, torch.Tensor], n_samples: int, mode: str, budget: int
+    probe: dict[str, torch.Tensor], n_samples: int, mode: str, budget: int, cache_dir: str | None = None
 ) -> TargetPlan:
-    """Estimate the cache size from one probe forward and choose memory or online storage."""
+    """Estimate the cache size from one probe forward and choose memory, disk or online storage.
+
+    ``auto`` keeps the cache in memory when it fits ``budget``; otherwise on disk (in ``cache_dir``,
+    or a temporary directory removed afterwards) when the disk has room; otherwise online.
+    """
     per_sample = {}
     for name, out in probe.items():
         width = 4 if name == LOGITS else 2  # logits stay fp32, block outputs fp16
@@ -49,14 +65,22 @@ def plan_targets(
         return TargetPlan("memory", "requested (targets='memory')", estimate, per_sample)
     if mode == "online":
         return TargetPlan("online", "requested (targets='online')", estimate, per_sample)
+    directory = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir())
+    temporary = cache_dir is None
+    where = f"a temporary directory in {directory}" if temporary else str(directory)
+    if mode == "disk":
+        return TargetPlan("disk", f"requested (targets='disk'), in {where}", estimate, per_sample,
+                          str(directory), temporary)
     gib = 1024**3
     if estimate <= budget:
-        reason = f"auto: estimated cache {estimate / gib:.3f} GiB fits the budget of {budget / gib:.2f} GiB"
+        reason = f"auto: estimated cache {estimate / gib:.3f} GiB fits the memory budget of {budget / gib:.2f} GiB"
         return TargetPlan("memory", reason, estimate, per_sample)
-    reason = (
-        f"auto: estimated cache {estimate / gib:.3f} GiB exceeds the budget of {budget / gib:.2f} GiB, "
-        "so the dense model runs online each step"
-    )
+    over = f"auto: estimated cache {estimate / gib:.3f} GiB exceeds the memory budget of {budget / gib:.2f} GiB"
+    free = _free_bytes(directory)
+    if estimate * 1.05 <= free:
+        return TargetPlan("disk", f"{over}, so it goes on disk in {where} ({free / gib:.1f} GiB free)", estimate,
+                          per_sample, str(directory), temporary)
+    reason = f"{over} and {where} has only {free / gib:.2f} GiB free, so the dense model runs online each step"
     return TargetPlan("online", reason, estimate, per_sample)
 
 
@@ -108,8 +132,12 @@ class DenseTargets:
         self.need_logits, self.index = need_logits, index or {}
         self.cache: dict[str, torch.Tensor] = {}
         self.fp32_blocks: list[str] = []
+        self.disk: DiskTargetCache | None = None
+        self.note = ""
         if plan.mode == "memory":
             self._fill(data, batch_size)
+        elif plan.mode == "disk":
+            self._open_disk(dense, data, batch_size)
 
     @property
     def cache_bytes(self) -> int:
@@ -137,9 +165,59 @@ class DenseTargets:
                     self.fp32_blocks.append(name)
                 self.cache[name][idx] = out.to("cpu", self.cache[name].dtype)
 
+    def _open_disk(self, dense: nn.Module, data: CalibrationData, batch_size: int) -> None:
+        """Reuse the disk cache if it was built for this dense model, data and block selection;
+        otherwise (re)build it."""
+        assert self.plan.directory is not None
+        if self.plan.temporary:
+            directory = Path(tempfile.mkdtemp(prefix="starfish-targets-", dir=self.plan.directory))
+        else:
+            directory = Path(self.plan.directory)
+        fingerprint = {
+            "dense model": model_fingerprint(dense),
+            "calibration set": hash_tensors([("inputs", data.inputs)]),
+            "block selection": text_fingerprint(
+                self.blocks, self.need_logits, hash_tensors(sorted((k, v) for k, v in self.index.items()))
+            ),
+        }
+        self.disk = DiskTargetCache(directory, fingerprint, len(data))
+        stale = self.disk.stale_reason()
+        if stale is None:
+            self.note = f"dense targets: reused the disk cache in {directory}"
+        else:
+            try:
+                self.disk.build(self._batches(data, batch_size), self.plan.estimate_bytes)
+            except BaseException:
+                self.close()
+                raise
+            verb = "built" if stale == "no cache there yet" else f"rebuilt ({stale})"
+            self.note = f"dense targets: {verb} the disk cache in {directory}"
+        self.fp32_blocks = [n for n, e in self.disk.entries.items() if n != LOGITS and e["dtype"] == "float32"]
+
+    def _batches(self, data: CalibrationData, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        for _, x, _ in data.batches(batch_size):
+            outs = self.forward(x.to(self.device))
+            for name, out in outs.items():
+                _check_finite(name, out)
+            yield outs
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.disk.nbytes if self.disk is not None else 0
+
+    def close(self) -> None:
+        """Close the disk cache's files; remove it if it lives in a temporary directory."""
+        if self.disk is not None:
+            self.disk.close()
+            if self.plan.temporary:
+                shutil.rmtree(self.disk.directory, ignore_errors=True)
+
     def get(self, idx: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Targets for calibration samples ``idx`` (whose inputs are ``x``, already on device)."""
         if self.plan.mode == "online":
             return self.forward(x)
         non_blocking = self.device.type == "cuda"
-        return {name: t[idx].to(self.device, non_blocking=non_blocking).float() for name, t in self.cache.items()}
+        rows = self.disk.read(idx) if self.disk is not None else {name: t[idx] for name, t in self.cache.items()}
+        if non_blocking:
+            rows = {name: t.pin_memory() for name, t in rows.items()}
+        return {name: t.to(self.device, non_blocking=non_blocking).float() for name, t in rows.items()}

@@ -145,7 +145,7 @@ def test_models_on_different_devices(pruned, dense, images, fast, guard):
 @pytest.mark.parametrize(
     "field, value",
     [("epochs", 0), ("epochs", -1), ("lr", 0.0), ("lr", -1e-3), ("batch_size", 0), ("batch_size", 2.5),
-     ("loss", "hinge"), ("targets", "disk"), ("min_lr", 1.0), ("block_weighting", "random"),
+     ("loss", "hinge"), ("targets", "ssd"), ("min_lr", 1.0), ("block_weighting", "random"),
      ("trainable", "some")],
 )
 def test_bad_config_values(pruned, dense, images, guard, field, value):

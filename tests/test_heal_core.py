@@ -114,9 +114,10 @@ def test_online_targets_match_cached_targets(dense, images, fast):
 
 def test_auto_targets_choose_by_budget(pruned, dense, images, fast):
     small = starfish.heal(l1_prune_(copy.deepcopy(dense)), dense, images, fast, target_memory_budget=1)
-    assert small.targets_mode == "online" and "exceeds the budget" in small.targets_reason
+    assert small.targets_mode == "disk" and "exceeds the memory budget" in small.targets_reason
+    assert "so it goes on disk in a temporary directory" in small.targets_reason
     big = starfish.heal(pruned, dense, images, fast)
-    assert big.targets_mode == "memory" and "fits the budget" in big.targets_reason
+    assert big.targets_mode == "memory" and "fits the memory budget" in big.targets_reason
 
 
 @pytest.mark.parametrize("loss", ["mse", "kl", "ce", "cosine+kl", {"cosine": 1.0, "mse": 0.5}])

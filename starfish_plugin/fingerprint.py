@@ -1,0 +1,38 @@
+"""Content fingerprints: tell a disk cache or a checkpoint built for other models or data from ours."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def hash_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of ``(name, tensor)`` pairs, in order."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors:
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.dtype == torch.bool:
+            t = t.to(torch.uint8)
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def model_fingerprint(model: nn.Module, skip: Iterable[nn.Parameter] = ()) -> str:
+    """Hash of every parameter and buffer of ``model`` (those in ``skip`` by name and shape only)."""
+    skipped = {id(p) for p in skip}
+    items = []
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(tensor) in skipped:
+            items.append((f"{name}{tuple(tensor.shape)}", torch.empty(0)))
+        else:
+            items.append((name, tensor))
+    return hash_tensors(items)
+
+
+def text_fingerprint(*parts: object) -> str:
+    """Hash of the ``repr`` of ``parts`` (settings, block names)."""
+    return hashlib.sha256(repr(parts).encode()).hexdigest()

@@ -1,0 +1,40 @@
+"""Run by ``test_distributed.py`` under torchrun: heal the tiny ViT on 2 CPU ranks (gloo) and
+write what each rank ended with to ``<out>/rank<r>.json``."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import l1_prune_, tiny_vit  # noqa: E402
+
+import starfish_plugin as starfish  # noqa: E402
+from starfish_plugin.fingerprint import model_fingerprint  # noqa: E402
+
+
+def main(out: Path) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    dense = tiny_vit()
+    pruned = l1_prune_(copy.deepcopy(dense))
+    images = torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    report = starfish.heal(pruned, dense, images, epochs=3, lr=3e-3, batch_size=16, quiet=True,
+                           diagnostic_samples=64, targets="disk", cache_dir=str(out / "cache"))
+    (out / f"rank{rank}.json").write_text(json.dumps({
+        "rank": rank, "weights": model_fingerprint(pruned), "epoch_losses": report.epoch_losses,
+        "cosine_before": report.block_cosine_before, "cosine_after": report.block_cosine_after,
+        "notes": report.notes, "steps": report.steps, "n_samples": report.n_samples,
+        "mask_unchanged": report.mask_unchanged, "masked_weights_zero": report.masked_weights_zero,
+    }))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

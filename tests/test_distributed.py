@@ -1,0 +1,49 @@
+"""Distributed healing: 2 CPU processes launched by torchrun (gloo) against one process."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import starfish_plugin as starfish
+
+from conftest import l1_prune_
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def test_two_ranks_heal_like_one_process(dense, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+           str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    # DDP keeps the ranks in lockstep: identical weights, identical (globally averaged) losses
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["epoch_losses"] == ranks[1]["epoch_losses"]
+    for r in ranks:
+        assert r["n_samples"] == 64 and r["steps"] == 3 * 8  # half the data each, 8 steps of 8 per epoch
+        assert r["mask_unchanged"] and r["masked_weights_zero"]
+        assert any(f"rank {r['rank']} of 2 (gloo), 64 of 128 calibration samples" in n for n in r["notes"])
+        assert (tmp_path / "cache" / f"rank{r['rank']}-of-2" / "meta.json").exists()  # its own shard's cache
+
+    # the same heal in one process (batch 16 over all 128 samples, 8 steps per epoch)
+    images = torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    single = starfish.heal(l1_prune_(copy.deepcopy(dense)), dense, images, epochs=3, lr=3e-3, batch_size=16,
+                           quiet=True, diagnostic_samples=64)
+    ddp_losses = ranks[0]["epoch_losses"]
+    # Same data, same number of steps, different batch composition: within 5 % per epoch.
+    for a, b in zip(ddp_losses, single.epoch_losses):
+        assert abs(a - b) <= 0.05 * b, (ddp_losses, single.epoch_losses)
+    mean_after = sum(ranks[0]["cosine_after"].values()) / len(ranks[0]["cosine_after"])
+    mean_single = sum(single.block_cosine_after.values()) / len(single.block_cosine_after)
+    assert abs(mean_after - mean_single) < 0.01
+    assert mean_after > sum(ranks[0]["cosine_before"].values()) / len(ranks[0]["cosine_before"]) + 0.01

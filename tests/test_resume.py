@@ -1,0 +1,106 @@
+"""Checkpoint and resume: an interrupted heal resumes after its last completed epoch and reaches
+exactly the weights of an uninterrupted one; a checkpoint of another heal is refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import starfish_plugin as starfish
+from starfish_plugin import errors
+from starfish_plugin.plugins import plugin_manager
+
+from conftest import assert_state_equal, l1_prune_, state_copy
+
+
+class Interrupt:
+    """A plugin that stops the heal like a Ctrl-C would, at a given step."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    @starfish.hookimpl
+    def starfish_step_ended(self, step, total_steps, config):
+        if step == self.at_step:
+            raise KeyboardInterrupt
+
+
+def _interrupted(dense, images, cfg, at_step):
+    plugin = Interrupt(at_step)
+    plugin_manager().register(plugin)
+    model = l1_prune_(copy.deepcopy(dense))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            starfish.heal(model, dense, images, cfg)
+    finally:
+        plugin_manager().unregister(plugin)
+    return model
+
+
+@pytest.mark.parametrize("targets", ["memory", "disk"])
+def test_resume_reaches_the_weights_of_an_uninterrupted_heal(dense, images, fast, tmp_path, targets):
+    cfg = fast.replace(epochs=4, targets=targets, cache_dir=str(tmp_path / "cache"))
+    reference = l1_prune_(copy.deepcopy(dense))
+    full = starfish.heal(reference, dense, images, cfg)
+
+    resumable = cfg.replace(checkpoint_dir=str(tmp_path / "ckpt"))
+    # 64 images at batch 16: 4 steps per epoch; stop in the middle of epoch 3
+    model = _interrupted(dense, images, resumable, at_step=10)
+    assert_state_equal(model, state_copy(l1_prune_(copy.deepcopy(dense))))  # restored on the interrupt
+    report = starfish.heal(model, dense, images, resumable)
+    assert any("after epoch 2 of 4" in note for note in report.notes)
+    assert report.epoch_losses == full.epoch_losses
+    for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_finished_checkpoint_resumes_to_the_same_result(dense, images, fast, tmp_path):
+    cfg = fast.replace(checkpoint_dir=str(tmp_path))
+    first = l1_prune_(copy.deepcopy(dense))
+    starfish.heal(first, dense, images, cfg)
+    second = l1_prune_(copy.deepcopy(dense))
+    report = starfish.heal(second, dense, images, cfg)
+    assert any("after epoch 3 of 3" in note for note in report.notes)
+    assert_state_equal(second, state_copy(first))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lr": 1e-3}, r"other settings \(lr: 0.003 there, 0.001 now\)"),
+        ({"epochs": 5}, "epochs: 3 there, 5 now"),
+    ],
+)
+def test_a_checkpoint_with_other_settings_is_refused(dense, images, fast, tmp_path, change, message):
+    cfg = fast.replace(checkpoint_dir=str(tmp_path))
+    starfish.heal(l1_prune_(copy.deepcopy(dense)), dense, images, cfg)
+    model = l1_prune_(copy.deepcopy(dense))
+    saved = state_copy(model)
+    with pytest.raises(errors.CheckpointError, match=message):
+        starfish.heal(model, dense, images, cfg.replace(**change))
+    assert_state_equal(model, saved)
+
+
+def test_a_checkpoint_of_other_models_or_data_is_refused(dense, images, fast, tmp_path):
+    cfg = fast.replace(checkpoint_dir=str(tmp_path))
+    starfish.heal(l1_prune_(copy.deepcopy(dense)), dense, images, cfg)
+    with pytest.raises(errors.CheckpointError, match="another calibration set"):
+        starfish.heal(l1_prune_(copy.deepcopy(dense)), dense, images[:48], cfg)
+    with pytest.raises(errors.CheckpointError, match="another pruned model"):
+        starfish.heal(l1_prune_(copy.deepcopy(dense), 0.5), dense, images, cfg)
+    other = copy.deepcopy(dense)
+    with torch.no_grad():
+        other.head.bias.add_(1)
+    with pytest.raises(errors.CheckpointError, match="another dense model"):
+        starfish.heal(l1_prune_(copy.deepcopy(other)), other, images, cfg)
+
+
+def test_a_corrupt_checkpoint_is_refused_with_the_fix(dense, images, fast, tmp_path):
+    (tmp_path / "heal_checkpoint.pt").write_bytes(b"not a checkpoint")
+    model = l1_prune_(copy.deepcopy(dense))
+    saved = state_copy(model)
+    with pytest.raises(errors.CheckpointError, match="unreadable .* delete it to start over"):
+        starfish.heal(model, dense, images, fast, checkpoint_dir=str(tmp_path))
+    assert_state_equal(model, saved)
