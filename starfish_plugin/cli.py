@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from starfish_plugin.errors import StarfishError
 
@@ -29,6 +30,104 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="architecture: timm:<name> or torchvision:<name>")
+    p.add_argument("--num-classes", type=int, help="classifier width, if not the architecture's default")
+    p.add_argument("--unsafe-pickle", action="store_true",
+                   help="allow checkpoints that need full unpickling (can run arbitrary code: trusted files only)")
+
+
+def _image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-size", type=int, help="resize (shorter side) and center-crop images to this size")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=3)
+    p.add_argument("--normalize", choices=["imagenet", "inception", "none"], default="imagenet")
+
+
+def _load_dense(args: argparse.Namespace):
+    from starfish_plugin.checkpoints_io import build_model, load_file, load_weights_, state_dict_of
+
+    dense = build_model(args.model, args.num_classes)
+    load_weights_(dense, state_dict_of(load_file(args.dense, args.unsafe_pickle), args.dense), args.dense, "dense")
+    return dense
+
+
+def _eval_set(args: argparse.Namespace, folder: str):
+    from starfish_plugin.image_folders import load_image_folder
+
+    x, y, _ = load_image_folder(folder, args.image_size, args.channels, args.normalize, labeled=True)
+    return list(zip(x.split(256), y.split(256)))
+
+
+def _heal(args: argparse.Namespace) -> int:
+    import json
+
+    from starfish_plugin.checkpoints_io import load_pruned, save_pruned
+    from starfish_plugin.evaluate import evaluate
+    from starfish_plugin.heal import heal
+    from starfish_plugin.image_folders import load_image_folder
+
+    dense = _load_dense(args)
+    pruned, fmt = load_pruned(dense, args.pruned, args.pruned_format, args.unsafe_pickle)
+    images, _, _ = load_image_folder(args.calibration, args.image_size, args.channels, args.normalize,
+                                     limit=args.calibration_size, seed=args.seed if args.seed is not None else 0)
+    print(f"starfish: {args.model}, pruned checkpoint read as '{fmt}', {len(images)} calibration images "
+          f"{tuple(images.shape[1:])}", flush=True)
+    evaluation = _eval_set(args, args.eval) if args.eval else None
+    figures = {}
+    if evaluation:
+        figures["dense_top1"], figures["pruned_top1"] = evaluate(dense, evaluation), evaluate(pruned, evaluation)
+    overrides = {k: v for k, v in {
+        "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "loss": args.loss,
+        "targets": args.targets, "cache_dir": args.cache_dir, "checkpoint_dir": args.checkpoint_dir,
+        "warm_start": args.warm_start, "device": args.device, "seed": args.seed, "quiet": args.quiet,
+    }.items() if v is not None}
+    if args.device:
+        dense.to(args.device)
+        pruned.to(args.device)
+    report = heal(pruned, dense, images, **overrides)
+    pruned.to("cpu")
+    if evaluation:
+        figures["healed_top1"] = evaluate(pruned, evaluation)
+    save_pruned(pruned, fmt, args.out)
+    out = {"model": args.model, "pruned_format": fmt, "healed_checkpoint": str(args.out), **figures,
+           "report": json.loads(report.to_json())}
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps(out, indent=2))
+    line = ", ".join(f"{k} {v:.2f} %" for k, v in figures.items())
+    print(f"starfish: healed in {report.seconds:.1f} s; mask unchanged: {report.mask_unchanged}"
+          + (f"; {line}" if line else "") + f"; saved {args.out}" + (f" and {args.report}" if args.report else ""))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from starfish_plugin.checkpoints_io import build_model, load_pruned
+    from starfish_plugin.evaluate import evaluate
+
+    model = build_model(args.model, args.num_classes)
+    if args.dense:
+        model = _load_dense(args)
+    model, fmt = load_pruned(model, args.weights, args.format, args.unsafe_pickle)
+    print(f"top-1 {evaluate(model, _eval_set(args, args.data)):.2f} % ({args.weights}, read as '{fmt}')")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from starfish_plugin.checkpoints_io import load_pruned
+    from starfish_plugin.latency import compare_latency
+
+    dense = _load_dense(args)
+    pruned, fmt = load_pruned(dense, args.weights, args.format, args.unsafe_pickle)
+    result = compare_latency(dense, pruned, args.batch_size, args.image_size, args.channels, args.repeats,
+                             args.device)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="starfish", description="Heal pruned PyTorch models with STARFISH.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,18 +145,72 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", help="also save the figures to this JSON file")
     demo.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     demo.set_defaults(func=_demo)
+    heal = sub.add_parser(
+        "heal", help="heal a pruned checkpoint on an image folder and save it",
+        description="Heal a pruned checkpoint with STARFISH. The pruned file may be a torch.nn.utils.prune "
+        "state dict (weight_orig/weight_mask), a Torch-Pruning state dict (tp.state_dict), a dictionary "
+        "{parameter name: bool mask} applied to the dense weights, or plain weights holding N:M zeros. "
+        "Exit codes: 0 healed, 2 bad input (nothing written), 1 unexpected failure, 130 interrupted.",
+    )
+    _model_args(heal)
+    heal.add_argument("--dense", required=True, help="dense weights (state dict file)")
+    heal.add_argument("--pruned", required=True, help="pruned checkpoint (see above)")
+    heal.add_argument("--pruned-format", default="auto", choices=["auto", "prune", "masks", "torch-pruning", "weights"])
+    heal.add_argument("--calibration", required=True, help="folder of unlabeled images (subfolders allowed)")
+    heal.add_argument("--calibration-size", type=int, default=1000, help="images drawn from the folder")
+    heal.add_argument("--eval", help="labeled image folder (one subfolder per class) for top-1 before/after")
+    heal.add_argument("--out", required=True, help="where the healed checkpoint goes (same format as --pruned)")
+    heal.add_argument("--report", help="write the heal report and accuracies to this JSON file")
+    _image_args(heal)
+    for flag, kind in (("--epochs", int), ("--lr", float), ("--batch-size", int), ("--seed", int)):
+        heal.add_argument(flag, type=kind)
+    heal.add_argument("--loss", help="cosine (default), mse, kl, ce or a mixture such as cosine+kl")
+    heal.add_argument("--targets", choices=["auto", "memory", "disk", "online"])
+    heal.add_argument("--cache-dir", help="directory of the disk cache of dense targets (reused when it matches)")
+    heal.add_argument("--checkpoint-dir", help="save state each epoch; rerun the same command to resume")
+    heal.add_argument("--warm-start", choices=["none", "row_norm"])
+    heal.add_argument("--device", help="e.g. cuda:0 (default: cpu)")
+    heal.add_argument("--quiet", action="store_true", default=None)
+    heal.set_defaults(func=_heal)
+
+    ev = sub.add_parser("eval", help="top-1 of a checkpoint on a labeled image folder")
+    _model_args(ev)
+    ev.add_argument("--weights", required=True, help="checkpoint to evaluate (any format heal reads)")
+    ev.add_argument("--format", default="auto", choices=["auto", "prune", "masks", "torch-pruning", "weights"])
+    ev.add_argument("--dense", help="dense weights (needed when --weights is a mask dictionary)")
+    ev.add_argument("--data", required=True, help="labeled image folder, one subfolder per class")
+    _image_args(ev)
+    ev.set_defaults(func=_eval)
+
+    bench = sub.add_parser("bench", help="forward latency of a pruned checkpoint against its dense model")
+    _model_args(bench)
+    bench.add_argument("--dense", required=True)
+    bench.add_argument("--weights", required=True, help="pruned or healed checkpoint")
+    bench.add_argument("--format", default="auto", choices=["auto", "prune", "masks", "torch-pruning", "weights"])
+    bench.add_argument("--batch-size", type=int, default=1)
+    bench.add_argument("--image-size", type=int, default=224)
+    bench.add_argument("--channels", type=int, choices=[1, 3], default=3)
+    bench.add_argument("--repeats", type=int, default=30)
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--json", help="also save the figures to this JSON file")
+    bench.set_defaults(func=_bench)
+
     plugins = sub.add_parser("plugins", help="list registered plugins and the hooks they implement")
     plugins.set_defaults(func=_plugins)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 success, 2 bad input or usage, 1 unexpected failure, 130 interrupted."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (StarfishError, FileNotFoundError) as exc:
         print(f"starfish: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("starfish: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

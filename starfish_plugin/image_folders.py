@@ -1,0 +1,102 @@
+"""Image folders for the command line, read through Hugging Face ``datasets``' image-folder loader.
+
+A calibration folder may be flat or hold class subfolders (labels are then ignored); an eval
+folder must hold one subfolder per class. Images are converted to RGB (or L for one channel),
+resized and center-cropped to one size, and normalized.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from starfish_plugin.errors import CalibrationError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+NORMALIZATIONS = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+
+
+class ImageFolderError(CalibrationError):
+    """An image folder is missing, empty, unreadable or inconsistent."""
+
+
+def _open(path: str, mode: str, size: int | None):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert(mode)
+            if size is not None:
+                scale = size / min(image.size)
+                w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+                image = image.resize((w, h), Image.BILINEAR)
+                left, top = (w - size) // 2, (h - size) // 2
+                image = image.crop((left, top, left + size, top + size))
+            return image
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ImageFolderError(f"cannot read image {path} ({type(exc).__name__}); remove or replace it") from exc
+
+
+def load_image_folder(
+    folder: str | os.PathLike,
+    image_size: int | None,
+    channels: int = 3,
+    normalize: str = "imagenet",
+    limit: int | None = None,
+    labeled: bool = False,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """Images of ``folder`` as a ``[N, C, S, S]`` float tensor (and labels and class names if ``labeled``).
+
+    Args:
+        image_size: resize (shorter side) and center-crop to this size; ``None`` keeps the sizes,
+            which must then all be equal.
+        limit: take this many images, drawn at random with ``seed`` (all when ``None``).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageFolderError(f"image folder {folder} does not exist")
+    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*") if p.is_file()):
+        raise ImageFolderError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # a local folder needs no network
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ImportError("image folders are read with Hugging Face datasets: pip install 'starfish-plugin[cli]'") from exc
+    datasets.disable_progress_bars()
+    ds = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
+    ds = ds.cast_column("image", datasets.Image(decode=False))
+    names = ds.features["label"].names if "label" in ds.features else []
+    if labeled and len(names) < 2:
+        raise ImageFolderError(f"the eval folder {folder} needs one subfolder per class (found {len(names)} classes)")
+    order = list(range(len(ds)))
+    if limit is not None and limit < len(ds):
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:limit].sort().values.tolist()
+    mode = "L" if channels == 1 else "RGB"
+    mean, std = NORMALIZATIONS[normalize]
+    mean_t = torch.tensor(mean[:channels]).view(-1, 1, 1)
+    std_t = torch.tensor(std[:channels]).view(-1, 1, 1)
+    images, labels, first = [], [], None
+    for i in order:
+        row = ds[i]
+        path = row["image"]["path"]
+        image = _open(path, mode, image_size)
+        if first is None:
+            first = (path, image.size)
+        elif image.size != first[1]:
+            raise ImageFolderError(
+                f"images have different sizes ({first[0]}: {first[1]}, {path}: {image.size}); "
+                "pass --image-size to resize and center-crop them to one size"
+            )
+        x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        x = x.view(image.height, image.width, channels).permute(2, 0, 1).float() / 255
+        images.append((x - mean_t) / std_t)
+        if labeled:
+            labels.append(row["label"])
+    return torch.stack(images), (torch.tensor(labels) if labeled else None), names

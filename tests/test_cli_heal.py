@@ -1,0 +1,120 @@
+"""``starfish heal / eval / bench`` end to end on real images (scikit-learn's digits written as
+PNG folders) and the shipped digits ViT, plus the bad inputs a script must be able to trust."""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from starfish_plugin.cli import main
+from starfish_plugin.data import load_digits_split
+from starfish_plugin.demo import prune_vit_
+from starfish_plugin.zoo import load_checkpoint
+
+MODEL = ["--model", "starfish:vit_digits", "--channels", "1", "--normalize", "none"]
+
+
+def _write_folder(root, images, labels=None):
+    for i, x in enumerate(images):
+        sub = root / (str(int(labels[i])) if labels is not None else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((x[0].numpy() * 255).round().astype(np.uint8), mode="L").save(sub / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    split = load_digits_split()
+    dense = load_checkpoint("vit_digits")
+    torch.save(dense.state_dict(), root / "dense.pt")
+    pruned = prune_vit_(copy.deepcopy(dense), 0.9)
+    torch.save(pruned.state_dict(), root / "pruned.pt")  # weight_orig + weight_mask keys
+    masks = {f"{n}.weight": m.weight_mask.bool() for n, m in pruned.named_modules() if hasattr(m, "weight_mask")}
+    torch.save(masks, root / "masks.pt")
+    _write_folder(root / "calib", split["train"][0][:600])
+    _write_folder(root / "test", *split["test"])
+    return root
+
+
+def test_heal_end_to_end_then_eval(files, tmp_path, capsys):
+    out, report = tmp_path / "healed.pt", tmp_path / "report.json"
+    code = main(["heal", *MODEL, "--dense", str(files / "dense.pt"), "--pruned", str(files / "pruned.pt"),
+                 "--calibration", str(files / "calib"), "--eval", str(files / "test"), "--out", str(out),
+                 "--report", str(report), "--epochs", "5", "--quiet"])
+    assert code == 0
+    data = json.loads(report.read_text())
+    assert data["pruned_format"] == "prune" and data["report"]["mask_unchanged"]
+    assert data["report"]["n_samples"] == 600
+    assert data["healed_top1"] > data["pruned_top1"] + 15, data
+    assert "healed in" in capsys.readouterr().out
+    # the healed file keeps the torch.nn.utils.prune form and evaluates to the same top-1
+    assert any(k.endswith("weight_orig") for k in torch.load(out, weights_only=True))
+    assert main(["eval", *MODEL, "--weights", str(out), "--data", str(files / "test")]) == 0
+    assert f"top-1 {data['healed_top1']:.2f} %" in capsys.readouterr().out
+
+
+def test_heal_a_mask_dictionary_and_bench_it(files, tmp_path, capsys):
+    out = tmp_path / "healed.pt"
+    code = main(["heal", *MODEL, "--dense", str(files / "dense.pt"), "--pruned", str(files / "masks.pt"),
+                 "--calibration", str(files / "calib"), "--calibration-size", "64", "--out", str(out),
+                 "--epochs", "1", "--quiet"])
+    assert code == 0 and "read as 'masks'" in capsys.readouterr().out
+    bench_json = tmp_path / "bench.json"
+    assert main(["bench", "--model", "starfish:vit_digits", "--channels", "1", "--dense", str(files / "dense.pt"),
+                 "--weights", str(out), "--image-size", "8", "--repeats", "3", "--json", str(bench_json)]) == 0
+    result = json.loads(bench_json.read_text())
+    nonzero = result["nonzero_parameters"]
+    assert nonzero["pruned"] < nonzero["dense"] and result["dense_ms"] > 0 and result["pruned_ms"] > 0
+
+
+def _heal_args(files, tmp_path, **change):
+    args = {"--dense": files / "dense.pt", "--pruned": files / "pruned.pt", "--calibration": files / "calib",
+            "--out": tmp_path / "out.pt"}
+    args.update(change)
+    return ["heal", *MODEL, *[str(v) for kv in args.items() for v in kv], "--epochs", "1", "--quiet"]
+
+
+def test_bad_inputs_exit_2_with_a_clear_message_and_write_nothing(files, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes((files / "dense.pt").read_bytes()[:500])
+    other = tmp_path / "other.pt"
+    torch.save({"head.weight": torch.zeros(3, 3)}, other)
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"state_dict": load_checkpoint("vit_digits").state_dict(), "opts": argparse_like()}, unsafe)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = _write_folder(tmp_path / "broken", torch.rand(3, 1, 8, 8))
+    (broken / "zz.png").write_bytes(b"not an image")
+    mixed = _write_folder(tmp_path / "mixed", torch.rand(2, 1, 8, 8))
+    Image.new("L", (9, 9)).save(mixed / "big.png")
+    cases = [
+        ({"--dense": tmp_path / "missing.pt"}, "does not exist"),
+        ({"--dense": corrupt}, "not a readable torch checkpoint"),
+        ({"--dense": other}, "for another architecture"),
+        ({"--dense": unsafe}, "pass --unsafe-pickle"),
+        ({"--calibration": empty}, "holds no images"),
+        ({"--calibration": broken}, "cannot read image .*zz.png"),
+        ({"--calibration": mixed}, "different sizes .* pass --image-size"),
+    ]
+    for change, message in cases:
+        assert main(_heal_args(files, tmp_path, **change)) == 2, change
+        err = capsys.readouterr().err
+        assert err.startswith("starfish: error:") and __import__("re").search(message, err), (change, err)
+        assert not (tmp_path / "out.pt").exists()
+
+
+def test_mixed_sizes_are_fine_with_image_size(files, tmp_path):
+    mixed = _write_folder(tmp_path / "mixed", torch.rand(40, 1, 8, 8))
+    Image.new("L", (12, 10), 128).save(mixed / "big.png")
+    assert main(_heal_args(files, tmp_path, **{"--calibration": mixed}) + ["--image-size", "8"]) == 0
+
+
+class argparse_like:  # noqa: N801 - any plain Python object needs full unpickling
+    pass
