@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.starfish-installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: setup data demo test bench bench-structured clean
+.PHONY: setup data demo test bench bench-structured bench-recovery bench-targets clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,13 @@ bench-structured: setup data
 	cd benchmarks && for panel in mlp mlp_heads; do for r in 0.3 0.5 0.7; do \
 		../$(BIN)/python structured.py heal --panel $$panel --ratio $$r || exit 1; done; done
 	cd benchmarks && ../$(BIN)/python structured.py latency && ../$(BIN)/python structured.py table
+
+# The whole recovery suite of issue 5 (about 2 hours on 2 CPU cores; each step under 10 minutes).
+bench-recovery: setup data
+	PY=../$(BIN)/python bash benchmarks/recovery_suite.sh
+
+bench-targets: setup data
+	cd benchmarks && ../$(BIN)/python targets_memory.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -19,7 +19,8 @@ for step in "${steps[@]}"; do
       for s in 0.9 0.95; do for n in 1000 256; do
         for v in adaptive row_norm lr_4e-3 row_norm_lr_4e-3 kl_lr_4e-3; do run variant --name $v --sparsity $s --images $n; done
       done; done
-      for n in 1000 256; do run variant --name kl_row_norm --sparsity 0.95 --images $n; done ;;
+      for n in 1000 256; do run variant --name kl_row_norm --sparsity 0.95 --images $n; done
+      for s in 0.9 0.95; do run variant --name bf16 --sparsity $s; done ;;
     report) "$PY" recovery.py table; "$PY" recovery.py variants-table; "$PY" plot_recovery.py ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac

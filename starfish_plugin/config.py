@@ -18,6 +18,7 @@ COSINE_REDUCTIONS = ("auto", "token", "example")
 TRAINABLE = ("pruned", "all")
 BLOCK_WEIGHTINGS = ("uniform", "adaptive")
 WARM_STARTS = ("none", "row_norm")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -63,6 +64,8 @@ class HealConfig:
             row of every pruned Linear/Conv weight so its output norm on calibration inputs
             matches the dense row's (our addition for high sparsity; see the recovery benchmark).
         warm_start_samples: calibration images the warm start measures on.
+        precision: ``"fp32"``, or ``"bf16"``: the pruned model's forward under bf16 autocast
+            (weights, optimizer and losses stay fp32); see the recovery benchmark's bf16 rows.
         trainable: ``"pruned"`` trains the surviving entries of the pruned tensors (the paper);
             ``"all"`` trains every parameter (masked entries still held at zero).
     """
@@ -90,6 +93,7 @@ class HealConfig:
     block_weighting: str = "uniform"
     warm_start: str = "none"
     warm_start_samples: int = 256
+    precision: str = "fp32"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -143,6 +147,8 @@ class HealConfig:
             )
         if self.warm_start not in WARM_STARTS:
             raise ConfigError(f"HealConfig.warm_start must be one of {WARM_STARTS}, got {self.warm_start!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"HealConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.trainable not in TRAINABLE:
             raise ConfigError(f"HealConfig.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
         if self.cosine_reduction not in COSINE_REDUCTIONS:

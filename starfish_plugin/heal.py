@@ -6,7 +6,7 @@ import math
 import resource
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -378,7 +378,13 @@ def _train(
     per_epoch = steps_per_epoch or math.ceil(len(data) / batch_size)
     total_steps = per_epoch * config.epochs
     keeper = MaskKeeper(plan, config.weight_decay)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+    fused = device.type == "cuda" and all(p.is_cuda for p in params)  # one kernel for the whole update
+    optimizer = torch.optim.AdamW(
+        params, lr=config.lr, weight_decay=config.weight_decay, **({"fused": True} if fused else {"foreach": True})
+    )
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
+    )
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=config.min_lr)
     generator = torch.Generator().manual_seed(config.seed)
     block_names = loss_fn.blocks if loss_fn.needs_blocks else []
@@ -404,8 +410,9 @@ def _train(
             for idx, x, y in data.batches(batch_size, generator, steps_per_epoch):
                 x = x.to(device, non_blocking=True)
                 dense = targets.get(idx, x)
-                logits = forward(x)
-                loss = loss_fn(outputs, logits, dense, y)
+                with autocast:
+                    logits = forward(x)
+                loss = loss_fn(outputs, logits, dense, y)  # in fp32 (the losses upcast)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 keeper.mask_grads()

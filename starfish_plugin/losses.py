@@ -38,8 +38,8 @@ def block_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def logit_kl(logits: torch.Tensor, dense_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(dense || pruned) over the class softmax, batch mean, scaled by ``temperature**2``."""
     t = temperature
-    log_p = F.log_softmax(dense_logits.to(logits.dtype) / t, dim=-1)
-    log_q = F.log_softmax(logits / t, dim=-1)
+    log_p = F.log_softmax(dense_logits.float() / t, dim=-1)
+    log_q = F.log_softmax(logits.float() / t, dim=-1)
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (t * t)
 
 
@@ -101,7 +101,7 @@ class HealLoss:
             else:
                 if labels is None:
                     raise CalibrationError("loss 'ce' needs labels; pass (inputs, labels) calibration batches")
-                value = F.cross_entropy(logits, labels)
+                value = F.cross_entropy(logits.float(), labels)
             total = total + weight * value
         assert isinstance(total, torch.Tensor)  # at least one term has weight > 0
         return total

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,15 +19,30 @@ import starfish_plugin as starfish  # noqa: E402
 from starfish_plugin.fingerprint import model_fingerprint  # noqa: E402
 
 
-def main(out: Path) -> None:
+class Crash:
+    """Kills this process outright (no cleanup, like a lost machine) after step ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    @starfish.hookimpl
+    def starfish_step_ended(self, step, total_steps, config):
+        if step == self.at:
+            os._exit(3)
+
+
+def main(out: Path, checkpoint_dir: str | None = None, crash_rank: int = -1, crash_step: int = 0) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    if rank == crash_rank:
+        starfish.plugin_manager().register(Crash(crash_step))
     dense = tiny_vit()
     pruned = l1_prune_(copy.deepcopy(dense))
     images = torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     report = starfish.heal(pruned, dense, images, epochs=3, lr=3e-3, batch_size=16, quiet=True,
-                           diagnostic_samples=64, targets="disk", cache_dir=str(out / "cache"))
+                           diagnostic_samples=64, targets="disk", cache_dir=str(out / "cache"),
+                           checkpoint_dir=checkpoint_dir)
     (out / f"rank{rank}.json").write_text(json.dumps({
         "rank": rank, "weights": model_fingerprint(pruned), "epoch_losses": report.epoch_losses,
         "cosine_before": report.block_cosine_before, "cosine_after": report.block_cosine_after,
@@ -37,4 +53,5 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    # ddp_worker.py OUT [CHECKPOINT_DIR CRASH_RANK CRASH_STEP]
+    main(Path(sys.argv[1]), *(sys.argv[2:3]), *(int(a) for a in sys.argv[3:5]))

@@ -118,3 +118,23 @@ def test_mixed_sizes_are_fine_with_image_size(files, tmp_path):
 
 class argparse_like:  # noqa: N801 - any plain Python object needs full unpickling
     pass
+
+
+def test_torch_pruning_state_dict_needs_the_unsafe_flag_then_heals(files, tmp_path, capsys):
+    import torch_pruning as tp
+
+    model = load_checkpoint("vit_digits")
+    pruner = tp.pruner.MetaPruner(
+        model, torch.rand(2, 1, 8, 8), importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.5,
+        ignored_layers=[model.head] + [b.attn for b in model.blocks], root_module_types=[torch.nn.Linear],
+    )
+    pruner.step()
+    assert model.blocks[0].mlp.fc1.out_features == 128 and model.patch_embed.proj.out_channels == 64
+    torch.save(tp.state_dict(model), tmp_path / "tp.pt")  # pickles module objects: not weights-only
+    args = _heal_args(files, tmp_path, **{"--pruned": tmp_path / "tp.pt", "--calibration-size": 64})
+    assert main(args) == 2 and "pass --unsafe-pickle" in capsys.readouterr().err
+    assert main(args + ["--unsafe-pickle"]) == 0
+    assert "read as 'torch-pruning'" in capsys.readouterr().out
+    healed = load_checkpoint("vit_digits")
+    tp.load_state_dict(healed, state_dict=torch.load(tmp_path / "out.pt", weights_only=False))
+    assert healed.blocks[0].mlp.fc1.out_features == 128

@@ -18,13 +18,21 @@ from conftest import l1_prune_
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def test_two_ranks_heal_like_one_process(dense, tmp_path):
+def _torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-           str(tmp_path)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+           str(out), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _ranks(out: Path) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_two_ranks_heal_like_one_process(dense, tmp_path):
+    done = _torchrun(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = _ranks(tmp_path)
 
     # DDP keeps the ranks in lockstep: identical weights, identical (globally averaged) losses
     assert ranks[0]["weights"] == ranks[1]["weights"]
@@ -47,3 +55,21 @@ def test_two_ranks_heal_like_one_process(dense, tmp_path):
     mean_single = sum(single.block_cosine_after.values()) / len(single.block_cosine_after)
     assert abs(mean_after - mean_single) < 0.01
     assert mean_after > sum(ranks[0]["cosine_before"].values()) / len(ranks[0]["cosine_before"]) + 0.01
+
+
+def test_a_rank_that_dies_is_recovered_by_resuming(tmp_path):
+    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+    assert _torchrun(clean).returncode == 0
+    ckpt = str(tmp_path / "state")
+    # rank 1 dies abruptly at step 13 (epoch 2 of 3, 8 steps per epoch): torchrun stops the job
+    died = _torchrun(crashed, ckpt, "1", "13")
+    assert died.returncode != 0 and not (crashed / "rank0.json").exists()
+    assert sorted(p.name for p in Path(ckpt).glob("*.pt")) == [
+        "heal_checkpoint_rank0-of-2.pt", "heal_checkpoint_rank1-of-2.pt"]
+    # the same command again resumes both ranks after epoch 1 and ends where the clean run ended
+    resumed = _torchrun(crashed, ckpt)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ranks, reference = _ranks(crashed), _ranks(clean)
+    assert all(any("after epoch 1 of 3" in n for n in r["notes"]) for r in ranks)
+    assert ranks[0]["weights"] == ranks[1]["weights"] == reference[0]["weights"]
+    assert ranks[0]["epoch_losses"] == reference[0]["epoch_losses"]
