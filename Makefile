@@ -39,7 +39,7 @@ bench-structured: setup data
 		../$(BIN)/python structured.py heal --panel $$panel --ratio $$r || exit 1; done; done
 	cd benchmarks && ../$(BIN)/python structured.py latency && ../$(BIN)/python structured.py table
 
-# The whole recovery suite of issue 5 (about 2 hours on 2 CPU cores; each step under 10 minutes).
+# The whole recovery suite of issue 5 (about 1 hour 40 minutes on 2 CPU cores; each step under 10 minutes).
 bench-recovery: setup data
 	PY=../$(BIN)/python bash benchmarks/recovery_suite.sh
 

@@ -33,8 +33,9 @@ from starfish_plugin.zoo import load_checkpoint
 from common import hardware, median, reset_peak_rss, rss_bytes, save, trim_heap
 
 
-def manual_heal(pruned, dense, images, blocks, epochs, batch_size=32, lr=6e-4, min_lr=1e-6, seed=0):
-    """The same work as ``starfish.heal`` written by hand, as a user would without the plugin."""
+def manual_heal(pruned, dense, images, blocks, epochs, batch_size=32, lr=6e-4, min_lr=1e-6, seed=0) -> float:
+    """The same work as ``starfish.heal`` written by hand, as a user would without the plugin;
+    returns the last epoch's mean loss."""
     dense.eval()
     pruned.eval()
     n = len(images)
@@ -58,7 +59,8 @@ def manual_heal(pruned, dense, images, blocks, epochs, batch_size=32, lr=6e-4, m
     generator = torch.Generator().manual_seed(seed)
     with capture_outputs(pruned, blocks) as outs:
         for _ in range(epochs):
-            order = torch.randperm(n, generator=generator)
+            running = torch.zeros((), device=images.device)
+            order = torch.randperm(n, generator=generator).to(images.device)
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
                 pruned(images[idx])
@@ -70,8 +72,10 @@ def manual_heal(pruned, dense, images, blocks, epochs, batch_size=32, lr=6e-4, m
                 torch._foreach_mul_([p.grad for p in params], masks)
                 optimizer.step()
                 schedule.step()
+                running += loss.detach() * len(idx)
     for p in pruned.parameters():
         p.requires_grad_(True)
+    return running.item() / n
 
 
 def timed(fn) -> float:

@@ -149,6 +149,7 @@ VARIANTS = {
     "row_norm_lr_4e-3": {"warm_start": "row_norm", "lr": 4e-3},
     "kl_lr_4e-3": {"loss": "kl", "lr": 4e-3},
     "kl_row_norm": {"loss": "kl", "warm_start": "row_norm"},
+    "kl_row_norm_lr_4e-3": {"loss": "kl", "warm_start": "row_norm", "lr": 4e-3},
     "bf16": {"precision": "bf16"},  # not an improvement: checks that bf16 autocast heals as well as fp32
 }
 

@@ -13,13 +13,14 @@ for step in "${steps[@]}"; do
     ablations) run sweep; run source ;;
     nm) run nm ;;
     variants)
-      for s in 0.5 0.7 0.8; do run variant --name row_norm --sparsity $s; done
-      run variant --name row_norm --sparsity 2:4
+      for s in 0.5 0.7 0.8; do for v in row_norm lr_4e-3 row_norm_lr_4e-3; do run variant --name $v --sparsity $s; done; done
+      for v in row_norm row_norm_lr_4e-3; do run variant --name $v --sparsity 2:4; done
       run variant --name row_norm --sparsity 0.8 --images 256
       for s in 0.9 0.95; do for n in 1000 256; do
         for v in adaptive row_norm lr_4e-3 row_norm_lr_4e-3 kl_lr_4e-3; do run variant --name $v --sparsity $s --images $n; done
       done; done
-      for n in 1000 256; do run variant --name kl_row_norm --sparsity 0.95 --images $n; done
+      for n in 1000 256; do for v in kl_row_norm kl_row_norm_lr_4e-3; do
+        run variant --name $v --sparsity 0.95 --images $n; done; done
       for s in 0.9 0.95; do run variant --name bf16 --sparsity $s; done ;;
     report) "$PY" recovery.py table; "$PY" recovery.py variants-table; "$PY" plot_recovery.py ;;
     *) echo "unknown step $step" >&2; exit 2 ;;

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from starfish_plugin.errors import StarfishError
+from starfish_plugin.errors import ConfigError, StarfishError
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -40,7 +40,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, help="resize (shorter side) and center-crop images to this size")
     p.add_argument("--channels", type=int, choices=[1, 3], default=3)
-    p.add_argument("--normalize", choices=["imagenet", "inception", "none"], default="imagenet")
+    p.add_argument("--normalize", choices=["imagenet", "inception", "none"], default="imagenet",
+                   help="mean/std preset applied after scaling pixels to [0, 1]")
+    p.add_argument("--mean", type=float, nargs="+", help="per-channel mean (overrides --normalize; with --std)")
+    p.add_argument("--std", type=float, nargs="+", help="per-channel std (overrides --normalize; with --mean)")
+
+
+def _normalization(args: argparse.Namespace):
+    if (args.mean is None) != (args.std is None):
+        raise ConfigError("pass --mean and --std together")
+    return args.normalize if args.mean is None else (tuple(args.mean), tuple(args.std))
 
 
 def _load_dense(args: argparse.Namespace):
@@ -54,7 +63,7 @@ def _load_dense(args: argparse.Namespace):
 def _eval_set(args: argparse.Namespace, folder: str):
     from starfish_plugin.image_folders import load_image_folder
 
-    x, y, _ = load_image_folder(folder, args.image_size, args.channels, args.normalize, labeled=True)
+    x, y, _ = load_image_folder(folder, args.image_size, args.channels, _normalization(args), labeled=True)
     return list(zip(x.split(256), y.split(256)))
 
 
@@ -68,7 +77,7 @@ def _heal(args: argparse.Namespace) -> int:
 
     dense = _load_dense(args)
     pruned, fmt = load_pruned(dense, args.pruned, args.pruned_format, args.unsafe_pickle)
-    images, _, _ = load_image_folder(args.calibration, args.image_size, args.channels, args.normalize,
+    images, _, _ = load_image_folder(args.calibration, args.image_size, args.channels, _normalization(args),
                                      limit=args.calibration_size, seed=args.seed if args.seed is not None else 0)
     print(f"starfish: {args.model}, pruned checkpoint read as '{fmt}', {len(images)} calibration images "
           f"{tuple(images.shape[1:])}", flush=True)

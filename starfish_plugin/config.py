@@ -18,7 +18,7 @@ COSINE_REDUCTIONS = ("auto", "token", "example")
 TRAINABLE = ("pruned", "all")
 BLOCK_WEIGHTINGS = ("uniform", "adaptive")
 WARM_STARTS = ("none", "row_norm")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -64,8 +64,9 @@ class HealConfig:
             row of every pruned Linear/Conv weight so its output norm on calibration inputs
             matches the dense row's (our addition for high sparsity; see the recovery benchmark).
         warm_start_samples: calibration images the warm start measures on.
-        precision: ``"fp32"``, or ``"bf16"``: the pruned model's forward under bf16 autocast
-            (weights, optimizer and losses stay fp32); see the recovery benchmark's bf16 rows.
+        precision: ``"bf16"``: the pruned model's forward under bf16 autocast (weights, optimizer
+            and losses stay fp32); ``"fp32"``; ``"auto"``: bf16 on CUDA devices that support it,
+            fp32 elsewhere (the recovery benchmark's bf16 rows: same accuracy as fp32).
         trainable: ``"pruned"`` trains the surviving entries of the pruned tensors (the paper);
             ``"all"`` trains every parameter (masked entries still held at zero).
     """
@@ -93,7 +94,7 @@ class HealConfig:
     block_weighting: str = "uniform"
     warm_start: str = "none"
     warm_start_samples: int = 256
-    precision: str = "fp32"
+    precision: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -47,7 +47,7 @@ def load_image_folder(
     folder: str | os.PathLike,
     image_size: int | None,
     channels: int = 3,
-    normalize: str = "imagenet",
+    normalize: str | tuple[tuple[float, ...], tuple[float, ...]] = "imagenet",
     limit: int | None = None,
     labeled: bool = False,
     seed: int = 0,
@@ -57,6 +57,7 @@ def load_image_folder(
     Args:
         image_size: resize (shorter side) and center-crop to this size; ``None`` keeps the sizes,
             which must then all be equal.
+        normalize: a preset name of ``NORMALIZATIONS`` or ``(mean, std)`` per channel (or one value).
         limit: take this many images, drawn at random with ``seed`` (all when ``None``).
     """
     folder = Path(folder)
@@ -79,7 +80,9 @@ def load_image_folder(
     if limit is not None and limit < len(ds):
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:limit].sort().values.tolist()
     mode = "L" if channels == 1 else "RGB"
-    mean, std = NORMALIZATIONS[normalize]
+    mean, std = NORMALIZATIONS[normalize] if isinstance(normalize, str) else normalize
+    if len(mean) == 1:
+        mean, std = mean * channels, std * channels
     mean_t = torch.tensor(mean[:channels]).view(-1, 1, 1)
     std_t = torch.tensor(std[:channels]).view(-1, 1, 1)
     images, labels, first = [], [], None

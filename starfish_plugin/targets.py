@@ -17,6 +17,7 @@ from starfish_plugin.calibration import CalibrationData
 from starfish_plugin.disk_targets import LOGITS, DiskTargetCache
 from starfish_plugin.errors import NonFiniteError
 from starfish_plugin.fingerprint import hash_tensors, model_fingerprint, text_fingerprint
+
 FP16_MAX = torch.finfo(torch.float16).max
 
 

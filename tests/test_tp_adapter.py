@@ -1,7 +1,6 @@
 """Torch-Pruning: attach, kept-channel tracking, heads, save/load, bad input; real pruners throughout."""
 
 import copy
-import io
 import warnings
 
 import pytest
