@@ -121,10 +121,18 @@ def detect_format(obj: Any) -> str:
     return "weights"
 
 
-def load_pruned(dense: nn.Module, path: str | Path, fmt: str = "auto", unsafe: bool = False) -> tuple[nn.Module, str]:
-    """The pruned model from ``path``, built on a copy of ``dense``; returns it and the format read."""
+def load_pruned(
+    dense: nn.Module, path: str | Path, fmt: str = "auto", unsafe: bool = False, dense_has_weights: bool = True
+) -> tuple[nn.Module, str]:
+    """The pruned model from ``path``, built on a copy of ``dense``; returns it and the format read.
+
+    ``dense_has_weights=False`` says ``dense`` is an untrained architecture: then a mask
+    dictionary (which holds no weights) is refused.
+    """
     obj = load_file(path, unsafe)
     fmt = detect_format(obj) if fmt == "auto" else fmt
+    if fmt == "masks" and not dense_has_weights:
+        raise CheckpointFileError(f"{path} is a mask dictionary and holds no weights; pass --dense with the dense weights")
     model = copy.deepcopy(dense)
     if fmt == "torch-pruning":
         import torch_pruning as tp

@@ -116,7 +116,7 @@ def _eval(args: argparse.Namespace) -> int:
     model = build_model(args.model, args.num_classes)
     if args.dense:
         model = _load_dense(args)
-    model, fmt = load_pruned(model, args.weights, args.format, args.unsafe_pickle)
+    model, fmt = load_pruned(model, args.weights, args.format, args.unsafe_pickle, dense_has_weights=bool(args.dense))
     print(f"top-1 {evaluate(model, _eval_set(args, args.data)):.2f} % ({args.weights}, read as '{fmt}')")
     return 0
 

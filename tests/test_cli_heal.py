@@ -73,6 +73,13 @@ def test_heal_a_mask_dictionary_and_bench_it(files, tmp_path, capsys):
     assert nonzero["pruned"] < nonzero["dense"] and result["dense_ms"] > 0 and result["pruned_ms"] > 0
 
 
+def test_eval_of_a_mask_dictionary_needs_the_dense_weights(files, capsys):
+    args = ["eval", *MODEL, "--weights", str(files / "masks.pt"), "--data", str(files / "test")]
+    assert main(args) == 2 and "pass --dense with the dense weights" in capsys.readouterr().err
+    assert main(args + ["--dense", str(files / "dense.pt")]) == 0
+    assert "read as 'masks'" in capsys.readouterr().out
+
+
 def _heal_args(files, tmp_path, **change):
     args = {"--dense": files / "dense.pt", "--pruned": files / "pruned.pt", "--calibration": files / "calib",
             "--out": tmp_path / "out.pt"}
