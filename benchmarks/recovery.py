@@ -197,11 +197,6 @@ def _sparsity(text: str) -> float | str:
     return float(text)
 
 
-def _cell(runs: list[dict], key: str | None = None) -> tuple[float, str]:
-    values = torch.tensor([r["top1"] for r in runs if key is None or r.get("loss") == key])
-    return float(values.mean()), f"{values.mean():.2f} ± {values.std():.2f}"
-
-
 def variants_table() -> str:
     """Plain cosine (and KL) from the main/small/2:4 runs against every variant run saved."""
     rows = {}
@@ -216,8 +211,8 @@ def variants_table() -> str:
         if sparsity == "2:4":
             source = "recovery_nm_2_4.json" if images == 1000 else None
         base = json.loads((RESULTS / source).read_text())["runs"] if source and (RESULTS / source).exists() else []
-        cells = [_cell(base, "cosine")[1] if base else "", _cell(base, "kl")[1] if base else ""]
-        cells += [_cell(found[v])[1] if v in found else "" for v in names]
+        cells = [accuracy_cell(base, "cosine")[1] if base else "", accuracy_cell(base, "kl")[1] if base else ""]
+        cells += [accuracy_cell(found[v])[1] if v in found else "" for v in names]
         lines.append(f"| {sparsity} | {images} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

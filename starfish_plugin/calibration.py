@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -20,9 +20,18 @@ class CalibrationData:
     inputs: torch.Tensor
     labels: torch.Tensor | None
     source: str
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
+
+    def fingerprint(self) -> str:
+        """Hash of the inputs (computed once; the disk cache and checkpoints both use it)."""
+        if self._fingerprint is None:
+            from starfish_plugin.fingerprint import hash_tensors
+
+            self._fingerprint = hash_tensors([("inputs", self.inputs)])
+        return self._fingerprint
 
     def batches(
         self, batch_size: int, generator: torch.Generator | None = None, n_batches: int | None = None

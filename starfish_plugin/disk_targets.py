@@ -27,6 +27,14 @@ FP16_MAX = float(torch.finfo(torch.float16).max)
 LOGITS = "__logits__"  # the key under which starfish_plugin.targets stores logits
 
 
+def free_bytes(directory: Path) -> int:
+    """Free bytes on the filesystem that holds ``directory`` (or its nearest existing parent)."""
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
 def _close_quietly(handles: Iterable) -> None:
     """Close files after a failure; flushing what is buffered may fail again, and is moot."""
     for handle in handles:
@@ -74,10 +82,6 @@ class DiskTargetCache:
                 return f"the file of {name!r} is missing or truncated"
         self.entries = meta["entries"]
         return None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(self.n * e["row_bytes"] for e in self.entries.values())
 
     # -- writing -----------------------------------------------------------------------------
     def build(self, batches: Iterable[dict[str, torch.Tensor]], estimate_bytes: int) -> None:
@@ -138,13 +142,10 @@ class DiskTargetCache:
         return open(path, "ab")  # noqa: SIM115
 
     def _check_space(self, estimate_bytes: int) -> None:
-        probe = self.directory if self.directory.exists() else self.directory.parent
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        free = shutil.disk_usage(probe).free + self._own_bytes()
+        free = free_bytes(self.directory) + self._own_bytes()
         if estimate_bytes > free:
             raise TargetCacheError(
-                f"the dense-target cache needs about {estimate_bytes / 1024**3:.2f} GiB but {probe} has "
+                f"the dense-target cache needs about {estimate_bytes / 1024**3:.2f} GiB but {self.directory} has "
                 f"{free / 1024**3:.2f} GiB free; pass another HealConfig.cache_dir or use targets='online'"
             )
 

@@ -21,7 +21,7 @@ from starfish_plugin.checkpoint import checkpoint_path, settings_of
 from starfish_plugin.config import HealConfig
 from starfish_plugin.distributed import dist_context
 from starfish_plugin.errors import AdapterError, CalibrationError, ConfigError, ModelMismatchError
-from starfish_plugin.fingerprint import hash_tensors, model_fingerprint
+from starfish_plugin.fingerprint import model_fingerprint
 from starfish_plugin.losses import HealLoss, cosine_distance
 from starfish_plugin.loop import Checkpointing, train_loop
 from starfish_plugin.masks import SparsityPlan, find_masks
@@ -227,7 +227,7 @@ def heal(
                 {
                     "dense model": model_fingerprint(dense),
                     "pruned model": model_fingerprint(pruned, skip=params),
-                    "calibration set": hash_tensors([("inputs", data.inputs)]),
+                    "calibration set": data.fingerprint(),
                 },
             )
         backup = [p.detach().clone() for p in params] if config.restore_on_error else None
@@ -238,7 +238,7 @@ def heal(
             with trainable_only(pruned, params), eval_mode(pruned, config.train_mode):
                 epoch_losses, epochs_run = train_loop(
                     pruned, plan, params, targets, data, loss_fn, config, device, pm, dist, checkpointing, notes,
-                    n_total,
+                    n_total, steps_per_epoch,
                 )
         except BaseException as exc:
             if backup is not None:

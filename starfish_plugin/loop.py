@@ -82,21 +82,21 @@ def train_loop(
     checkpointing: Checkpointing | None,
     notes: list[str],
     n_total: int,
+    steps_per_epoch: int,
 ) -> tuple[list[float], int]:
     """The optimizer loop; returns the mean loss of each epoch (over every rank's samples, resumed
     epochs included) and the number of epochs this call trained."""
-    distributed = dist.active
     batch_size = dist.batch_size(config.batch_size)
-    steps_per_epoch = dist.steps_per_epoch(n_total, config.batch_size) if distributed else None
-    per_epoch = steps_per_epoch or math.ceil(len(data) / batch_size)
-    total_steps = per_epoch * config.epochs
+    n_batches = steps_per_epoch if dist.active else None  # ranks split their shards into equal step counts
+    total_steps = steps_per_epoch * config.epochs
     keeper = MaskKeeper(plan, config.weight_decay)
     fused = device.type == "cuda" and all(p.is_cuda for p in params)  # one kernel for the whole update
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, weight_decay=config.weight_decay, **({"fused": True} if fused else {"foreach": True})
     )
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16(config, device) else nullcontext()
-    if bf16(config, device):
+    use_bf16 = bf16(config, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    if use_bf16:
         notes.append(f"pruned forward under bf16 autocast (precision={config.precision!r})")
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=config.min_lr)
     generator = torch.Generator().manual_seed(config.seed)
@@ -115,12 +115,12 @@ def train_loop(
             first_epoch, losses = state.epoch, list(state.epoch_losses)
             notes.append(f"resumed from {checkpointing.path} after epoch {first_epoch} of {config.epochs}")
     forward = dist.wrap(model, device)
-    step = first_epoch * per_epoch
+    step = first_epoch * steps_per_epoch
     with capture_outputs(model, block_names) as outputs:
         for epoch in range(first_epoch, config.epochs):
             epoch_start = time.perf_counter()
             running = torch.zeros((), device=device)
-            for idx, x, y in data.batches(batch_size, generator, steps_per_epoch):
+            for idx, x, y in data.batches(batch_size, generator, n_batches):
                 x = x.to(device, non_blocking=True)
                 dense = targets.get(idx, x)
                 with autocast:

@@ -14,7 +14,7 @@ from torch import nn
 from starfish_plugin.alignment import ChannelIndex, select_channels
 from starfish_plugin.blocks import capture_outputs, require_outputs
 from starfish_plugin.calibration import CalibrationData
-from starfish_plugin.disk_targets import LOGITS, DiskTargetCache
+from starfish_plugin.disk_targets import LOGITS, DiskTargetCache, free_bytes
 from starfish_plugin.errors import NonFiniteError
 from starfish_plugin.fingerprint import hash_tensors, model_fingerprint, text_fingerprint
 
@@ -40,13 +40,6 @@ def _check_finite(name: str, tensor: torch.Tensor) -> None:
             f"the dense model's {what} output contains NaN or Inf on the calibration inputs; "
             "check the dense model and the input normalization"
         )
-
-
-def _free_bytes(directory: Path) -> int:
-    probe = directory
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
 
 
 def plan_targets(
@@ -77,7 +70,7 @@ def plan_targets(
         reason = f"auto: estimated cache {estimate / gib:.3f} GiB fits the memory budget of {budget / gib:.2f} GiB"
         return TargetPlan("memory", reason, estimate, per_sample)
     over = f"auto: estimated cache {estimate / gib:.3f} GiB exceeds the memory budget of {budget / gib:.2f} GiB"
-    free = _free_bytes(directory)
+    free = free_bytes(directory)
     if estimate * 1.05 <= free:
         return TargetPlan("disk", f"{over}, so it goes on disk in {where} ({free / gib:.1f} GiB free)", estimate,
                           per_sample, str(directory), temporary)
@@ -176,7 +169,7 @@ class DenseTargets:
             directory = Path(self.plan.directory)
         fingerprint = {
             "dense model": model_fingerprint(dense),
-            "calibration set": hash_tensors([("inputs", data.inputs)]),
+            "calibration set": data.fingerprint(),
             "block selection": text_fingerprint(
                 self.blocks, self.need_logits, hash_tensors(sorted((k, v) for k, v in self.index.items()))
             ),
@@ -201,10 +194,6 @@ class DenseTargets:
             for name, out in outs.items():
                 _check_finite(name, out)
             yield outs
-
-    @property
-    def disk_bytes(self) -> int:
-        return self.disk.nbytes if self.disk is not None else 0
 
     def close(self) -> None:
         """Close the disk cache's files; remove it if it lives in a temporary directory."""
