@@ -13,10 +13,11 @@ import torch
 from starfish_plugin.errors import CheckpointError
 
 VERSION = 1
-# Settings that change nothing the optimizer computes; a checkpoint resumes across them.
+# Settings that change nothing the optimizer computes (compiling: only float rounding); a checkpoint
+# resumes across them.
 _NEUTRAL = {
     "quiet", "device", "diagnostic_samples", "checkpoint_dir", "cache_dir", "targets",
-    "target_memory_budget", "restore_on_error", "extra",
+    "target_memory_budget", "restore_on_error", "extra", "compile", "compile_backend",
 }
 
 

@@ -19,6 +19,7 @@ TRAINABLE = ("pruned", "all")
 BLOCK_WEIGHTINGS = ("uniform", "adaptive")
 WARM_STARTS = ("none", "row_norm")
 PRECISIONS = ("auto", "fp32", "bf16")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -67,6 +68,12 @@ class HealConfig:
         precision: ``"bf16"``: the pruned model's forward under bf16 autocast (weights, optimizer
             and losses stay fp32); ``"fp32"``; ``"auto"``: bf16 on CUDA devices that support it,
             fp32 elsewhere (the recovery benchmark's bf16 rows: same accuracy as fp32).
+        compile: ``"none"`` (eager), or a ``torch.compile`` mode (``"default"``, ``"max-autotune"``, ...):
+            the pruned model's training forward (block-output hooks and autocast included) is
+            compiled on its first batch; the diagnostics stay eager. Compiling takes time up front
+            (tens of seconds) and pays off on long heals of big models.
+        compile_backend: the ``torch.compile`` backend: a registered name (``"inductor"``;
+            ``"aot_eager"`` needs no C++ compiler) or a backend callable.
         trainable: ``"pruned"`` trains the surviving entries of the pruned tensors (the paper);
             ``"all"`` trains every parameter (masked entries still held at zero).
     """
@@ -95,6 +102,8 @@ class HealConfig:
     warm_start: str = "none"
     warm_start_samples: int = 256
     precision: str = "auto"
+    compile: str = "none"
+    compile_backend: str | Callable[..., Any] = "inductor"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -150,6 +159,17 @@ class HealConfig:
             raise ConfigError(f"HealConfig.warm_start must be one of {WARM_STARTS}, got {self.warm_start!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"HealConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"HealConfig.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.compile != "none" and not callable(self.compile_backend):
+            from torch._dynamo import list_backends
+
+            backends = list_backends(exclude_tags=())
+            if self.compile_backend not in backends:
+                raise ConfigError(
+                    f"HealConfig.compile_backend {self.compile_backend!r} is not a torch.compile backend; "
+                    f"choose from {sorted(backends)}"
+                )
         if self.trainable not in TRAINABLE:
             raise ConfigError(f"HealConfig.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
         if self.cosine_reduction not in COSINE_REDUCTIONS:
@@ -172,6 +192,8 @@ class HealConfig:
             out["blocks"] = getattr(self.blocks, "__name__", repr(self.blocks))
         elif self.blocks is not None:
             out["blocks"] = list(self.blocks)
+        if callable(self.compile_backend):
+            out["compile_backend"] = getattr(self.compile_backend, "__name__", repr(self.compile_backend))
         out["device"] = None if self.device is None else str(self.device)
         out["cache_dir"] = None if self.cache_dir is None else str(self.cache_dir)
         out["checkpoint_dir"] = None if self.checkpoint_dir is None else str(self.checkpoint_dir)

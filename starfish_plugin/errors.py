@@ -49,3 +49,7 @@ class TargetCacheError(StarfishError, ValueError):
 
 class CheckpointError(StarfishError, ValueError):
     """A heal checkpoint is unreadable, or belongs to another heal."""
+
+
+class CompileError(StarfishError, ValueError):
+    """``HealConfig.compile`` cannot be used here: ``torch.compile`` failed on the training forward."""

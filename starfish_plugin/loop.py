@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import types
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from starfish_plugin.calibration import CalibrationData
 from starfish_plugin.checkpoint import HealState, load_state, save_state
 from starfish_plugin.config import HealConfig
 from starfish_plugin.distributed import DistContext
-from starfish_plugin.errors import NonFiniteError
+from starfish_plugin.errors import CompileError, NonFiniteError
 from starfish_plugin.losses import HealLoss
 from starfish_plugin.masks import SparsityPlan
 from starfish_plugin.targets import DenseTargets
@@ -59,6 +60,40 @@ def bf16(config: HealConfig, device: torch.device) -> bool:
     return config.precision == "bf16"
 
 
+def training_forward(forward: nn.Module, config: HealConfig, use_bf16: bool, device: torch.device):
+    """The pruned model's forward for training: under bf16 autocast if asked, and compiled with
+    ``torch.compile`` unless ``config.compile == "none"`` (hooks and autocast are traced with it)."""
+
+    def run(x: torch.Tensor):
+        with torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext():
+            return forward(x)
+
+    if config.compile == "none":
+        return run
+    from torch._dynamo.exc import TorchDynamoException
+
+    mode = None if config.compile == "default" else config.compile
+    backend = getattr(config.compile_backend, "__name__", config.compile_backend)
+    # Dynamo caches compiled frames per code object and stops compiling one after
+    # ``recompile_limit`` variants; a fresh code object per heal keeps each heal's cache its own
+    # (many heals in one process, e.g. attach over iterative steps, all compile) and frees it after.
+    run = types.FunctionType(run.__code__.replace(), run.__globals__, run.__name__, None, run.__closure__)
+    compiled = torch.compile(run, mode=mode, backend=config.compile_backend)
+
+    def guarded(x: torch.Tensor):
+        try:
+            return compiled(x)
+        except TorchDynamoException as exc:  # BackendCompilerFailed among them
+            raise CompileError(
+                f"torch.compile (mode={config.compile!r}, backend={backend!r}) failed on the "
+                f"pruned model's training forward: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. "
+                "Heal without it (HealConfig.compile='none'), or try compile_backend='aot_eager' (no C++ "
+                "compiler needed); the weights were restored unless restore_on_error=False"
+            ) from exc
+
+    return guarded
+
+
 @dataclass
 class Checkpointing:
     """Where the heal's state is saved after each epoch, and what it must match to be resumed."""
@@ -95,7 +130,6 @@ def train_loop(
         params, lr=config.lr, weight_decay=config.weight_decay, **({"fused": True} if fused else {"foreach": True})
     )
     use_bf16 = bf16(config, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     if use_bf16:
         notes.append(f"pruned forward under bf16 autocast (precision={config.precision!r})")
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=config.min_lr)
@@ -114,7 +148,10 @@ def train_loop(
             generator.set_state(state.generator)
             first_epoch, losses = state.epoch, list(state.epoch_losses)
             notes.append(f"resumed from {checkpointing.path} after epoch {first_epoch} of {config.epochs}")
-    forward = dist.wrap(model, device)
+    forward = training_forward(dist.wrap(model, device), config, use_bf16, device)
+    if config.compile != "none":
+        backend = getattr(config.compile_backend, "__name__", config.compile_backend)
+        notes.append(f"training forward compiled (torch.compile mode={config.compile!r}, backend={backend!r})")
     step = first_epoch * steps_per_epoch
     with capture_outputs(model, block_names) as outputs:
         for epoch in range(first_epoch, config.epochs):
@@ -123,8 +160,7 @@ def train_loop(
             for idx, x, y in data.batches(batch_size, generator, n_batches):
                 x = x.to(device, non_blocking=True)
                 dense = targets.get(idx, x)
-                with autocast:
-                    logits = forward(x)
+                logits = forward(x)
                 loss = loss_fn(outputs, logits, dense, y)  # in fp32 (the losses upcast)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
