@@ -32,8 +32,9 @@ HINT = (
     "With Torch-Pruning, call starfish.attach(pruner, dense, calibration) (or "
     "starfish_plugin.adapters.tp_graph.track(pruner)) before the first pruner.step(): the kept "
     "channels are recorded and attention modules updated (tp_graph.sync_attention(model, pruner)). "
-    "The record belongs to that model object: a copy or a reloaded model has none, so heal the "
-    "tracked model itself."
+    "The record belongs to that model object: a copy has none, nor has a model reloaded from any "
+    "file but starfish's structured one (starfish_plugin.structured_checkpoint.structured_state), "
+    "so heal the tracked model itself or save it in that form."
 )
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 TRAINED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -203,6 +204,35 @@ def track(pruner: Any) -> KeptChannels:
     pruner.step = step
     record.runner_installed = True
     return record
+
+
+def export_record(model: nn.Module) -> dict[str, Any] | None:
+    """The kept-channel record of ``model`` in plain types (for a weights-only file), or ``None``."""
+    record = _RECORDS.get(model)
+    if record is None or not record.kept:
+        return None
+    return {
+        "kept": {f"{name}|{dim}": list(kept) for (name, dim), kept in record.kept.items()},
+        "original": {f"{name}|{dim}": size for (name, dim), size in record.original.items()},
+        "inconsistent": sorted(f"{name}|{dim}" for name, dim in record.inconsistent),
+        "steps": record.steps,
+        "groups": record.groups,
+    }
+
+
+def import_record(model: nn.Module, data: dict[str, Any]) -> None:
+    """Give ``model`` (rebuilt from a file) the kept-channel record ``export_record`` wrote."""
+
+    def key(text: str) -> tuple[str, str]:
+        name, _, dim = text.rpartition("|")
+        return name, dim
+
+    record = KeptChannels(model)
+    record.kept = {key(k): [int(c) for c in v] for k, v in data["kept"].items()}
+    record.original = {key(k): int(v) for k, v in data["original"].items()}
+    record.inconsistent = {key(k) for k in data.get("inconsistent", [])}
+    record.steps, record.groups = int(data.get("steps", 0)), int(data.get("groups", 0))
+    _RECORDS[model] = record
 
 
 def run_step(pruner: Any, step: Callable[..., Any], *args: Any, interactive: bool = False, **kwargs: Any):

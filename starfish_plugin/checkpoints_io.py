@@ -15,13 +15,20 @@ from torch import nn
 from torch.nn.utils import prune
 
 from starfish_plugin.errors import StarfishError
+from starfish_plugin.structured_checkpoint import (
+    StructuredCheckpointError,
+    is_structured,
+    load_structured_,
+    plain_state_dict,
+    structured_state,
+)
 
 
 class CheckpointFileError(StarfishError, ValueError):
     """A model file is missing, corrupt, unsafe to load, or for another architecture."""
 
 
-PRUNED_FORMATS = ("auto", "prune", "masks", "torch-pruning", "weights")
+PRUNED_FORMATS = ("auto", "prune", "masks", "torch-pruning", "structured", "weights")
 
 
 def build_model(spec: str, num_classes: int | None = None) -> nn.Module:
@@ -112,6 +119,8 @@ def detect_format(obj: Any) -> str:
     """Which of ``PRUNED_FORMATS`` a loaded pruned-model file is."""
     if isinstance(obj, dict) and "full_state_dict" in obj and "attributions" in obj:
         return "torch-pruning"
+    if is_structured(obj):
+        return "structured"
     state = obj if isinstance(obj, dict) else {}
     if any(k.endswith("_orig") for k in state) and any(k.endswith("_mask") for k in state):
         return "prune"
@@ -142,6 +151,11 @@ def load_pruned(
         except Exception as exc:  # noqa: BLE001
             raise CheckpointFileError(f"{path} is not a Torch-Pruning state dict for this model ({exc})") from exc
         return model.eval(), fmt
+    if fmt == "structured":
+        try:
+            return load_structured_(model, obj, str(path)).eval(), fmt
+        except StructuredCheckpointError as exc:
+            raise CheckpointFileError(str(exc)) from exc
     state = state_dict_of(obj, path)
     if fmt == "prune":
         modules = dict(model.named_modules())
@@ -167,12 +181,18 @@ def load_pruned(
 
 
 def save_pruned(model: nn.Module, fmt: str, path: str | Path) -> None:
-    """Write the healed model in the form it was read in (Torch-Pruning models with ``tp.state_dict``)."""
+    """Write the healed model in form ``fmt``: ``torch-pruning`` with ``tp.state_dict`` (a pickle),
+    ``structured`` weights-only with its shapes, ``weights`` a state dict with masks folded in as
+    zeros, anything else as the model's state dict (``weight_orig`` + ``weight_mask`` stay)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "torch-pruning":
         import torch_pruning as tp
 
         torch.save(tp.state_dict(model), path)
+    elif fmt == "structured":
+        torch.save(structured_state(model), path)
+    elif fmt == "weights":
+        torch.save(plain_state_dict(model), path)
     else:
         torch.save(model.state_dict(), path)

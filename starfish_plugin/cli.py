@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from starfish_plugin.checkpoints_io import PRUNED_FORMATS
 from starfish_plugin.errors import ConfigError, StarfishError
 
 
@@ -44,6 +45,9 @@ def _image_args(p: argparse.ArgumentParser) -> None:
                    help="mean/std preset applied after scaling pixels to [0, 1]")
     p.add_argument("--mean", type=float, nargs="+", help="per-channel mean (overrides --normalize; with --std)")
     p.add_argument("--std", type=float, nargs="+", help="per-channel std (overrides --normalize; with --mean)")
+    p.add_argument("--hf-config", help="configuration name of a hf:<dataset> (if it has several)")
+    p.add_argument("--image-column", help="image column of a hf:<dataset> (default: its Image feature)")
+    p.add_argument("--label-column", help="label column of a hf:<dataset> (default: its ClassLabel feature)")
 
 
 def _normalization(args: argparse.Namespace):
@@ -60,10 +64,22 @@ def _load_dense(args: argparse.Namespace):
     return dense
 
 
-def _eval_set(args: argparse.Namespace, folder: str):
+def _images(args: argparse.Namespace, source: str, split: str, labeled: bool, limit: int | None = None):
+    """Images (and labels) from an image folder or a ``hf:<dataset>``, as ``(x, y)``."""
+    from starfish_plugin.hub_images import is_hub_source, load_hub_images
     from starfish_plugin.image_folders import load_image_folder
 
-    x, y, _ = load_image_folder(folder, args.image_size, args.channels, _normalization(args), labeled=True)
+    seed = args.seed if getattr(args, "seed", None) is not None else 0
+    if is_hub_source(source):
+        x, y, _ = load_hub_images(source, split, args.image_size, args.channels, _normalization(args), limit,
+                                  labeled, seed, args.hf_config, args.image_column, args.label_column)
+    else:
+        x, y, _ = load_image_folder(source, args.image_size, args.channels, _normalization(args), limit, labeled, seed)
+    return x, y
+
+
+def _eval_set(args: argparse.Namespace, source: str, split: str = "test"):
+    x, y = _images(args, source, split, labeled=True)
     return list(zip(x.split(256), y.split(256)))
 
 
@@ -73,15 +89,13 @@ def _heal(args: argparse.Namespace) -> int:
     from starfish_plugin.checkpoints_io import load_pruned, save_pruned
     from starfish_plugin.evaluate import evaluate
     from starfish_plugin.heal import heal
-    from starfish_plugin.image_folders import load_image_folder
 
     dense = _load_dense(args)
     pruned, fmt = load_pruned(dense, args.pruned, args.pruned_format, args.unsafe_pickle)
-    images, _, _ = load_image_folder(args.calibration, args.image_size, args.channels, _normalization(args),
-                                     limit=args.calibration_size, seed=args.seed if args.seed is not None else 0)
+    images, _ = _images(args, args.calibration, args.calibration_split, labeled=False, limit=args.calibration_size)
     print(f"starfish: {args.model}, pruned checkpoint read as '{fmt}', {len(images)} calibration images "
           f"{tuple(images.shape[1:])}", flush=True)
-    evaluation = _eval_set(args, args.eval) if args.eval else None
+    evaluation = _eval_set(args, args.eval, args.eval_split) if args.eval else None
     figures = {}
     if evaluation:
         figures["dense_top1"], figures["pruned_top1"] = evaluate(dense, evaluation), evaluate(pruned, evaluation)
@@ -89,6 +103,7 @@ def _heal(args: argparse.Namespace) -> int:
         "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "loss": args.loss,
         "targets": args.targets, "cache_dir": args.cache_dir, "checkpoint_dir": args.checkpoint_dir,
         "warm_start": args.warm_start, "device": args.device, "seed": args.seed, "quiet": args.quiet,
+        "precision": args.precision, "compile": args.compile, "compile_backend": args.compile_backend,
     }.items() if v is not None}
     if args.device:
         dense.to(args.device)
@@ -97,8 +112,9 @@ def _heal(args: argparse.Namespace) -> int:
     pruned.to("cpu")
     if evaluation:
         figures["healed_top1"] = evaluate(pruned, evaluation)
-    save_pruned(pruned, fmt, args.out)
-    out = {"model": args.model, "pruned_format": fmt, "healed_checkpoint": str(args.out), **figures,
+    out_format = fmt if args.out_format == "same" else args.out_format
+    save_pruned(pruned, out_format, args.out)
+    out = {"model": args.model, "pruned_format": fmt, "out_format": out_format, "healed_checkpoint": str(args.out), **figures,
            "report": json.loads(report.to_json())}
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +133,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.dense:
         model = _load_dense(args)
     model, fmt = load_pruned(model, args.weights, args.format, args.unsafe_pickle, dense_has_weights=bool(args.dense))
-    print(f"top-1 {evaluate(model, _eval_set(args, args.data)):.2f} % ({args.weights}, read as '{fmt}')")
+    print(f"top-1 {evaluate(model, _eval_set(args, args.data, args.split)):.2f} % ({args.weights}, read as '{fmt}')")
     return 0
 
 
@@ -155,20 +171,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     demo.set_defaults(func=_demo)
     heal = sub.add_parser(
-        "heal", help="heal a pruned checkpoint on an image folder and save it",
+        "heal", help="heal a pruned checkpoint on an image folder or hf:<dataset> and save it",
         description="Heal a pruned checkpoint with STARFISH. The pruned file may be a torch.nn.utils.prune "
-        "state dict (weight_orig/weight_mask), a Torch-Pruning state dict (tp.state_dict), a dictionary "
+        "state dict (weight_orig/weight_mask), a Torch-Pruning state dict (tp.state_dict, a pickle: needs "
+        "--unsafe-pickle), starfish's weights-only structured file (--out-format structured), a dictionary "
         "{parameter name: bool mask} applied to the dense weights, or plain weights holding N:M zeros. "
         "Exit codes: 0 healed, 2 bad input (nothing written), 1 unexpected failure, 130 interrupted.",
     )
     _model_args(heal)
     heal.add_argument("--dense", required=True, help="dense weights (state dict file)")
     heal.add_argument("--pruned", required=True, help="pruned checkpoint (see above)")
-    heal.add_argument("--pruned-format", default="auto", choices=["auto", "prune", "masks", "torch-pruning", "weights"])
-    heal.add_argument("--calibration", required=True, help="folder of unlabeled images (subfolders allowed)")
-    heal.add_argument("--calibration-size", type=int, default=1000, help="images drawn from the folder")
-    heal.add_argument("--eval", help="labeled image folder (one subfolder per class) for top-1 before/after")
-    heal.add_argument("--out", required=True, help="where the healed checkpoint goes (same format as --pruned)")
+    heal.add_argument("--pruned-format", default="auto", choices=list(PRUNED_FORMATS))
+    heal.add_argument("--calibration", required=True,
+                      help="folder of unlabeled images (subfolders allowed), or hf:<dataset name or local dataset dir>")
+    heal.add_argument("--calibration-split", default="train", help="split of a hf:<dataset> calibration set")
+    heal.add_argument("--calibration-size", type=int, default=1000,
+                      help="images drawn at random (from a hf:<dataset>: streamed through a 10,000-row shuffle buffer)")
+    heal.add_argument("--eval", help="labeled images for top-1 before/after: a folder with one subfolder per class, "
+                      "or hf:<dataset>")
+    heal.add_argument("--eval-split", default="test", help="split of a hf:<dataset> eval set")
+    heal.add_argument("--out", required=True, help="where the healed checkpoint goes")
+    heal.add_argument("--out-format", default="same", choices=["same", "structured", "weights"],
+                      help="same: the form --pruned was read in; structured: weights-only file with the pruned "
+                      "shapes (and kept-channel record), readable without --unsafe-pickle; weights: a plain state dict")
     heal.add_argument("--report", help="write the heal report and accuracies to this JSON file")
     _image_args(heal)
     for flag, kind in (("--epochs", int), ("--lr", float), ("--batch-size", int), ("--seed", int)):
@@ -178,16 +203,22 @@ def build_parser() -> argparse.ArgumentParser:
     heal.add_argument("--cache-dir", help="directory of the disk cache of dense targets (reused when it matches)")
     heal.add_argument("--checkpoint-dir", help="save state each epoch; rerun the same command to resume")
     heal.add_argument("--warm-start", choices=["none", "row_norm"])
+    heal.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    heal.add_argument("--compile", choices=["none", "default", "reduce-overhead", "max-autotune",
+                                            "max-autotune-no-cudagraphs"],
+                      help="torch.compile mode for the pruned model's training forward (default: none)")
+    heal.add_argument("--compile-backend", help="torch.compile backend (default: inductor)")
     heal.add_argument("--device", help="e.g. cuda:0 (default: cpu)")
     heal.add_argument("--quiet", action="store_true", default=None)
     heal.set_defaults(func=_heal)
 
-    ev = sub.add_parser("eval", help="top-1 of a checkpoint on a labeled image folder")
+    ev = sub.add_parser("eval", help="top-1 of a checkpoint on a labeled image folder or hf:<dataset>")
     _model_args(ev)
     ev.add_argument("--weights", required=True, help="checkpoint to evaluate (any format heal reads)")
-    ev.add_argument("--format", default="auto", choices=["auto", "prune", "masks", "torch-pruning", "weights"])
+    ev.add_argument("--format", default="auto", choices=list(PRUNED_FORMATS))
     ev.add_argument("--dense", help="dense weights (needed when --weights is a mask dictionary)")
-    ev.add_argument("--data", required=True, help="labeled image folder, one subfolder per class")
+    ev.add_argument("--data", required=True, help="labeled image folder, one subfolder per class, or hf:<dataset>")
+    ev.add_argument("--split", default="test", help="split of a hf:<dataset>")
     _image_args(ev)
     ev.set_defaults(func=_eval)
 
@@ -195,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(bench)
     bench.add_argument("--dense", required=True)
     bench.add_argument("--weights", required=True, help="pruned or healed checkpoint")
-    bench.add_argument("--format", default="auto", choices=["auto", "prune", "masks", "torch-pruning", "weights"])
+    bench.add_argument("--format", default="auto", choices=list(PRUNED_FORMATS))
     bench.add_argument("--batch-size", type=int, default=1)
     bench.add_argument("--image-size", type=int, default=224)
     bench.add_argument("--channels", type=int, choices=[1, 3], default=3)

@@ -8,6 +8,7 @@ resized and center-cropped to one size, and normalized.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -26,11 +27,14 @@ class ImageFolderError(CalibrationError):
     """An image folder is missing, empty, unreadable or inconsistent."""
 
 
-def _open(path: str, mode: str, size: int | None):
+def _open(source: str | bytes, name: str, mode: str, size: int | None):
+    """A PIL image from a path or encoded bytes, converted to ``mode`` and resized/cropped to ``size``."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             image = image.convert(mode)
             if size is not None:
                 scale = size / min(image.size)
@@ -40,7 +44,37 @@ def _open(path: str, mode: str, size: int | None):
                 image = image.crop((left, top, left + size, top + size))
             return image
     except (UnidentifiedImageError, OSError) as exc:
-        raise ImageFolderError(f"cannot read image {path} ({type(exc).__name__}); remove or replace it") from exc
+        raise ImageFolderError(f"cannot read image {name} ({type(exc).__name__}); remove or replace it") from exc
+
+
+def images_to_tensor(
+    items: Iterable[tuple[str | bytes, str]],
+    image_size: int | None,
+    channels: int,
+    normalize: str | tuple[tuple[float, ...], tuple[float, ...]],
+    size_hint: str,
+) -> torch.Tensor:
+    """Decode ``(path or bytes, name)`` items into one normalized ``[N, C, S, S]`` tensor; all
+    images must have one size unless ``image_size`` resizes them (``size_hint`` says how)."""
+    mode = "L" if channels == 1 else "RGB"
+    mean, std = NORMALIZATIONS[normalize] if isinstance(normalize, str) else normalize
+    if len(mean) == 1:
+        mean, std = mean * channels, std * channels
+    mean_t = torch.tensor(mean[:channels]).view(-1, 1, 1)
+    std_t = torch.tensor(std[:channels]).view(-1, 1, 1)
+    images, first = [], None
+    for source, name in items:
+        image = _open(source, name, mode, image_size)
+        if first is None:
+            first = (name, image.size)
+        elif image.size != first[1]:
+            raise ImageFolderError(
+                f"images have different sizes ({first[0]}: {first[1]}, {name}: {image.size}); {size_hint}"
+            )
+        x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        x = x.view(image.height, image.width, channels).permute(2, 0, 1).float() / 255
+        images.append((x - mean_t) / std_t)
+    return torch.stack(images)
 
 
 def load_image_folder(
@@ -65,7 +99,6 @@ def load_image_folder(
         raise ImageFolderError(f"image folder {folder} does not exist")
     if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*") if p.is_file()):
         raise ImageFolderError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # a local folder needs no network
     try:
         import datasets
     except ImportError as exc:
@@ -79,27 +112,9 @@ def load_image_folder(
     order = list(range(len(ds)))
     if limit is not None and limit < len(ds):
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:limit].sort().values.tolist()
-    mode = "L" if channels == 1 else "RGB"
-    mean, std = NORMALIZATIONS[normalize] if isinstance(normalize, str) else normalize
-    if len(mean) == 1:
-        mean, std = mean * channels, std * channels
-    mean_t = torch.tensor(mean[:channels]).view(-1, 1, 1)
-    std_t = torch.tensor(std[:channels]).view(-1, 1, 1)
-    images, labels, first = [], [], None
-    for i in order:
-        row = ds[i]
-        path = row["image"]["path"]
-        image = _open(path, mode, image_size)
-        if first is None:
-            first = (path, image.size)
-        elif image.size != first[1]:
-            raise ImageFolderError(
-                f"images have different sizes ({first[0]}: {first[1]}, {path}: {image.size}); "
-                "pass --image-size to resize and center-crop them to one size"
-            )
-        x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        x = x.view(image.height, image.width, channels).permute(2, 0, 1).float() / 255
-        images.append((x - mean_t) / std_t)
-        if labeled:
-            labels.append(row["label"])
-    return torch.stack(images), (torch.tensor(labels) if labeled else None), names
+    rows = [ds[i] for i in order]
+    paths = [row["image"]["path"] for row in rows]
+    images = images_to_tensor(zip(paths, paths), image_size, channels, normalize,
+                              "pass --image-size to resize and center-crop them to one size")
+    labels = torch.tensor([row["label"] for row in rows]) if labeled else None
+    return images, labels, names

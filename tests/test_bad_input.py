@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import prune
 
 import starfish_plugin as starfish
 from starfish_plugin import errors

@@ -144,3 +144,73 @@ def test_torch_pruning_state_dict_needs_the_unsafe_flag_then_heals(files, tmp_pa
     healed = load_checkpoint("vit_digits")
     tp.load_state_dict(healed, state_dict=torch.load(tmp_path / "out.pt", weights_only=False))
     assert healed.blocks[0].mlp.fc1.out_features == 128
+
+
+def _write_hub_dataset(root, splits):
+    """A dataset directory as the Hub serves one: parquet files per split, PNG bytes, ClassLabel labels."""
+    import io
+
+    import datasets
+
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=[str(i) for i in range(10)]))
+    (root / "data").mkdir(parents=True)
+    for split, (images, labels) in splits.items():
+        encoded = []
+        for x in images:
+            buffer = io.BytesIO()
+            Image.fromarray((x[0].numpy() * 255).round().astype(np.uint8), mode="L").save(buffer, format="PNG")
+            encoded.append({"bytes": buffer.getvalue(), "path": None})
+        ds = datasets.Dataset.from_dict({"image": encoded, "label": labels.tolist()}, features=features)
+        ds.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
+def test_heal_from_a_dataset_by_name(files, tmp_path, capsys):
+    """``hf:<dir>`` goes through ``datasets.load_dataset(name, streaming=True)``, the call a Hub name
+    takes (no network here, so the Hub itself is not reached)."""
+    split = load_digits_split()
+    hub = _write_hub_dataset(tmp_path / "digits-hub", {"train": (split["train"][0][:600], split["train"][1][:600]),
+                                                       "test": split["test"]})
+    out, report = tmp_path / "healed.pt", tmp_path / "report.json"
+    code = main(["heal", *MODEL, "--dense", str(files / "dense.pt"), "--pruned", str(files / "pruned.pt"),
+                 "--calibration", f"hf:{hub}", "--calibration-size", "300", "--eval", f"hf:{hub}", "--out", str(out),
+                 "--report", str(report), "--epochs", "3", "--lr", "4e-3", "--warm-start", "row_norm", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads(report.read_text())
+    assert data["report"]["n_samples"] == 300
+    assert data["healed_top1"] > data["pruned_top1"] + 10, data
+    # the Hub-format test split and the PNG test folder hold the same pixels: same top-1
+    capsys.readouterr()
+    assert main(["eval", *MODEL, "--weights", str(out), "--data", f"hf:{hub}", "--split", "test"]) == 0
+    from_hub = capsys.readouterr().out
+    assert main(["eval", *MODEL, "--weights", str(out), "--data", str(files / "test")]) == 0
+    assert f"top-1 {data['healed_top1']:.2f} %" in from_hub and f"top-1 {data['healed_top1']:.2f} %" in capsys.readouterr().out
+
+
+def test_bad_datasets_by_name_exit_2(files, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    split = load_digits_split()
+    hub = _write_hub_dataset(tmp_path / "hub", {"train": (split["train"][0][:40], split["train"][1][:40])})
+    cases = [
+        (["--calibration", f"hf:{hub}", "--calibration-split", "validation"], "cannot load split 'validation'.*Available splits"),
+        (["--calibration", f"hf:{hub}", "--image-column", "photo"], "no image column photo.*--image-column"),
+        (["--calibration", f"hf:{hub}", "--eval", f"hf:{hub}", "--eval-split", "train", "--label-column", "y"],
+         "no label column y.*--label-column"),
+    ]
+    for change, message in cases:
+        args = _heal_args(files, tmp_path, **{"--calibration": files / "calib"})
+        args[args.index("--calibration") + 1] = change[1]
+        assert main(args + change[2:]) == 2, change
+        err = capsys.readouterr().err
+        assert __import__("re").search(message, err), (change, err)
+        assert not (tmp_path / "out.pt").exists()
+    # A Hub name that cannot be reached (offline here): exit 2 and what to do instead.
+    args = _heal_args(files, tmp_path)
+    args[args.index("--calibration") + 1] = "hf:starfish-tests/not-on-this-machine"
+    result = subprocess.run([sys.executable, "-m", "starfish_plugin.cli", *args], capture_output=True, text=True,
+                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "cannot reach dataset 'starfish-tests/not-on-this-machine'" in result.stderr
+    assert "pass the local copy" in result.stderr and not (tmp_path / "out.pt").exists()

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 import starfish_plugin as starfish
-from conftest import prunable_linears, tiny_vit
+from conftest import prunable_linears
 
 
 def _unstructured(model):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import timm
-import torch
 import torchvision
 from torch import nn
 
