@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -58,8 +59,10 @@ def test_compiled_heal_matches_eager(prune_):
         assert torch.allclose(a, b, atol=1e-5), name
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="inductor on CPU needs a C++ compiler")
 def test_inductor_heal_on_cpu():
-    """The default backend, as users get it (needs a C++ compiler; CI has gcc)."""
+    """The default backend, as users get it."""
     torch._dynamo.reset()
     dense = tiny_vit()
     calib = torch.randn(32, 1, 8, 8)
