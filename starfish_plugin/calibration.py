@@ -1,4 +1,4 @@
-"""Calibration data in any of the accepted forms, checked and held as tensors."""
+"""Calibration data in any of the accepted forms, checked and held as tensors (or in a file)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from starfish_plugin.disk_inputs import DiskInputs
 from starfish_plugin.errors import CalibrationError, CalibrationTypeError
 
 ACCEPTED = "a Dataset, a DataLoader, a Tensor of inputs, or an iterable of batches (inputs or (inputs, labels))"
@@ -15,23 +16,51 @@ ACCEPTED = "a Dataset, a DataLoader, a Tensor of inputs, or an iterable of batch
 
 @dataclass
 class CalibrationData:
-    """Calibration inputs ``[N, ...]`` and, when given, their labels ``[N]``."""
+    """Calibration inputs ``[N, ...]`` (a tensor, or ``DiskInputs`` read per batch) and, when
+    given, their labels ``[N]``."""
 
-    inputs: torch.Tensor
+    inputs: torch.Tensor | DiskInputs
     labels: torch.Tensor | None
     source: str
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
-        return self.inputs.shape[0]
+        return len(self.inputs)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inputs.dtype
+
+    @property
+    def on_disk(self) -> bool:
+        return isinstance(self.inputs, DiskInputs)
+
+    def head(self, n: int) -> torch.Tensor:
+        """The first ``n`` inputs as a tensor."""
+        return self.inputs[:n]
+
+    def subset(self, rows: torch.Tensor) -> CalibrationData:
+        """The samples at positions ``rows`` (on disk: a view of the same file)."""
+        labels = None if self.labels is None else self.labels[rows]
+        inputs = self.inputs.subset(rows) if self.on_disk else self.inputs[rows]
+        return CalibrationData(inputs, labels, self.source)
 
     def fingerprint(self) -> str:
-        """Hash of the inputs (computed once; the disk cache and checkpoints both use it)."""
+        """Hash of the inputs (computed once; the disk cache and checkpoints both use it). The
+        same in memory and on disk, so a cache or checkpoint carries over between the two."""
         if self._fingerprint is None:
-            from starfish_plugin.fingerprint import hash_tensors
+            from starfish_plugin.fingerprint import hash_chunks, hash_tensors
 
-            self._fingerprint = hash_tensors([("inputs", self.inputs)])
+            if self.on_disk:
+                self._fingerprint = hash_chunks("inputs", self.dtype, self.inputs.shape, self.inputs.chunks())
+            else:
+                self._fingerprint = hash_tensors([("inputs", self.inputs)])
         return self._fingerprint
+
+    def close(self) -> None:
+        """Remove the inputs' file, if they are on disk."""
+        if self.on_disk:
+            self.inputs.close()
 
     def batches(
         self, batch_size: int, generator: torch.Generator | None = None, n_batches: int | None = None
@@ -81,16 +110,31 @@ def _as_batches(calibration: object) -> tuple[Iterable, str, bool]:
     return calibration, type(calibration).__name__, False
 
 
-def load_calibration(calibration: object) -> CalibrationData:
-    """Gather ``calibration`` into tensors and check it: non-empty, floating, finite, one shape.
+def load_calibration(calibration: object, to_disk: bool = False, directory: str | None = None) -> CalibrationData:
+    """Gather ``calibration`` and check it: non-empty, floating, finite, one shape.
+
+    With ``to_disk``, each batch is checked and appended to a file (in a new temporary directory
+    under ``directory``) instead of being kept: RAM does not grow with the calibration set.
 
     Raises:
         CalibrationError: empty, inconsistent shapes, or NaN/Inf inputs.
         CalibrationTypeError: an unsupported type, non-tensor items or a non-floating dtype.
     """
     batches, source, singles = _as_batches(calibration)
+    disk = DiskInputs(directory) if to_disk else None
+    try:
+        return _gather(batches, source, singles, disk)
+    except BaseException:
+        if disk is not None:
+            disk.close()
+        raise
+
+
+def _gather(batches: Iterable, source: str, singles: bool, disk: DiskInputs | None) -> CalibrationData:
     inputs: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
+    first_shape: tuple[int, ...] | None = None
+    n, n_bad, first_bad = 0, 0, -1
     for i, item in enumerate(batches):
         where = f"calibration {'sample' if singles else 'batch'} {i}"
         x, y = _split(item, where)
@@ -109,13 +153,18 @@ def load_calibration(calibration: object) -> CalibrationData:
             raise CalibrationError(
                 f"{where} has shape {tuple(x.shape)}; inputs need a batch dimension first, e.g. [N, C, H, W]"
             )
-        if inputs and x.shape[1:] != inputs[0].shape[1:]:
+        if first_shape is not None and x.shape[1:] != first_shape:
             raise CalibrationError(
                 f"{where} has per-sample shape {tuple(x.shape[1:])} but earlier ones have "
-                f"{tuple(inputs[0].shape[1:])}; resize every input to one shape"
+                f"{first_shape}; resize every input to one shape"
             )
-        if (y is None) != (not labels) and inputs:
+        if (y is None) != (not labels) and n > 0:
             raise CalibrationError(f"{where} {'lacks' if y is None else 'has'} labels unlike earlier batches")
+        if not x.is_floating_point():
+            raise CalibrationTypeError(
+                f"calibration inputs have dtype {x.dtype}; convert them to the model's floating dtype "
+                "(e.g. images.float() / 255, normalized as in training)"
+            )
         if y is not None:
             y = torch.as_tensor(y)
             if y.dim() != 1 or y.shape[0] != x.shape[0]:
@@ -124,24 +173,32 @@ def load_calibration(calibration: object) -> CalibrationData:
                     "labels must be class indices, one per input"
                 )
             labels.append(y)
-        inputs.append(x)
-    if not inputs or sum(x.shape[0] for x in inputs) == 0:
+        if x.shape[0] == 0:
+            continue
+        finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten()
+            first_bad = n + int(bad[0]) if first_bad < 0 else first_bad
+            n_bad += len(bad)
+        first_shape = tuple(x.shape[1:])
+        n += x.shape[0]
+        if disk is not None:
+            disk.append(x)
+        else:
+            inputs.append(x)
+    if n == 0:
         raise CalibrationError(f"the calibration set is empty; pass at least one batch ({ACCEPTED})")
-    data = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
-    if not data.is_floating_point():
-        raise CalibrationTypeError(
-            f"calibration inputs have dtype {data.dtype}; convert them to the model's floating dtype "
-            "(e.g. images.float() / 255, normalized as in training)"
-        )
-    finite = torch.isfinite(data.reshape(data.shape[0], -1)).all(dim=1)
-    if not bool(finite.all()):
-        bad = (~finite).nonzero().flatten()
+    if n_bad:
         raise CalibrationError(
-            f"{len(bad)} calibration inputs contain NaN or Inf (first: sample {int(bad[0])}); clean or drop them"
+            f"{n_bad} calibration inputs contain NaN or Inf (first: sample {first_bad}); clean or drop them"
         )
     label_tensor = (torch.cat(labels) if len(labels) > 1 else labels[0]) if labels else None
     if label_tensor is not None and label_tensor.is_floating_point():
         raise CalibrationTypeError(f"calibration labels have dtype {label_tensor.dtype}; class indices must be integers")
     if label_tensor is not None:
         label_tensor = label_tensor.long()
+    if disk is not None:
+        disk.finish()
+        return CalibrationData(inputs=disk, labels=label_tensor, source=f"{source} (inputs on disk)")
+    data = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
     return CalibrationData(inputs=data, labels=label_tensor, source=source)

@@ -18,6 +18,7 @@ VERSION = 1
 _NEUTRAL = {
     "quiet", "device", "diagnostic_samples", "checkpoint_dir", "cache_dir", "targets",
     "target_memory_budget", "restore_on_error", "extra", "compile", "compile_backend",
+    "inputs",
 }
 
 

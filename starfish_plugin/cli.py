@@ -64,17 +64,20 @@ def _load_dense(args: argparse.Namespace):
     return dense
 
 
-def _images(args: argparse.Namespace, source: str, split: str, labeled: bool, limit: int | None = None):
-    """Images (and labels) from an image folder or a ``hf:<dataset>``, as ``(x, y)``."""
+def _images(args: argparse.Namespace, source: str, split: str, labeled: bool, limit: int | None = None,
+            batch_size: int | None = None):
+    """Images (and labels) from an image folder or a ``hf:<dataset>``, as ``(x, y)``; with
+    ``batch_size``, ``x`` is an iterator of lazily decoded batches."""
     from starfish_plugin.hub_images import is_hub_source, load_hub_images
     from starfish_plugin.image_folders import load_image_folder
 
     seed = args.seed if getattr(args, "seed", None) is not None else 0
     if is_hub_source(source):
         x, y, _ = load_hub_images(source, split, args.image_size, args.channels, _normalization(args), limit,
-                                  labeled, seed, args.hf_config, args.image_column, args.label_column)
+                                  labeled, seed, args.hf_config, args.image_column, args.label_column, batch_size)
     else:
-        x, y, _ = load_image_folder(source, args.image_size, args.channels, _normalization(args), limit, labeled, seed)
+        x, y, _ = load_image_folder(source, args.image_size, args.channels, _normalization(args), limit, labeled, seed,
+                                    batch_size)
     return x, y
 
 
@@ -92,16 +95,18 @@ def _heal(args: argparse.Namespace) -> int:
 
     dense = _load_dense(args)
     pruned, fmt = load_pruned(dense, args.pruned, args.pruned_format, args.unsafe_pickle)
-    images, _ = _images(args, args.calibration, args.calibration_split, labeled=False, limit=args.calibration_size)
-    print(f"starfish: {args.model}, pruned checkpoint read as '{fmt}', {len(images)} calibration images "
-          f"{tuple(images.shape[1:])}", flush=True)
+    stream = args.inputs == "disk"  # decoded batch by batch straight into heal's file
+    images, _ = _images(args, args.calibration, args.calibration_split, labeled=False, limit=args.calibration_size,
+                        batch_size=256 if stream else None)
+    what = "streamed to a file as they are decoded" if stream else f"{len(images)}, {tuple(images.shape[1:])}"
+    print(f"starfish: {args.model}, pruned checkpoint read as '{fmt}', calibration images: {what}", flush=True)
     evaluation = _eval_set(args, args.eval, args.eval_split) if args.eval else None
     figures = {}
     if evaluation:
         figures["dense_top1"], figures["pruned_top1"] = evaluate(dense, evaluation), evaluate(pruned, evaluation)
     overrides = {k: v for k, v in {
         "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "loss": args.loss,
-        "targets": args.targets, "cache_dir": args.cache_dir, "checkpoint_dir": args.checkpoint_dir,
+        "targets": args.targets, "inputs": args.inputs, "cache_dir": args.cache_dir, "checkpoint_dir": args.checkpoint_dir,
         "warm_start": args.warm_start, "device": args.device, "seed": args.seed, "quiet": args.quiet,
         "precision": args.precision, "compile": args.compile, "compile_backend": args.compile_backend,
     }.items() if v is not None}
@@ -200,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         heal.add_argument(flag, type=kind)
     heal.add_argument("--loss", help="cosine (default), mse, kl, ce or a mixture such as cosine+kl")
     heal.add_argument("--targets", choices=["auto", "memory", "disk", "online"])
+    heal.add_argument("--inputs", choices=["memory", "disk"],
+                      help="disk: calibration images decoded batch by batch into a file, not held in RAM")
     heal.add_argument("--cache-dir", help="directory of the disk cache of dense targets (reused when it matches)")
     heal.add_argument("--checkpoint-dir", help="save state each epoch; rerun the same command to resume")
     heal.add_argument("--warm-start", choices=["none", "row_norm"])

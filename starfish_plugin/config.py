@@ -14,6 +14,7 @@ from starfish_plugin.errors import ConfigError
 BlockSelector = Union[Sequence[str], Callable[[str, torch.nn.Module], bool], None]
 LOSS_NAMES = ("cosine", "mse", "kl", "ce")
 TARGET_MODES = ("auto", "memory", "disk", "online")
+INPUT_MODES = ("memory", "disk")
 COSINE_REDUCTIONS = ("auto", "token", "example")
 TRAINABLE = ("pruned", "all")
 BLOCK_WEIGHTINGS = ("uniform", "adaptive")
@@ -39,7 +40,11 @@ class HealConfig:
             room, else online), ``"memory"`` (fp16 cache of dense block outputs in RAM), ``"disk"``
             (the same cache in files, read per batch; RAM stays flat) or ``"online"`` (a dense
             forward every step).
-        cache_dir: where a disk cache lives. A cache built there for the same dense model,
+        inputs: ``"memory"`` (calibration inputs gathered into one tensor) or ``"disk"`` (each
+            batch checked and appended to a file, read back per batch, removed after the heal:
+            RAM does not grow with the calibration set when it comes as a Dataset, DataLoader
+            or generator of batches).
+        cache_dir: where a disk cache lives (and, with ``inputs="disk"``, the inputs' file). A cache built there for the same dense model,
             calibration set and blocks is reused (e.g. on resume); any other is rebuilt. ``None``:
             a temporary directory, removed after the heal.
         checkpoint_dir: if set, the heal's state is saved there after every epoch, and a heal
@@ -86,6 +91,7 @@ class HealConfig:
     loss: str | Mapping[str, float] = "cosine"
     blocks: BlockSelector = None
     targets: str = "auto"
+    inputs: str = "memory"
     cache_dir: str | None = None
     checkpoint_dir: str | None = None
     device: str | torch.device | None = None
@@ -151,6 +157,8 @@ class HealConfig:
             raise ConfigError(f"HealConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.targets not in TARGET_MODES:
             raise ConfigError(f"HealConfig.targets must be one of {TARGET_MODES}, got {self.targets!r}")
+        if self.inputs not in INPUT_MODES:
+            raise ConfigError(f"HealConfig.inputs must be one of {INPUT_MODES}, got {self.inputs!r}")
         if self.block_weighting not in BLOCK_WEIGHTINGS:
             raise ConfigError(
                 f"HealConfig.block_weighting must be one of {BLOCK_WEIGHTINGS}, got {self.block_weighting!r}"

@@ -34,8 +34,7 @@ class DistContext:
         """This rank's samples: every ``world``-th one, starting at ``rank``."""
         if not self.active:
             return data
-        labels = None if data.labels is None else data.labels[self.rank :: self.world]
-        return CalibrationData(data.inputs[self.rank :: self.world], labels, data.source)
+        return data.subset(torch.arange(self.rank, len(data), self.world))
 
     def batch_size(self, global_batch: int) -> int:
         """Samples per rank per step."""

@@ -9,15 +9,29 @@ import torch
 from torch import nn
 
 
+def _update(digest, chunk: torch.Tensor) -> None:
+    t = chunk.detach().cpu().contiguous()
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
 def hash_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     """SHA-256 over names, dtypes, shapes and bytes of ``(name, tensor)`` pairs, in order."""
     digest = hashlib.sha256()
     for name, tensor in tensors:
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.dtype == torch.bool:
-            t = t.to(torch.uint8)
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        _update(digest, tensor)
+    return digest.hexdigest()
+
+
+def hash_chunks(name: str, dtype: torch.dtype, shape: tuple[int, ...], chunks: Iterable[torch.Tensor]) -> str:
+    """``hash_tensors([(name, t)])`` of the tensor ``t`` whose rows ``chunks`` yields in order,
+    without holding ``t`` whole."""
+    digest = hashlib.sha256()
+    digest.update(f"{name}|{dtype}|{tuple(shape)}|".encode())
+    for chunk in chunks:
+        _update(digest, chunk)
     return digest.hexdigest()
 
 

@@ -169,7 +169,18 @@ def heal(
     loss_fn = HealLoss(
         config.loss_terms(), blocks, config.cosine_reduction, config.kl_temperature, config.block_weighting
     )
-    data = load_calibration(calibration)
+    loaded = load_calibration(calibration, config.inputs == "disk", config.cache_dir)
+    try:
+        return _heal_loaded(pruned, dense, loaded, config, pm, device, plan, blocks, loss_fn, start)
+    finally:
+        loaded.close()
+
+
+def _heal_loaded(
+    pruned: nn.Module, dense: nn.Module, data: CalibrationData, config: HealConfig, pm, device: torch.device,
+    plan: SparsityPlan, blocks: list[str], loss_fn: HealLoss, start: float,
+) -> HealReport:
+    """``heal`` once the models are checked and the calibration set is loaded."""
     if loss_fn.needs_labels and data.labels is None:
         raise CalibrationError("loss 'ce' needs labels; pass (inputs, labels) batches or a labeled Dataset")
     check_input_dtype(data, dense)
@@ -191,7 +202,7 @@ def heal(
 
     mask_snapshot = plan.snapshot()
     with ExitStack() as stack, eval_mode(dense), eval_mode(pruned):
-        probe_x = data.inputs[: config.batch_size].to(device)
+        probe_x = data.head(config.batch_size).to(device)
         dense_logits = probe_forward(dense, probe_x, "dense")
         if loss_fn.needs_labels or loss_fn.needs_logits:
             check_logits(dense_logits, data, config)
@@ -301,7 +312,7 @@ def _warm_start(plan: SparsityPlan, dense: nn.Module, data: CalibrationData, con
                 device: torch.device) -> str:
     """Run the row-norm warm start on the first ``warm_start_samples`` images; return a report note."""
     n = min(config.warm_start_samples, len(data))
-    result = row_norm_warm_start_(plan, dense, (x.to(device) for x in data.inputs[:n].split(config.batch_size)))
+    result = row_norm_warm_start_(plan, dense, (x.to(device) for x in data.head(n).split(config.batch_size)))
     note = (f"warm start row_norm on {n} images: {len(result['rescaled'])} tensors rescaled, "
             f"median gain {result['median_gain']:.2f}")
     if result["skipped"]:

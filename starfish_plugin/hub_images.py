@@ -5,11 +5,12 @@ whole dataset; images are decoded, resized and normalized as image folders are."
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from starfish_plugin.image_folders import ImageFolderError, images_to_tensor
+from starfish_plugin.image_folders import ImageFolderError, image_batches, images_to_tensor
 
 PREFIX = "hf:"
 SHUFFLE_BUFFER = 10_000
@@ -46,12 +47,14 @@ def load_hub_images(
     config_name: str | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    batch_size: int | None = None,
+) -> tuple[torch.Tensor | Iterator[torch.Tensor], torch.Tensor | None, list[str]]:
     """Images of split ``split`` of the dataset ``source`` (``hf:<name or local dataset dir>``).
 
     With ``limit``, the first ``limit`` rows after a seeded shuffle buffer of 10,000 rows are
     taken (streamed: only the files those rows live in are read). Image and label columns are
-    found from the dataset's features unless named.
+    found from the dataset's features unless named. With ``batch_size`` (unlabeled only), rows
+    are fetched and decoded lazily and an iterator of batches is returned instead of a tensor.
 
     Returns:
         ``[N, C, S, S]`` images, labels (if ``labeled``) and class names (if the dataset has them).
@@ -90,13 +93,18 @@ def load_hub_images(
     ds = ds.cast_column(image_column, datasets.Image(decode=False))
     if limit is not None:
         ds = ds.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
+    if batch_size is not None and not labeled:
+        items = (
+            (row[image_column]["bytes"] or row[image_column]["path"], f"{name}[{split}] row {i}")
+            for i, row in enumerate(itertools.islice(iter(ds), limit))
+        )
+        return image_batches(items, image_size, channels, normalize, batch_size), None, []
     taken = list(itertools.islice(iter(ds), limit))
     items = [
         (row[image_column]["bytes"] or row[image_column]["path"], f"{name}[{split}] row {i}")
         for i, row in enumerate(taken)
     ]
-    images = images_to_tensor(items, image_size, channels, normalize,
-                              "pass --image-size to resize and center-crop them to one size")
+    images = images_to_tensor(items, image_size, channels, normalize)
     labels = torch.tensor([int(row[label_column]) for row in taken]) if labeled else None
     names: list[str] = []
     if labeled and features is not None and isinstance(features.get(label_column), datasets.ClassLabel):

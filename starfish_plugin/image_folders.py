@@ -8,7 +8,7 @@ resized and center-cropped to one size, and normalized.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -47,15 +47,18 @@ def _open(source: str | bytes, name: str, mode: str, size: int | None):
         raise ImageFolderError(f"cannot read image {name} ({type(exc).__name__}); remove or replace it") from exc
 
 
-def images_to_tensor(
+SIZE_HINT = "pass --image-size to resize and center-crop them to one size"
+
+
+def image_batches(
     items: Iterable[tuple[str | bytes, str]],
     image_size: int | None,
     channels: int,
     normalize: str | tuple[tuple[float, ...], tuple[float, ...]],
-    size_hint: str,
-) -> torch.Tensor:
-    """Decode ``(path or bytes, name)`` items into one normalized ``[N, C, S, S]`` tensor; all
-    images must have one size unless ``image_size`` resizes them (``size_hint`` says how)."""
+    batch_size: int,
+) -> Iterator[torch.Tensor]:
+    """Decode ``(path or bytes, name)`` items lazily into normalized ``[B, C, S, S]`` batches; all
+    images must have one size unless ``image_size`` resizes them."""
     mode = "L" if channels == 1 else "RGB"
     mean, std = NORMALIZATIONS[normalize] if isinstance(normalize, str) else normalize
     if len(mean) == 1:
@@ -69,12 +72,26 @@ def images_to_tensor(
             first = (name, image.size)
         elif image.size != first[1]:
             raise ImageFolderError(
-                f"images have different sizes ({first[0]}: {first[1]}, {name}: {image.size}); {size_hint}"
+                f"images have different sizes ({first[0]}: {first[1]}, {name}: {image.size}); {SIZE_HINT}"
             )
         x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
         x = x.view(image.height, image.width, channels).permute(2, 0, 1).float() / 255
         images.append((x - mean_t) / std_t)
-    return torch.stack(images)
+        if len(images) == batch_size:
+            yield torch.stack(images)
+            images = []
+    if images:
+        yield torch.stack(images)
+
+
+def images_to_tensor(
+    items: Iterable[tuple[str | bytes, str]],
+    image_size: int | None,
+    channels: int,
+    normalize: str | tuple[tuple[float, ...], tuple[float, ...]],
+) -> torch.Tensor:
+    """``image_batches`` gathered into one ``[N, C, S, S]`` tensor."""
+    return torch.cat(list(image_batches(items, image_size, channels, normalize, 256)))
 
 
 def load_image_folder(
@@ -85,7 +102,8 @@ def load_image_folder(
     limit: int | None = None,
     labeled: bool = False,
     seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    batch_size: int | None = None,
+) -> tuple[torch.Tensor | Iterator[torch.Tensor], torch.Tensor | None, list[str]]:
     """Images of ``folder`` as a ``[N, C, S, S]`` float tensor (and labels and class names if ``labeled``).
 
     Args:
@@ -93,6 +111,7 @@ def load_image_folder(
             which must then all be equal.
         normalize: a preset name of ``NORMALIZATIONS`` or ``(mean, std)`` per channel (or one value).
         limit: take this many images, drawn at random with ``seed`` (all when ``None``).
+        batch_size: decode lazily and return an iterator of batches of this size instead.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -114,7 +133,8 @@ def load_image_folder(
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:limit].sort().values.tolist()
     rows = [ds[i] for i in order]
     paths = [row["image"]["path"] for row in rows]
-    images = images_to_tensor(zip(paths, paths), image_size, channels, normalize,
-                              "pass --image-size to resize and center-crop them to one size")
     labels = torch.tensor([row["label"] for row in rows]) if labeled else None
+    if batch_size is not None:
+        return image_batches(zip(paths, paths), image_size, channels, normalize, batch_size), labels, names
+    images = images_to_tensor(zip(paths, paths), image_size, channels, normalize)
     return images, labels, names

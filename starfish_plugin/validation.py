@@ -90,9 +90,9 @@ def check_input_dtype(data: CalibrationData, dense: nn.Module) -> None:
     dtypes = {p.dtype for p in dense.parameters() if p.is_floating_point()}
     if len(dtypes) == 1:
         dtype = dtypes.pop()
-        if data.inputs.dtype != dtype:
+        if data.dtype != dtype:
             raise CalibrationTypeError(
-                f"calibration inputs are {data.inputs.dtype} but the model's parameters are {dtype}; "
+                f"calibration inputs are {data.dtype} but the model's parameters are {dtype}; "
                 f"convert the inputs with .to({dtype})"
             )
 

@@ -214,3 +214,19 @@ def test_bad_datasets_by_name_exit_2(files, tmp_path, capsys):
     assert result.returncode == 2, result.stderr
     assert "cannot reach dataset 'starfish-tests/not-on-this-machine'" in result.stderr
     assert "pass the local copy" in result.stderr and not (tmp_path / "out.pt").exists()
+
+
+def test_inputs_streamed_to_disk_heal_the_same_and_bad_images_still_exit_2(files, tmp_path, capsys):
+    common = _heal_args(files, tmp_path, **{"--pruned": files / "masks.pt", "--calibration-size": 64})
+    assert main(common + ["--out", str(tmp_path / "memory.pt")]) == 0  # the last --out counts
+    report = tmp_path / "disk.json"
+    assert main(common + ["--out", str(tmp_path / "disk.pt"), "--inputs", "disk", "--report", str(report)]) == 0
+    assert "streamed to a file" in capsys.readouterr().out
+    assert "calibration from a generator (inputs on disk)" in json.loads(report.read_text())["report"]["notes"]
+    a, b = torch.load(tmp_path / "memory.pt", weights_only=True), torch.load(tmp_path / "disk.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    broken = _write_folder(tmp_path / "broken", torch.rand(3, 1, 8, 8))
+    (broken / "zz.png").write_bytes(b"not an image")
+    args = _heal_args(files, tmp_path, **{"--calibration": broken, "--out": tmp_path / "never.pt"})
+    assert main(args + ["--inputs", "disk"]) == 2
+    assert "cannot read image" in capsys.readouterr().err and not (tmp_path / "never.pt").exists()

@@ -1,0 +1,100 @@
+"""``HealConfig(inputs="disk")``: calibration inputs spilled to a file batch by batch, read back
+per batch; the heal is the same as with inputs in memory, and the file never outlives it."""
+
+from __future__ import annotations
+
+import copy
+import resource
+import signal
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import starfish_plugin as starfish
+from starfish_plugin import errors
+from starfish_plugin.calibration import load_calibration
+from starfish_plugin.distributed import DistContext
+
+from conftest import assert_state_equal, l1_prune_, state_copy
+
+
+def _heal(dense, calibration, cfg, **kw):
+    model = l1_prune_(copy.deepcopy(dense))
+    return model, starfish.heal(model, dense, calibration, cfg, **kw)
+
+
+@pytest.mark.parametrize("extra", [{}, {"loss": "cosine+ce", "warm_start": "row_norm", "targets": "disk"}],
+                         ids=["cosine", "ce+warm-start+disk-targets"])
+def test_disk_inputs_heal_exactly_like_memory(dense, images, labels, fast, tmp_path, extra):
+    dataset = TensorDataset(images, labels)
+    m_mem, r_mem = _heal(dense, dataset, fast, **extra)
+    m_disk, r_disk = _heal(dense, dataset, fast, inputs="disk", cache_dir=str(tmp_path), **extra)
+    assert "calibration from a Dataset (inputs on disk)" in r_disk.notes
+    assert r_disk.epoch_losses == r_mem.epoch_losses
+    assert r_disk.block_cosine_after == r_mem.block_cosine_after
+    for a, b in zip(m_mem.parameters(), m_disk.parameters()):
+        assert torch.equal(a, b)
+    assert not list(tmp_path.glob("starfish-inputs-*")), "the inputs' file outlived the heal"
+
+
+def test_bad_input_found_while_spilling_removes_the_file(dense, images, fast, tmp_path):
+    bad = images.clone()
+    bad[-3, 0, 0, 0] = float("nan")
+    pruned = l1_prune_(copy.deepcopy(dense))
+    saved = state_copy(pruned)
+    with pytest.raises(errors.CalibrationError, match=r"1 calibration inputs contain NaN or Inf \(first: sample 61\)"):
+        starfish.heal(pruned, dense, TensorDataset(bad), fast, inputs="disk", cache_dir=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+    assert_state_equal(pruned, saved)
+    with pytest.raises(errors.NonFiniteError):  # fails while training: the file goes too
+        starfish.heal(pruned, dense, TensorDataset(images), fast, inputs="disk", cache_dir=str(tmp_path),
+                      lr=1e30, min_lr=1e29)
+    assert list(tmp_path.iterdir()) == []
+    assert_state_equal(pruned, saved)
+
+
+def test_write_failure_is_a_clear_error_and_nothing_changes(dense, images, fast, tmp_path):
+    pruned = l1_prune_(copy.deepcopy(dense))
+    saved, dense_saved = state_copy(pruned), state_copy(dense)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, old_limit[1]))  # the inputs need 16 KiB
+    try:
+        with pytest.raises(errors.CalibrationError, match="writing calibration inputs .* failed.*inputs='memory'"):
+            starfish.heal(pruned, dense, TensorDataset(images), fast, inputs="disk", cache_dir=str(tmp_path))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert list(tmp_path.iterdir()) == []
+    assert_state_equal(pruned, saved)
+    assert_state_equal(dense, dense_saved)
+
+
+def test_fingerprint_and_disk_cache_carry_over_between_modes(dense, images, fast, tmp_path):
+    in_memory, on_disk = load_calibration(images), load_calibration(images.split(10), to_disk=True)
+    try:
+        assert on_disk.on_disk and len(on_disk) == len(images)
+        assert on_disk.fingerprint() == in_memory.fingerprint()
+        assert torch.equal(on_disk.head(64), images)
+    finally:
+        on_disk.close()
+    cache = tmp_path / "targets"
+    _heal(dense, images, fast, targets="disk", cache_dir=str(cache))
+    _, report = _heal(dense, TensorDataset(images), fast, targets="disk", inputs="disk", cache_dir=str(cache))
+    assert any(f"reused the disk cache in {cache}" in n for n in report.notes), report.notes
+
+
+def test_a_rank_shard_on_disk_matches_the_shard_in_memory(images, labels):
+    in_memory = load_calibration(TensorDataset(images, labels))
+    on_disk = load_calibration(TensorDataset(images, labels), to_disk=True)
+    try:
+        for rank in (0, 1, 2):
+            a, b = DistContext(rank, 3).shard(in_memory), DistContext(rank, 3).shard(on_disk)
+            assert len(a) == len(b) and torch.equal(a.head(len(a)), b.head(len(b)))
+            assert torch.equal(a.labels, b.labels)
+            idx = torch.tensor([4, 0, 2])
+            assert torch.equal(a.inputs[idx], b.inputs[idx])
+    finally:
+        on_disk.close()
+    assert not on_disk.inputs.directory.exists()
