@@ -9,10 +9,13 @@ the compiled run's time includes compiling). Finishes in a
 few minutes on one H100. On a machine without CUDA it says so and exits 0.
 
     python benchmarks/gpu_heal.py
+    python benchmarks/gpu_heal.py --dry-run    # the same code on CPU, DeiT-Tiny at 32x32: a check
+                                               # that the script runs, not a measurement (not saved)
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import time
 
@@ -29,39 +32,44 @@ N, EPOCHS, REPEATS = 256, 2, 3
 
 
 def timed(fn):
-    torch.cuda.synchronize()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start, out
 
 
-def bench(name: str) -> dict:
+def bench(name: str, dry_run: bool = False) -> dict:
     import timm
 
+    n, epochs, repeats, size, device = (64, 1, 1, 32, "cpu") if dry_run else (N, EPOCHS, REPEATS, 224, "cuda")
     torch.manual_seed(0)
-    dense = timm.create_model(name, pretrained=False).cuda().eval()
+    dense = timm.create_model(name, pretrained=False, img_size=size).to(device).eval()
     base = prune_vit_(copy.deepcopy(dense), 0.5)
-    images = torch.randn(N, 3, 224, 224, device="cuda")
+    images = torch.randn(n, 3, size, size, device=device)
     blocks = starfish.find_blocks(dense)
-    cfg = starfish.HealConfig(epochs=EPOCHS, quiet=True, diagnostic_samples=0, targets="memory")
+    cfg = starfish.HealConfig(epochs=epochs, quiet=True, diagnostic_samples=0, targets="memory")
     runs = {"plain_fp32": [], "heal_fp32": [], "heal_bf16": [], "heal_bf16_compiled": []}
+    compiled = {"compile": "default"} | ({"compile_backend": "aot_eager"} if dry_run else {})
     settings = {"heal_fp32": {"precision": "fp32"}, "heal_bf16": {"precision": "bf16"},
-                "heal_bf16_compiled": {"precision": "bf16", "compile": "default"}}
+                "heal_bf16_compiled": {"precision": "bf16"} | compiled}
     losses = {}
-    for r in range(REPEATS):
+    for r in range(repeats):
         order = list(runs) if r % 2 == 0 else list(reversed(runs))
         for which in order:
             model = copy.deepcopy(base)
             if which == "plain_fp32":
-                seconds, loss = timed(lambda: manual_heal(model, dense, images, blocks, EPOCHS))
+                seconds, loss = timed(lambda: manual_heal(model, dense, images, blocks, epochs))
             else:
                 seconds, report = timed(lambda: starfish.heal(model, dense, images, cfg, **settings[which]))
                 loss = report.epoch_losses[-1]
             runs[which].append(seconds)
             losses[which] = loss
-    sps = {k: N * EPOCHS / median(v) for k, v in runs.items()}
-    return {"model": name, "images": N, "epochs": EPOCHS, "seconds": runs, "samples_per_second": sps,
+    sps = {k: n * epochs / median(v) for k, v in runs.items()}
+    return {"model": name, "images": n, "image_size": size, "epochs": epochs, "seconds": runs, "samples_per_second": sps,
             "heal_fp32_over_plain": sps["heal_fp32"] / sps["plain_fp32"],
             "heal_bf16_over_plain": sps["heal_bf16"] / sps["plain_fp32"],
             "heal_bf16_compiled_over_plain": sps["heal_bf16_compiled"] / sps["plain_fp32"],
@@ -70,15 +78,24 @@ def bench(name: str) -> dict:
 
 
 def main() -> None:
-    if not torch.cuda.is_available():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="run the code on CPU with a tiny model; save nothing")
+    args = parser.parse_args()
+    if args.dry_run:
+        rows = [bench("deit_tiny_patch16_224", dry_run=True)]
+    elif not torch.cuda.is_available():
         print("gpu_heal: skipped, no CUDA GPU on this machine")
         return
-    rows = [bench(name) for name in MODELS]
+    else:
+        rows = [bench(name) for name in MODELS]
     for row in rows:
         print(f"{row['model']}: plain fp32 {row['samples_per_second']['plain_fp32']:.0f}/s, heal fp32 "
               f"{row['samples_per_second']['heal_fp32']:.0f}/s, heal bf16 {row['samples_per_second']['heal_bf16']:.0f}/s, "
               f"bf16 compiled {row['samples_per_second']['heal_bf16_compiled']:.0f}/s; "
               f"final loss {row['final_loss']}")
+    if args.dry_run:
+        print("dry run on CPU: the script works; these are not GPU figures and nothing was saved")
+        return
     print("saved", save("gpu_heal", {"benchmark": "gpu_heal", "rows": rows, "hardware": hardware()}))
 
 
