@@ -21,7 +21,15 @@ class DiskInputs:
     """Inputs ``[N, *row_shape]`` stored row after row in one file; ``rows`` selects a subset."""
 
     def __init__(self, directory: str | os.PathLike | None = None) -> None:
-        self.directory = Path(tempfile.mkdtemp(prefix="starfish-inputs-", dir=directory))
+        try:
+            if directory is not None:
+                Path(directory).mkdir(parents=True, exist_ok=True)
+            self.directory = Path(tempfile.mkdtemp(prefix="starfish-inputs-", dir=directory))
+        except OSError as exc:
+            raise CalibrationError(
+                f"cannot create a directory for the calibration inputs in {directory or tempfile.gettempdir()} "
+                f"({exc.strerror or exc}); pass another HealConfig.cache_dir or use inputs='memory'"
+            ) from exc
         self.path = self.directory / "inputs.bin"
         self.row_shape: tuple[int, ...] = ()
         self.dtype: torch.dtype | None = None

@@ -29,13 +29,13 @@ def _heal(dense, calibration, cfg, **kw):
 def test_disk_inputs_heal_exactly_like_memory(dense, images, labels, fast, tmp_path, extra):
     dataset = TensorDataset(images, labels)
     m_mem, r_mem = _heal(dense, dataset, fast, **extra)
-    m_disk, r_disk = _heal(dense, dataset, fast, inputs="disk", cache_dir=str(tmp_path), **extra)
+    m_disk, r_disk = _heal(dense, dataset, fast, inputs="disk", cache_dir=str(tmp_path / "not" / "yet"), **extra)
     assert "calibration from a Dataset (inputs on disk)" in r_disk.notes
     assert r_disk.epoch_losses == r_mem.epoch_losses
     assert r_disk.block_cosine_after == r_mem.block_cosine_after
     for a, b in zip(m_mem.parameters(), m_disk.parameters()):
         assert torch.equal(a, b)
-    assert not list(tmp_path.glob("starfish-inputs-*")), "the inputs' file outlived the heal"
+    assert not list((tmp_path / "not" / "yet").glob("starfish-inputs-*")), "the inputs' file outlived the heal"
 
 
 def test_bad_input_found_while_spilling_removes_the_file(dense, images, fast, tmp_path):

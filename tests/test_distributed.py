@@ -18,8 +18,8 @@ from conftest import l1_prune_
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def _torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def _torchrun(out: Path, *extra: str, settings: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", DDP_WORKER_HEAL_SETTINGS=json.dumps(settings or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
            str(out), *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -55,6 +55,24 @@ def test_two_ranks_heal_like_one_process(dense, tmp_path):
     mean_single = sum(single.block_cosine_after.values()) / len(single.block_cosine_after)
     assert abs(mean_after - mean_single) < 0.01
     assert mean_after > sum(ranks[0]["cosine_before"].values()) / len(ranks[0]["cosine_before"]) + 0.01
+
+
+def test_two_ranks_with_a_compiled_forward_and_inputs_on_disk(dense, tmp_path):
+    """DDP wrapped by torch.compile (aot_eager: no C++ compiler needed), each rank reading its
+    shard from its own inputs file."""
+    done = _torchrun(tmp_path, settings={"compile": "default", "compile_backend": "aot_eager", "inputs": "disk"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = _ranks(tmp_path)
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    for r in ranks:
+        assert any("training forward compiled" in n for n in r["notes"])
+        assert any("(inputs on disk)" in n for n in r["notes"])
+        assert r["n_samples"] == 64 and r["mask_unchanged"] and r["masked_weights_zero"]
+    images = torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    single = starfish.heal(l1_prune_(copy.deepcopy(dense)), dense, images, epochs=3, lr=3e-3, batch_size=16,
+                           quiet=True, diagnostic_samples=0)
+    for a, b in zip(ranks[0]["epoch_losses"], single.epoch_losses):
+        assert abs(a - b) <= 0.05 * b, (ranks[0]["epoch_losses"], single.epoch_losses)
 
 
 def test_a_rank_that_dies_is_recovered_by_resuming(tmp_path):
