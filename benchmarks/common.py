@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from starfish_plugin.hookspecs import hookimpl
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -75,3 +77,27 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+class EpochTimes:
+    """A starfish plugin that records each epoch's seconds (the ``starfish_epoch_ended`` hook)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    @hookimpl
+    def starfish_epoch_ended(self, epoch, epochs, loss, lr, seconds, config):
+        self.seconds.append(seconds)
+
+
+def heal_with_epoch_times(model, dense, images, config, **overrides):
+    """``starfish.heal`` with an ``EpochTimes`` plugin registered; returns (report, epoch seconds)."""
+    import starfish_plugin as starfish
+
+    times = EpochTimes()
+    pm = starfish.plugin_manager()
+    pm.register(times)
+    try:
+        return starfish.heal(model, dense, images, config, **overrides), times.seconds
+    finally:
+        pm.unregister(times)

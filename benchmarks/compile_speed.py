@@ -14,11 +14,15 @@ compiled runs may reuse it, and their first epochs show how much that saves.
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import os
+import shutil
 import tempfile
 
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="starfish-inductor-"))
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # a cold cache of our own, removed at exit
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="starfish-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
 
 import torch  # noqa: E402
 
@@ -26,30 +30,12 @@ import starfish_plugin as starfish  # noqa: E402
 from starfish_plugin.demo import load_demo_data, prune_vit_  # noqa: E402
 from starfish_plugin.zoo import load_checkpoint  # noqa: E402
 
-from common import hardware, median, save  # noqa: E402
-
-
-class EpochTimes:
-    """A plugin that records each epoch's seconds (the ``starfish_epoch_ended`` hook)."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-
-    @starfish.hookimpl
-    def starfish_epoch_ended(self, epoch, epochs, loss, lr, seconds, config):
-        self.seconds.append(seconds)
+from common import hardware, heal_with_epoch_times, median, save  # noqa: E402
 
 
 def run(base, dense, images, config) -> dict:
-    model = copy.deepcopy(base)
-    times = EpochTimes()
-    pm = starfish.plugin_manager()
-    pm.register(times)
-    try:
-        report = starfish.heal(model, dense, images, config)
-    finally:
-        pm.unregister(times)
-    return {"first_epoch_s": times.seconds[0], "later_epoch_median_s": median(times.seconds[1:]),
+    report, seconds = heal_with_epoch_times(copy.deepcopy(base), dense, images, config)
+    return {"first_epoch_s": seconds[0], "later_epoch_median_s": median(seconds[1:]),
             "heal_s": report.seconds, "final_loss": report.epoch_losses[-1], "mask_unchanged": report.mask_unchanged}
 
 

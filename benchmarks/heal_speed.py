@@ -33,9 +33,10 @@ from starfish_plugin.zoo import load_checkpoint
 from common import hardware, median, reset_peak_rss, rss_bytes, save, trim_heap
 
 
-def manual_heal(pruned, dense, images, blocks, epochs, batch_size=32, lr=6e-4, min_lr=1e-6, seed=0) -> float:
+def manual_heal(pruned, dense, images, blocks, epochs, batch_size=32, lr=6e-4, min_lr=1e-6, seed=0,
+                epoch_seconds: list[float] | None = None) -> float:
     """The same work as ``starfish.heal`` written by hand, as a user would without the plugin;
-    returns the last epoch's mean loss."""
+    returns the last epoch's mean loss (and appends each epoch's seconds to ``epoch_seconds``)."""
     dense.eval()
     pruned.eval()
     n = len(images)
@@ -59,6 +60,7 @@ def manual_heal(pruned, dense, images, blocks, epochs, batch_size=32, lr=6e-4, m
     generator = torch.Generator().manual_seed(seed)
     with capture_outputs(pruned, blocks) as outs:
         for _ in range(epochs):
+            epoch_start = time.perf_counter()
             running = torch.zeros((), device=images.device)
             order = torch.randperm(n, generator=generator).to(images.device)
             for start in range(0, n, batch_size):
@@ -73,6 +75,9 @@ def manual_heal(pruned, dense, images, blocks, epochs, batch_size=32, lr=6e-4, m
                 optimizer.step()
                 schedule.step()
                 running += loss.detach() * len(idx)
+            if epoch_seconds is not None:
+                running.item()  # wait for the device, as heal's per-epoch loss does
+                epoch_seconds.append(time.perf_counter() - epoch_start)
     for p in pruned.parameters():
         p.requires_grad_(True)
     return running.item() / n

@@ -22,6 +22,7 @@ class CalibrationData:
     inputs: torch.Tensor | DiskInputs
     labels: torch.Tensor | None
     source: str
+    total: int | None = None  # set on one rank's shard: the number of samples over all ranks
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -39,11 +40,16 @@ class CalibrationData:
         """The first ``n`` inputs as a tensor."""
         return self.inputs[:n]
 
-    def subset(self, rows: torch.Tensor) -> CalibrationData:
-        """The samples at positions ``rows`` (on disk: a view of the same file)."""
-        labels = None if self.labels is None else self.labels[rows]
-        inputs = self.inputs.subset(rows) if self.on_disk else self.inputs[rows]
-        return CalibrationData(inputs, labels, self.source)
+    def shard(self, rank: int, world: int) -> CalibrationData:
+        """Samples ``rank, rank + world, ...`` (a view: no copy in memory, the same file on disk)."""
+        if self.total is not None:
+            return self  # already this rank's shard (written so by load_calibration)
+        labels = None if self.labels is None else self.labels[rank::world]
+        if self.on_disk:
+            inputs = self.inputs.subset(torch.arange(rank, len(self), world))
+        else:
+            inputs = self.inputs[rank::world]
+        return CalibrationData(inputs, labels, self.source, total=len(self))
 
     def fingerprint(self) -> str:
         """Hash of the inputs (computed once; the disk cache and checkpoints both use it). The
@@ -110,11 +116,14 @@ def _as_batches(calibration: object) -> tuple[Iterable, str, bool]:
     return calibration, type(calibration).__name__, False
 
 
-def load_calibration(calibration: object, to_disk: bool = False, directory: str | None = None) -> CalibrationData:
-    """Gather ``calibration`` and check it: non-empty, floating, finite, one shape.
+def load_calibration(
+    calibration: object, to_disk: bool = False, directory: str | None = None, shard: tuple[int, int] | None = None
+) -> CalibrationData:
+    """Gather ``calibration`` and check it: non-empty, floating, finite, one shape and dtype.
 
     With ``to_disk``, each batch is checked and appended to a file (in a new temporary directory
-    under ``directory``) instead of being kept: RAM does not grow with the calibration set.
+    under ``directory``) instead of being kept: RAM does not grow with the calibration set. With
+    ``shard=(rank, world)`` as well, only that rank's samples (``rank::world``) are written.
 
     Raises:
         CalibrationError: empty, inconsistent shapes, or NaN/Inf inputs.
@@ -123,17 +132,20 @@ def load_calibration(calibration: object, to_disk: bool = False, directory: str 
     batches, source, singles = _as_batches(calibration)
     disk = DiskInputs(directory) if to_disk else None
     try:
-        return _gather(batches, source, singles, disk)
+        return _gather(batches, source, singles, disk, shard if to_disk else None)
     except BaseException:
         if disk is not None:
             disk.close()
         raise
 
 
-def _gather(batches: Iterable, source: str, singles: bool, disk: DiskInputs | None) -> CalibrationData:
+def _gather(
+    batches: Iterable, source: str, singles: bool, disk: DiskInputs | None, shard: tuple[int, int] | None
+) -> CalibrationData:
     inputs: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     first_shape: tuple[int, ...] | None = None
+    first_dtype: torch.dtype | None = None
     n, n_bad, first_bad = 0, 0, -1
     for i, item in enumerate(batches):
         where = f"calibration {'sample' if singles else 'batch'} {i}"
@@ -165,6 +177,11 @@ def _gather(batches: Iterable, source: str, singles: bool, disk: DiskInputs | No
                 f"calibration inputs have dtype {x.dtype}; convert them to the model's floating dtype "
                 "(e.g. images.float() / 255, normalized as in training)"
             )
+        if first_dtype is not None and x.dtype != first_dtype:
+            raise CalibrationTypeError(
+                f"{where} has dtype {x.dtype} but earlier ones have {first_dtype}; convert every input to the "
+                "model's dtype"
+            )
         if y is not None:
             y = torch.as_tensor(y)
             if y.dim() != 1 or y.shape[0] != x.shape[0]:
@@ -180,8 +197,13 @@ def _gather(batches: Iterable, source: str, singles: bool, disk: DiskInputs | No
             bad = (~finite).nonzero().flatten()
             first_bad = n + int(bad[0]) if first_bad < 0 else first_bad
             n_bad += len(bad)
-        first_shape = tuple(x.shape[1:])
-        n += x.shape[0]
+        first_shape, first_dtype = tuple(x.shape[1:]), x.dtype
+        if shard is not None:  # keep this rank's rows only
+            keep = (torch.arange(n, n + x.shape[0]) % shard[1]) == shard[0]
+            x = x[keep]
+            if y is not None:
+                labels[-1] = labels[-1][keep]
+        n += len(keep) if shard is not None else x.shape[0]
         if disk is not None:
             disk.append(x)
         else:
@@ -199,6 +221,7 @@ def _gather(batches: Iterable, source: str, singles: bool, disk: DiskInputs | No
         label_tensor = label_tensor.long()
     if disk is not None:
         disk.finish()
-        return CalibrationData(inputs=disk, labels=label_tensor, source=f"{source} (inputs on disk)")
+        return CalibrationData(inputs=disk, labels=label_tensor, source=f"{source} (inputs on disk)",
+                               total=n if shard is not None else None)
     data = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
     return CalibrationData(inputs=data, labels=label_tensor, source=source)

@@ -32,7 +32,7 @@ def _plugins(args: argparse.Namespace) -> int:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="architecture: timm:<name> or torchvision:<name>")
+    p.add_argument("--model", required=True, help="architecture: timm:<name>, torchvision:<name> or starfish:<shipped model>")
     p.add_argument("--num-classes", type=int, help="classifier width, if not the architecture's default")
     p.add_argument("--unsafe-pickle", action="store_true",
                    help="allow checkpoints that need full unpickling (can run arbitrary code: trusted files only)")
@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     heal.add_argument("--out", required=True, help="where the healed checkpoint goes")
     heal.add_argument("--out-format", default="same", choices=["same", "structured", "weights"],
                       help="same: the form --pruned was read in; structured: weights-only file with the pruned "
-                      "shapes (and kept-channel record), readable without --unsafe-pickle; weights: a plain state dict")
+                      "shapes (and kept-channel record), readable without --unsafe-pickle; weights: a plain state dict "
+                      "with masks folded in as zeros")
     heal.add_argument("--report", help="write the heal report and accuracies to this JSON file")
     _image_args(heal)
     for flag, kind in (("--epochs", int), ("--lr", float), ("--batch-size", int), ("--seed", int)):

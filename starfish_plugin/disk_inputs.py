@@ -35,8 +35,15 @@ class DiskInputs:
         self.dtype: torch.dtype | None = None
         self.n = 0
         self.rows: torch.Tensor | None = None  # None: every row, in file order
-        self._writer = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed in finish() / close()
-        self._fd: int | None = None
+        self._shared: dict[str, int | None] = {"fd": None}  # one read descriptor for the owner and its views
+        try:
+            self._writer = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed in finish() / close()
+        except OSError as exc:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise CalibrationError(
+                f"cannot create the calibration inputs' file in {self.directory.parent} ({exc.strerror or exc}); "
+                "pass another HealConfig.cache_dir or use inputs='memory'"
+            ) from exc
 
     # -- writing -----------------------------------------------------------------------------
     def append(self, x: torch.Tensor) -> None:
@@ -69,21 +76,21 @@ class DiskInputs:
     def subset(self, rows: torch.Tensor) -> DiskInputs:
         """A view of ``rows`` (positions in this view) sharing the file."""
         view = object.__new__(DiskInputs)
-        view.__dict__.update(self.__dict__)
-        view._fd = None
+        view.__dict__.update(self.__dict__)  # the same file and read descriptor
         view.rows = rows if self.rows is None else self.rows[rows]
         return view
 
     def __getitem__(self, key: slice | torch.Tensor) -> torch.Tensor:
         positions = torch.arange(len(self))[key] if isinstance(key, slice) else key
         rows = positions if self.rows is None else self.rows[positions]
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        fd = self._shared["fd"]
+        if fd is None:
+            fd = self._shared["fd"] = os.open(self.path, os.O_RDONLY)
         out = torch.empty((len(rows), *self.row_shape), dtype=self.dtype)
         size = out[0].numel() * out.element_size() if len(rows) else 0
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         for j, i in enumerate(rows.tolist()):
-            if os.preadv(self._fd, [view[j * size : (j + 1) * size]], i * size) != size:
+            if os.preadv(fd, [view[j * size : (j + 1) * size]], i * size) != size:
                 raise CalibrationError(f"the calibration input file {self.path} was truncated while healing")
         return out
 
@@ -93,14 +100,15 @@ class DiskInputs:
             yield self[slice(start, start + rows_per_chunk)]
 
     def close(self) -> None:
-        """Remove the file (only the owner's close does; views just drop their descriptor)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Close the file and remove it (views share the owner's file: only the owner removes it)."""
+        if self.rows is not None:
+            return
+        if self._shared["fd"] is not None:
+            os.close(self._shared["fd"])
+            self._shared["fd"] = None
         if not self._writer.closed:
             try:
                 self._writer.close()
             except OSError:
                 pass  # the file is removed next anyway
-        if self.rows is None:
-            shutil.rmtree(self.directory, ignore_errors=True)
+        shutil.rmtree(self.directory, ignore_errors=True)

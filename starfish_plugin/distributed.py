@@ -34,7 +34,7 @@ class DistContext:
         """This rank's samples: every ``world``-th one, starting at ``rank``."""
         if not self.active:
             return data
-        return data.subset(torch.arange(self.rank, len(data), self.world))
+        return data.shard(self.rank, self.world)
 
     def batch_size(self, global_batch: int) -> int:
         """Samples per rank per step."""

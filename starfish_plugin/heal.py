@@ -19,7 +19,7 @@ from starfish_plugin.blocks import capture_outputs, resolve_blocks
 from starfish_plugin.calibration import CalibrationData, load_calibration
 from starfish_plugin.checkpoint import checkpoint_path, settings_of
 from starfish_plugin.config import HealConfig
-from starfish_plugin.distributed import dist_context
+from starfish_plugin.distributed import DistContext, dist_context
 from starfish_plugin.errors import AdapterError, CalibrationError, ConfigError, ModelMismatchError
 from starfish_plugin.fingerprint import model_fingerprint
 from starfish_plugin.losses import HealLoss, cosine_distance
@@ -169,23 +169,24 @@ def heal(
     loss_fn = HealLoss(
         config.loss_terms(), blocks, config.cosine_reduction, config.kl_temperature, config.block_weighting
     )
-    loaded = load_calibration(calibration, config.inputs == "disk", config.cache_dir)
+    dist = dist_context()
+    shard = (dist.rank, dist.world) if dist.active else None  # on disk, each rank writes its own rows only
+    loaded = load_calibration(calibration, config.inputs == "disk", config.cache_dir, shard)
     try:
-        return _heal_loaded(pruned, dense, loaded, config, pm, device, plan, blocks, loss_fn, start)
+        return _heal_loaded(pruned, dense, loaded, config, pm, device, plan, blocks, loss_fn, start, dist)
     finally:
         loaded.close()
 
 
 def _heal_loaded(
     pruned: nn.Module, dense: nn.Module, data: CalibrationData, config: HealConfig, pm, device: torch.device,
-    plan: SparsityPlan, blocks: list[str], loss_fn: HealLoss, start: float,
+    plan: SparsityPlan, blocks: list[str], loss_fn: HealLoss, start: float, dist: DistContext,
 ) -> HealReport:
     """``heal`` once the models are checked and the calibration set is loaded."""
     if loss_fn.needs_labels and data.labels is None:
         raise CalibrationError("loss 'ce' needs labels; pass (inputs, labels) batches or a labeled Dataset")
     check_input_dtype(data, dense)
-    dist = dist_context()
-    n_total = len(data)
+    n_total = data.total if data.total is not None else len(data)
     notes: list[str] = []
     if dist.active:
         if n_total // dist.world < dist.steps_per_epoch(n_total, config.batch_size):

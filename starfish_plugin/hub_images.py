@@ -5,7 +5,7 @@ whole dataset; images are decoded, resized and normalized as image folders are."
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -35,6 +35,31 @@ def _find_column(features: Any, first_row: dict[str, Any], kind: str) -> str | N
     return next((k for k in ("label", "labels") if k in first_row), None)
 
 
+def _rows(ds: Any, limit: int | None, where: str) -> Iterator[dict[str, Any]]:
+    """The first ``limit`` rows of a streamed dataset; a lost connection becomes a clear error."""
+    try:
+        yield from itertools.islice(iter(ds), limit)
+    except (ConnectionError, OSError) as exc:
+        raise ImageFolderError(
+            f"reading {where} failed while streaming ({type(exc).__name__}: {exc}); run where the Hub is "
+            "reachable, or download it there and pass the local copy"
+        ) from exc
+
+
+def _encoded(cell: dict[str, Any], name: str) -> bytes:
+    """The encoded image in an undecoded ``Image`` cell: its bytes, or the file it points to
+    (local or remote, opened through ``datasets``' own ``xopen``)."""
+    if cell.get("bytes"):
+        return cell["bytes"]
+    from datasets.utils.file_utils import xopen
+
+    try:
+        with xopen(cell["path"], "rb") as handle:
+            return handle.read()
+    except (ConnectionError, OSError) as exc:
+        raise ImageFolderError(f"cannot fetch image {name} from {cell['path']} ({type(exc).__name__}: {exc})") from exc
+
+
 def load_hub_images(
     source: str,
     split: str,
@@ -51,8 +76,9 @@ def load_hub_images(
 ) -> tuple[torch.Tensor | Iterator[torch.Tensor], torch.Tensor | None, list[str]]:
     """Images of split ``split`` of the dataset ``source`` (``hf:<name or local dataset dir>``).
 
-    With ``limit``, the first ``limit`` rows after a seeded shuffle buffer of 10,000 rows are
-    taken (streamed: only the files those rows live in are read). Image and label columns are
+    With ``limit``, the first ``limit`` rows out of a seeded shuffle buffer of 10,000 rows are
+    taken (streamed: about ``10,000 + limit`` rows are read, from the first shards in a shuffled
+    shard order, not the whole dataset; not a uniform draw when shards are sorted by class). Image and label columns are
     found from the dataset's features unless named. With ``batch_size`` (unlabeled only), rows
     are fetched and decoded lazily and an iterator of batches is returned instead of a tensor.
 
@@ -75,7 +101,7 @@ def load_hub_images(
         ) from exc
     except (FileNotFoundError, ValueError) as exc:  # unknown name, split or config
         raise ImageFolderError(f"cannot load split {split!r} of {where}: {exc}") from exc
-    first = next(iter(ds), None)  # the first row only, to find the columns
+    first = next(_rows(ds, 1, where), None)  # the first row only, to find the columns
     if first is None:
         raise ImageFolderError(f"split {split!r} of {where} has no rows")
     features = ds.features
@@ -93,18 +119,19 @@ def load_hub_images(
     ds = ds.cast_column(image_column, datasets.Image(decode=False))
     if limit is not None:
         ds = ds.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
+    label = "image {} of the shuffled draw from" if limit is not None else "row {} of"
+    advice = f"check that --image-column names the image column of {where}"
+
+    def items(rows: Iterable[dict[str, Any]]) -> Iterator[tuple[bytes, str]]:
+        for i, row in enumerate(rows):
+            here = f"{label.format(i)} {name}[{split}]"
+            yield _encoded(row[image_column], here), here
+
     if batch_size is not None and not labeled:
-        items = (
-            (row[image_column]["bytes"] or row[image_column]["path"], f"{name}[{split}] row {i}")
-            for i, row in enumerate(itertools.islice(iter(ds), limit))
-        )
-        return image_batches(items, image_size, channels, normalize, batch_size), None, []
-    taken = list(itertools.islice(iter(ds), limit))
-    items = [
-        (row[image_column]["bytes"] or row[image_column]["path"], f"{name}[{split}] row {i}")
-        for i, row in enumerate(taken)
-    ]
-    images = images_to_tensor(items, image_size, channels, normalize)
+        return image_batches(items(_rows(ds, limit, where)), image_size, channels, normalize, batch_size,
+                             advice), None, []
+    taken = list(_rows(ds, limit, where))
+    images = images_to_tensor(items(taken), image_size, channels, normalize, advice)
     labels = torch.tensor([int(row[label_column]) for row in taken]) if labeled else None
     names: list[str] = []
     if labeled and features is not None and isinstance(features.get(label_column), datasets.ClassLabel):

@@ -27,7 +27,7 @@ class ImageFolderError(CalibrationError):
     """An image folder is missing, empty, unreadable or inconsistent."""
 
 
-def _open(source: str | bytes, name: str, mode: str, size: int | None):
+def _open(source: str | bytes, name: str, mode: str, size: int | None, advice: str):
     """A PIL image from a path or encoded bytes, converted to ``mode`` and resized/cropped to ``size``."""
     import io
 
@@ -44,7 +44,7 @@ def _open(source: str | bytes, name: str, mode: str, size: int | None):
                 image = image.crop((left, top, left + size, top + size))
             return image
     except (UnidentifiedImageError, OSError) as exc:
-        raise ImageFolderError(f"cannot read image {name} ({type(exc).__name__}); remove or replace it") from exc
+        raise ImageFolderError(f"cannot read image {name} ({type(exc).__name__}: {exc}); {advice}") from exc
 
 
 SIZE_HINT = "pass --image-size to resize and center-crop them to one size"
@@ -56,9 +56,11 @@ def image_batches(
     channels: int,
     normalize: str | tuple[tuple[float, ...], tuple[float, ...]],
     batch_size: int,
+    advice: str = "remove or replace it",
 ) -> Iterator[torch.Tensor]:
     """Decode ``(path or bytes, name)`` items lazily into normalized ``[B, C, S, S]`` batches; all
-    images must have one size unless ``image_size`` resizes them."""
+    images must have one size unless ``image_size`` resizes them. ``advice`` ends the error for
+    an unreadable image."""
     mode = "L" if channels == 1 else "RGB"
     mean, std = NORMALIZATIONS[normalize] if isinstance(normalize, str) else normalize
     if len(mean) == 1:
@@ -67,7 +69,7 @@ def image_batches(
     std_t = torch.tensor(std[:channels]).view(-1, 1, 1)
     images, first = [], None
     for source, name in items:
-        image = _open(source, name, mode, image_size)
+        image = _open(source, name, mode, image_size, advice)
         if first is None:
             first = (name, image.size)
         elif image.size != first[1]:
@@ -89,9 +91,10 @@ def images_to_tensor(
     image_size: int | None,
     channels: int,
     normalize: str | tuple[tuple[float, ...], tuple[float, ...]],
+    advice: str = "remove or replace it",
 ) -> torch.Tensor:
     """``image_batches`` gathered into one ``[N, C, S, S]`` tensor."""
-    return torch.cat(list(image_batches(items, image_size, channels, normalize, 256)))
+    return torch.cat(list(image_batches(items, image_size, channels, normalize, 256, advice)))
 
 
 def load_image_folder(

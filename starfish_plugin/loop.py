@@ -84,9 +84,11 @@ def training_forward(forward: nn.Module, config: HealConfig, use_bf16: bool, dev
         try:
             return compiled(x)
         except TorchDynamoException as exc:  # BackendCompilerFailed among them
+            cause = getattr(exc, "inner_exception", None) or exc  # the backend's own error
+            first_line = next((line for line in str(cause).splitlines() if line.strip()), "")
             raise CompileError(
                 f"torch.compile (mode={config.compile!r}, backend={backend!r}) failed on the "
-                f"pruned model's training forward: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. "
+                f"pruned model's training forward: {type(cause).__name__}: {first_line}. "
                 "Heal without it (HealConfig.compile='none'), or try compile_backend='aot_eager' (no C++ "
                 "compiler needed); the weights were restored unless restore_on_error=False"
             ) from exc

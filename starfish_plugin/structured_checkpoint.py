@@ -72,6 +72,7 @@ def structured_state(model: nn.Module) -> dict[str, Any]:
     attributes = {
         name: {k: _to_plain(v) for k, v in vars(module).items() if not k.startswith("_") and _plain(v)}
         for name, module in model.named_modules()
+        if "parametrizations" not in name.split(".")  # folded into plain weights above
     }
     return {
         "format": FORMAT,
@@ -86,8 +87,12 @@ def load_structured_(model: nn.Module, obj: dict[str, Any], source: str = "the c
     """Reshape ``model`` (the dense architecture) to the pruned one in ``obj`` and load its weights."""
     from starfish_plugin.adapters.tp_graph import import_record
 
-    if not is_structured(obj) or not isinstance(obj.get("state_dict"), dict):
-        raise StructuredCheckpointError(f"{source} is not a {FORMAT} file")
+    if (not is_structured(obj) or not isinstance(obj.get("state_dict"), dict)
+            or not isinstance(obj.get("attributes"), dict)
+            or not all(isinstance(a, dict) for a in obj["attributes"].values())
+            or not isinstance(obj.get("kept_channels") or {}, dict)):
+        raise StructuredCheckpointError(f"{source} is not a complete {FORMAT} file (state_dict, attributes, "
+                                        "kept_channels); write it again with structured_state(model)")
     if obj.get("architecture") != type(model).__name__:
         raise StructuredCheckpointError(
             f"{source} holds a pruned {obj.get('architecture')}, not a {type(model).__name__}; check --model"
@@ -106,6 +111,11 @@ def load_structured_(model: nn.Module, obj: dict[str, Any], source: str = "the c
             f"{source} and the {type(model).__name__} have different tensors (unexpected {unknown[:3]}, missing "
             f"{sorted(set(current) - set(state))[:3]}); check --model and --num-classes"
         )
+    if obj.get("kept_channels"):  # read before anything changes: a malformed record leaves the model as it was
+        try:
+            import_record(model, obj["kept_channels"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise StructuredCheckpointError(f"the kept-channel record in {source} is malformed ({exc!r})") from exc
     for name, attrs in obj["attributes"].items():
         module = modules[name]
         for key, value in attrs.items():
@@ -123,6 +133,4 @@ def load_structured_(model: nn.Module, obj: dict[str, Any], source: str = "the c
         else:
             owner.register_buffer(tensor_name, fresh, persistent=True)
     model.load_state_dict(state)
-    if obj.get("kept_channels"):
-        import_record(model, obj["kept_channels"])
     return model

@@ -49,8 +49,15 @@ def test_compiled_heal_matches_eager(prune_):
     compiled = starfish.heal(compiled_model, dense, calib, compile="default", compile_backend=recorder, **CFG)
 
     assert recorder.graphs, "torch.compile never handed a graph to the backend"
-    # The block-output hooks were traced into the graph: the loss still sees every block.
-    assert any(n.op == "call_function" for g in recorder.graphs for n in g.graph.nodes)
+    if prune_ is l1_prune_:  # the whole forward is one graph: the block-output hooks were traced
+        # into it, so it returns the two blocks' [B, T, D] outputs besides the logits. (With
+        # parametrizations the forward splits at graph breaks; there the loss check is the evidence.)
+        def block_outputs(gm: torch.fx.GraphModule) -> int:
+            outputs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
+            shapes = [tuple(o.meta["example_value"].shape) for o in outputs if "example_value" in getattr(o, "meta", {})]
+            return sum(len(shape) == 3 and shape[-1] == 32 for shape in shapes)
+
+        assert any(block_outputs(g) >= 2 for g in recorder.graphs)
     assert compiled.mask_unchanged and compiled.masked_weights_zero
     assert any("compiled" in note and "graph_recorder" in note for note in compiled.notes)
     assert compiled.epoch_losses == pytest.approx(eager.epoch_losses, rel=1e-4)
@@ -82,7 +89,7 @@ def test_failing_compile_restores_weights():
     dense = tiny_vit()
     pruned = l1_prune_(copy.deepcopy(dense))
     dense_before, pruned_before = state_copy(dense), state_copy(pruned)
-    with pytest.raises(CompileError, match="compile='none'.*aot_eager"):
+    with pytest.raises(CompileError, match="RuntimeError: backend cannot handle this graph.*compile='none'.*aot_eager"):
         starfish.heal(pruned, dense, torch.randn(32, 1, 8, 8), compile="default", compile_backend=broken_backend, **CFG)
     assert_state_equal(dense, dense_before)
     assert_state_equal(pruned, pruned_before)

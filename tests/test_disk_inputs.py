@@ -4,6 +4,7 @@ per batch; the heal is the same as with inputs in memory, and the file never out
 from __future__ import annotations
 
 import copy
+import os
 import resource
 import signal
 
@@ -91,10 +92,31 @@ def test_a_rank_shard_on_disk_matches_the_shard_in_memory(images, labels):
     try:
         for rank in (0, 1, 2):
             a, b = DistContext(rank, 3).shard(in_memory), DistContext(rank, 3).shard(on_disk)
-            assert len(a) == len(b) and torch.equal(a.head(len(a)), b.head(len(b)))
-            assert torch.equal(a.labels, b.labels)
-            idx = torch.tensor([4, 0, 2])
-            assert torch.equal(a.inputs[idx], b.inputs[idx])
+            written = load_calibration(images.split(10), to_disk=True, shard=(rank, 3))  # its own rows only
+            try:
+                assert written.total == len(images) and len(written.inputs) == len(a) and written.on_disk
+                assert written.fingerprint() == a.fingerprint() == b.fingerprint()
+                assert DistContext(rank, 3).shard(written) is written  # not sharded twice
+                idx = torch.tensor([4, 0, 2])
+                for other in (b, written):
+                    assert len(a) == len(other) and torch.equal(a.head(len(a)), other.head(len(other)))
+                    assert torch.equal(a.inputs[idx], other.inputs[idx])
+                assert torch.equal(a.labels, b.labels)
+            finally:
+                written.close()
+        # views share the owner's read descriptor: closing the owner closes it and removes the file
+        fd = on_disk.inputs._shared["fd"]
+        assert fd is not None
     finally:
         on_disk.close()
     assert not on_disk.inputs.directory.exists()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+@pytest.mark.parametrize("to_disk", [False, True], ids=["memory", "disk"])
+def test_batches_of_another_dtype_are_refused(images, to_disk, tmp_path):
+    batches = [images[:32], images[32:].double()]
+    with pytest.raises(errors.CalibrationTypeError, match="batch 1 has dtype torch.float64 but earlier ones have torch.float32"):
+        load_calibration(batches, to_disk=to_disk, directory=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []

@@ -68,6 +68,7 @@ def test_two_ranks_with_a_compiled_forward_and_inputs_on_disk(dense, tmp_path):
         assert any("training forward compiled" in n for n in r["notes"])
         assert any("(inputs on disk)" in n for n in r["notes"])
         assert r["n_samples"] == 64 and r["mask_unchanged"] and r["masked_weights_zero"]
+    assert not list((tmp_path / "cache").glob("starfish-inputs-*")), "an inputs file outlived the heal"
     images = torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     single = starfish.heal(l1_prune_(copy.deepcopy(dense)), dense, images, epochs=3, lr=3e-3, batch_size=16,
                            quiet=True, diagnostic_samples=0)

@@ -4,6 +4,7 @@ onto a fresh architecture (shapes, attributes, kept-channel record), healed from
 from __future__ import annotations
 
 import copy
+import io
 import json
 
 import pytest
@@ -122,3 +123,34 @@ def test_cli_heals_a_structured_file_without_unsafe_pickle(tmp_path, capsys):
     converted = load_structured_(load_checkpoint("vit_digits"), torch.load(tmp_path / "converted.pt", weights_only=True))
     assert [b.attn.num_heads for b in converted.blocks] == [b.attn.num_heads for b in heads.blocks]
     assert converted.blocks[0].attn.qkv.out_features < dense.blocks[0].attn.qkv.out_features
+
+
+def test_ao_sparsified_model_round_trips_as_plain_weights():
+    from torch.ao.pruning import WeightNormSparsifier
+
+    model = load_checkpoint("vit_digits")
+    sparsifier = WeightNormSparsifier(sparsity_level=1.0, sparse_block_shape=(1, 4), zeros_per_block=2)
+    sparsifier.prepare(model, [{"tensor_fqn": "blocks.0.mlp.fc1.weight"}])
+    sparsifier.step()
+    buffer = io.BytesIO()
+    torch.save(structured_state(model), buffer)
+    buffer.seek(0)
+    plain = load_structured_(load_checkpoint("vit_digits"), torch.load(buffer, weights_only=True))
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.allclose(plain(x), model(x))
+    assert (plain.blocks[0].mlp.fc1.weight == 0).float().mean() == 0.5
+
+
+def test_malformed_files_are_refused_before_the_model_changes():
+    pruned = tp_prune(deit(), deit_embed, torch.randn(2, 3, 32, 32))
+    good = structured_state(pruned)
+    target = deit()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    for broken, message in [
+        ({k: v for k, v in good.items() if k != "attributes"}, "not a complete"),
+        (good | {"kept_channels": {"kept": {"blocks.0.mlp.fc2|out": [0, 1]}}}, "kept-channel record .* is malformed"),
+    ]:
+        with pytest.raises(StructuredCheckpointError, match=message):
+            load_structured_(target, broken)
+        assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+        assert target.patch_embed.proj.out_channels == 192
