@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.starfish-installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: setup data demo test bench bench-structured bench-recovery bench-targets clean
+.PHONY: setup data demo test bench bench-structured bench-recovery bench-targets bench-inputs bench-compile bench-gpu clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,15 @@ bench-recovery: setup data
 
 bench-targets: setup data
 	cd benchmarks && ../$(BIN)/python targets_memory.py
+
+bench-inputs: setup data
+	cd benchmarks && ../$(BIN)/python inputs_memory.py
+
+bench-compile: setup data
+	cd benchmarks && ../$(BIN)/python compile_speed.py
+
+bench-gpu: setup
+	cd benchmarks && ../$(BIN)/python gpu_heal.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
