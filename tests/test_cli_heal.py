@@ -230,3 +230,23 @@ def test_inputs_streamed_to_disk_heal_the_same_and_bad_images_still_exit_2(files
     args = _heal_args(files, tmp_path, **{"--calibration": broken, "--out": tmp_path / "never.pt"})
     assert main(args + ["--inputs", "disk"]) == 2
     assert "cannot read image" in capsys.readouterr().err and not (tmp_path / "never.pt").exists()
+
+
+def test_hub_rows_that_point_to_image_files(tmp_path):
+    """Datasets may store a path instead of bytes; those files are opened through datasets' xopen."""
+    import datasets
+
+    from starfish_plugin.hub_images import load_hub_images
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "ds" / "data").mkdir(parents=True)
+    paths = []
+    for i in range(6):
+        paths.append(str(tmp_path / "img" / f"{i}.png"))
+        Image.fromarray(np.full((8, 8), 30 * i, dtype=np.uint8), mode="L").save(paths[-1])
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=["a", "b"]))
+    datasets.Dataset.from_dict({"image": [{"path": p, "bytes": None} for p in paths], "label": [0, 1] * 3},
+                               features=features).to_parquet(str(tmp_path / "ds" / "data" / "train-00000-of-00001.parquet"))
+    x, y, names = load_hub_images(f"hf:{tmp_path / 'ds'}", "train", None, 1, "none", labeled=True)
+    assert torch.equal(x[:, 0, 0, 0] * 255, torch.arange(6) * 30.0)
+    assert y.tolist() == [0, 1] * 3 and names == ["a", "b"]
