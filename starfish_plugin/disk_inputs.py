@@ -81,7 +81,7 @@ class DiskInputs:
         return view
 
     def __getitem__(self, key: slice | torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(len(self))[key] if isinstance(key, slice) else key
+        positions = torch.arange(*key.indices(len(self))) if isinstance(key, slice) else key
         rows = positions if self.rows is None else self.rows[positions]
         fd = self._shared["fd"]
         if fd is None:

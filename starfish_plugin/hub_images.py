@@ -10,7 +10,13 @@ from typing import Any
 
 import torch
 
-from starfish_plugin.image_folders import ImageFolderError, image_batches, images_to_tensor
+from starfish_plugin.image_folders import (
+    ImageFolderError,
+    Normalization,
+    image_batches,
+    images_to_tensor,
+    import_datasets,
+)
 
 PREFIX = "hf:"
 SHUFFLE_BUFFER = 10_000
@@ -65,7 +71,7 @@ def load_hub_images(
     split: str,
     image_size: int | None,
     channels: int = 3,
-    normalize: str | tuple[tuple[float, ...], tuple[float, ...]] = "imagenet",
+    normalize: Normalization = "imagenet",
     limit: int | None = None,
     labeled: bool = False,
     seed: int = 0,
@@ -86,11 +92,7 @@ def load_hub_images(
         ``[N, C, S, S]`` images, labels (if ``labeled``) and class names (if the dataset has them).
     """
     name = source[len(PREFIX):] if is_hub_source(source) else source
-    try:
-        import datasets
-    except ImportError as exc:
-        raise ImportError("datasets by name are read with Hugging Face datasets: pip install 'starfish-plugin[cli]'") from exc
-    datasets.disable_progress_bars()
+    datasets = import_datasets()
     where = f"dataset {name!r}" + (f" (config {config_name!r})" if config_name else "")
     try:
         ds = datasets.load_dataset(name, config_name, split=split, streaming=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Union
 
 import torch
 
@@ -21,6 +22,10 @@ NORMALIZATIONS = {
     "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
+
+
+# A preset name of NORMALIZATIONS, or (mean, std) per channel (or one value each).
+Normalization = Union[str, tuple[tuple[float, ...], tuple[float, ...]]]
 
 
 class ImageFolderError(CalibrationError):
@@ -54,7 +59,7 @@ def image_batches(
     items: Iterable[tuple[str | bytes, str]],
     image_size: int | None,
     channels: int,
-    normalize: str | tuple[tuple[float, ...], tuple[float, ...]],
+    normalize: Normalization,
     batch_size: int,
     advice: str = "remove or replace it",
 ) -> Iterator[torch.Tensor]:
@@ -90,18 +95,28 @@ def images_to_tensor(
     items: Iterable[tuple[str | bytes, str]],
     image_size: int | None,
     channels: int,
-    normalize: str | tuple[tuple[float, ...], tuple[float, ...]],
+    normalize: Normalization,
     advice: str = "remove or replace it",
 ) -> torch.Tensor:
     """``image_batches`` gathered into one ``[N, C, S, S]`` tensor."""
     return torch.cat(list(image_batches(items, image_size, channels, normalize, 256, advice)))
 
 
+def import_datasets():
+    """Hugging Face ``datasets`` (the ``cli`` extra), progress bars off."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ImportError("images are read with Hugging Face datasets: pip install 'starfish-plugin[cli]'") from exc
+    datasets.disable_progress_bars()
+    return datasets
+
+
 def load_image_folder(
     folder: str | os.PathLike,
     image_size: int | None,
     channels: int = 3,
-    normalize: str | tuple[tuple[float, ...], tuple[float, ...]] = "imagenet",
+    normalize: Normalization = "imagenet",
     limit: int | None = None,
     labeled: bool = False,
     seed: int = 0,
@@ -121,11 +136,7 @@ def load_image_folder(
         raise ImageFolderError(f"image folder {folder} does not exist")
     if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*") if p.is_file()):
         raise ImageFolderError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    try:
-        import datasets
-    except ImportError as exc:
-        raise ImportError("image folders are read with Hugging Face datasets: pip install 'starfish-plugin[cli]'") from exc
-    datasets.disable_progress_bars()
+    datasets = import_datasets()
     ds = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
     ds = ds.cast_column("image", datasets.Image(decode=False))
     names = ds.features["label"].names if "label" in ds.features else []
