@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from starfish_plugin.config import HealConfig
 from starfish_plugin.plugins import plugin_manager
@@ -33,8 +36,23 @@ class Attachment:
         self._instance_step = pruner.__dict__.get("step")  # a step set on the instance, if any
         # an adapter may take over running each step (e.g. to record which channels survive)
         self._runner = plugin_manager().hook.starfish_prepare_pruner(pruner=pruner, model=model, dense=dense)
+        self._use_example(pruner, model, calibration)
         self._wrapper = self._wrap(pruner.step)
         pruner.step = self._wrapper
+
+    @staticmethod
+    def _use_example(pruner: Any, model: nn.Module, calibration: object) -> None:
+        """Torch-Pruning: trace the model on one calibration input before it is pruned, so kept channels
+        are known at every module's output (concatenations, pooling) and a model the pruner breaks is
+        reported as such after the step."""
+        from starfish_plugin.adapters import tp_graph
+
+        if not tp_graph.is_torch_pruning_pruner(pruner):
+            return
+        record = tp_graph._RECORDS.get(model)
+        example = _first_input(calibration)
+        if record is not None and record.example is None and example is not None:
+            tp_graph.use_example(model, example)
 
     def _after_step(self) -> None:
         self.steps += 1
@@ -64,7 +82,10 @@ class Attachment:
     def _heal_after(self, groups):
         try:
             yield from groups
-        finally:  # also when the caller stops iterating early
+        except GeneratorExit:  # the caller stopped iterating early: heal what was pruned
+            self._after_step()
+            raise
+        else:  # not after an error of the pruner's: nothing to heal, and its error is the one to see
             self._after_step()
 
     @property
@@ -104,6 +125,12 @@ def attach(pruner: Any, dense: nn.Module, calibration: object, config: HealConfi
     Returns:
         An ``Attachment``; call ``.detach()`` to stop healing after steps.
 
+    With a Torch-Pruning pruner, one calibration input is run through the model before it is pruned:
+    kept channels are then known at the output of every module (concatenations such as DenseNet's,
+    pooling layers of a plain ``Sequential``), and ``pruner.step()`` raises
+    ``starfish_plugin.errors.PrunerError``, before any healing, when Torch-Pruning fails or leaves a
+    model that no longer runs that input; the message says how to set the pruner up.
+
     Example:
         >>> handle = starfish.attach(sparsifier, dense, images)
         >>> sparsifier.step()          # prunes, then heals
@@ -124,3 +151,31 @@ def attach(pruner: Any, dense: nn.Module, calibration: object, config: HealConfi
             raise TypeError(f"config must be a starfish.HealConfig, got {type(config).__name__}")
         config.validate()
     return Attachment(pruner, model, dense, calibration, config)
+
+
+def _first_input(calibration: object) -> Any:
+    """One calibration input as the model takes it (a batch of one), or ``None`` when it cannot be
+    taken without consuming the data (a generator) or is of a form not recognised here."""
+
+    def inputs_of(item: object, batched: bool) -> Any:
+        if isinstance(item, (tuple, list)) and item:
+            item = item[0]  # (inputs, labels)
+        if isinstance(item, Mapping):
+            item = {k: v for k, v in item.items() if k not in ("labels", "label")}
+            if all(isinstance(v, torch.Tensor) for v in item.values()) and item:
+                return {k: v[:1] if batched else v.unsqueeze(0) for k, v in item.items()}
+            return None
+        if isinstance(item, torch.Tensor) and item.dim() >= 1:
+            return item[:1] if batched else item.unsqueeze(0)
+        return None
+
+    try:
+        if isinstance(calibration, (torch.Tensor, Mapping)):
+            return inputs_of(calibration, True)
+        if isinstance(calibration, Dataset) and not isinstance(calibration, IterableDataset):
+            return inputs_of(calibration[0], False) if len(calibration) else None  # type: ignore[arg-type]
+        if isinstance(calibration, DataLoader) or isinstance(calibration, (list, tuple)):
+            return inputs_of(next(iter(calibration)), True)
+    except Exception:  # noqa: BLE001 - the heal itself reports unusable calibration data
+        return None
+    return None  # generators and other one-pass iterables are left for the heal to read

@@ -53,3 +53,7 @@ class CheckpointError(StarfishError, ValueError):
 
 class CompileError(StarfishError, ValueError):
     """``HealConfig.compile`` cannot be used here: ``torch.compile`` failed on the training forward."""
+
+
+class PrunerError(StarfishError, ValueError):
+    """The pruner failed, or left a model that cannot run its forward; the message says how to set it up."""

@@ -53,7 +53,8 @@ def test_attach_iterative_embedding_heads_and_mlp(dense4, images, cfg):
         assert handle.steps == step and report.adapter == "torch_pruning"
         assert report.epoch_losses[-1] < report.epoch_losses[0]
         assert report.mean_cosine_after > report.mean_cosine_before
-        assert all(v.startswith("kept channels of blocks.") for v in report.target_alignment.values())
+        assert all(v.startswith("kept channels of blocks.") for b, v in report.target_alignment.items()
+                   if b != "(output)")  # the logits keep their width: compared directly
         assert report.mask_unchanged  # shapes untouched by healing
     attn = model.blocks[0].attn
     assert attn.num_heads < 4 and attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim
@@ -140,7 +141,8 @@ def test_default_trains_only_pruned_layers(dense4, images, cfg):
     starfish.heal(model, dense4, images, cfg)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(k.split(".")[-2] in ("qkv", "proj", "fc1", "fc2") for k in changed)
+    # the pruned layers; the head too, whose inputs were pruned (it is healed through the model's output)
+    assert changed and all(k.split(".")[-2] in ("qkv", "proj", "fc1", "fc2", "head") for k in changed)
 
 
 def test_heal_after_mlp_only_pruning_without_a_record(images, cfg):
@@ -244,7 +246,7 @@ def test_coverage_matrix(name):
         assert attn.num_heads < 3 and attn.head_dim == 64  # whole heads removed, head size kept
         assert attn.qkv.out_features == 3 * attn.num_heads * 64 == 3 * attn.attn_dim
     if name == "timm_deit_tiny_embed":
-        assert all(v.startswith("kept channels") for v in report.target_alignment.values())
+        assert all(v.startswith("kept channels") for b, v in report.target_alignment.items() if b.startswith("blocks."))
     if name in ("timm_deit_tiny_mlp", "timm_deit_tiny_heads"):
         assert set(report.target_alignment.values()) == {"direct"}
 
