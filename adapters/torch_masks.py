@@ -41,6 +41,9 @@ def _prune_hook_entries(module_name: str, module: nn.Module) -> list[MaskedTenso
         def effective(orig=orig, mask=mask) -> torch.Tensor:
             return orig * mask
 
+        def refresh(hook=hook, module=module) -> None:
+            setattr(module, hook._tensor_name, hook.apply_mask(module))
+
         entries.append(
             MaskedTensor(
                 name=_join(module_name, tensor_name),
@@ -49,6 +52,7 @@ def _prune_hook_entries(module_name: str, module: nn.Module) -> list[MaskedTenso
                 form="prune_hook",
                 masked_entries="keep",
                 effective=effective,
+                refresh=refresh,
             )
         )
     return entries

@@ -20,6 +20,7 @@ TRAINABLE = ("pruned", "all")
 BLOCK_WEIGHTINGS = ("uniform", "adaptive")
 WARM_STARTS = ("none", "row_norm")
 PRECISIONS = ("auto", "fp32", "bf16")
+ALIGN_OUTPUT = ("auto", "always", "never")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -79,6 +80,9 @@ class HealConfig:
             (tens of seconds) and pays off on long heals of big models.
         compile_backend: the ``torch.compile`` backend: a registered name (``"inductor"``;
             ``"aot_eager"`` needs no C++ compiler) or a backend callable.
+        align_output: ``"auto"`` aligns the model's final output (its logits) as one more block
+            when some pruned weights get no training signal from the blocks (a pruned classifier
+            head after the last block); ``"always"``; ``"never"``.
         trainable: ``"pruned"`` trains the surviving entries of the pruned tensors (the paper);
             ``"all"`` trains every parameter (masked entries still held at zero).
     """
@@ -104,6 +108,7 @@ class HealConfig:
     quiet: bool = False
     restore_on_error: bool = True
     trainable: str = "pruned"
+    align_output: str = "auto"
     block_weighting: str = "uniform"
     warm_start: str = "none"
     warm_start_samples: int = 256
@@ -178,6 +183,8 @@ class HealConfig:
                     f"HealConfig.compile_backend {self.compile_backend!r} is not a torch.compile backend; "
                     f"choose from {sorted(backends)}"
                 )
+        if self.align_output not in ALIGN_OUTPUT:
+            raise ConfigError(f"HealConfig.align_output must be one of {ALIGN_OUTPUT}, got {self.align_output!r}")
         if self.trainable not in TRAINABLE:
             raise ConfigError(f"HealConfig.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
         if self.cosine_reduction not in COSINE_REDUCTIONS:

@@ -55,5 +55,9 @@ class CompileError(StarfishError, ValueError):
     """``HealConfig.compile`` cannot be used here: ``torch.compile`` failed on the training forward."""
 
 
+class HealingWarning(UserWarning):
+    """Healing finished but made things worse (the mean block cosine fell); the message says why."""
+
+
 class PrunerError(StarfishError, ValueError):
     """The pruner failed, or left a model that cannot run its forward; the message says how to set it up."""

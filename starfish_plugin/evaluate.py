@@ -2,19 +2,41 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from starfish_plugin._modes import eval_mode
+from starfish_plugin.model_io import ModelInputs, call_model, main_output
 
 
 def _labeled_batches(loader: DataLoader | Dataset | Iterable, batch_size: int = 256) -> Iterable:
     if isinstance(loader, Dataset) and not isinstance(loader, torch.utils.data.IterableDataset):
         return DataLoader(loader, batch_size=batch_size, shuffle=False)
     return loader
+
+
+def _inputs_and_labels(batch: object) -> tuple[torch.Tensor | ModelInputs, torch.Tensor]:
+    """``(inputs, labels)`` of a labeled batch: a pair, or a dict whose ``labels``/``label`` entry
+    holds the labels and whose other entries are the model's keyword inputs."""
+    if isinstance(batch, Mapping):
+        key = next((k for k in ("labels", "label") if k in batch), None)
+        if key is not None:
+            kwargs = {k: v for k, v in batch.items() if k not in ("labels", "label")}
+            return ModelInputs(kwargs=kwargs), torch.as_tensor(batch[key])
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        inputs = batch[0]
+        if isinstance(inputs, Mapping):
+            inputs = ModelInputs(kwargs=inputs)
+        elif isinstance(inputs, (tuple, list)):
+            inputs = ModelInputs(tuple(inputs))
+        return inputs, torch.as_tensor(batch[1])
+    raise TypeError(
+        "evaluate() needs labeled batches: (inputs, labels) pairs or dicts with a 'labels' entry; "
+        f"got a {type(batch).__name__} without labels"
+    )
 
 
 @torch.no_grad()
@@ -24,7 +46,7 @@ def evaluate(model: nn.Module, loader: DataLoader | Dataset | Iterable) -> float
     Args:
         model: a classifier returning logits ``[B, classes]``.
         loader: a ``DataLoader``, a map-style ``Dataset`` of ``(x, y)`` or any iterable of
-            ``(inputs, labels)`` batches. The model's train/eval mode is restored afterwards.
+            ``(inputs, labels)`` batches or dicts of keyword inputs with a ``labels`` entry. The model's train/eval mode is restored afterwards.
 
     Example:
         >>> top1 = starfish.evaluate(model, test_loader)
@@ -33,10 +55,9 @@ def evaluate(model: nn.Module, loader: DataLoader | Dataset | Iterable) -> float
     correct = total = 0
     with eval_mode(model):
         for batch in _labeled_batches(loader):
-            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise TypeError("evaluate() needs (inputs, labels) batches; got a batch without labels")
-            inputs, labels = batch[0].to(device), batch[1].to(device)
-            correct += (model(inputs).argmax(dim=-1) == labels).sum().item()
+            inputs, labels = _inputs_and_labels(batch)
+            logits = main_output(call_model(model, inputs.to(device)))
+            correct += (logits.argmax(dim=-1) == labels.to(device)).sum().item()
             total += labels.numel()
     if total == 0:
         raise ValueError("evaluate() got an empty loader; pass at least one labeled batch")

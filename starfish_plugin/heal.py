@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import resource
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -15,19 +16,27 @@ from torch import nn
 
 from starfish_plugin._modes import eval_mode
 from starfish_plugin.alignment import channel_index, select_channels
-from starfish_plugin.blocks import capture_outputs, resolve_blocks
+from starfish_plugin.blocks import OUTPUT_BLOCK, BlockChoice, capture_outputs, resolve_blocks
 from starfish_plugin.calibration import CalibrationData, load_calibration
 from starfish_plugin.checkpoint import checkpoint_path, settings_of
 from starfish_plugin.config import HealConfig
 from starfish_plugin.distributed import DistContext, dist_context
-from starfish_plugin.errors import AdapterError, CalibrationError, ConfigError, ModelMismatchError
+from starfish_plugin.errors import (
+    AdapterError,
+    BlockError,
+    CalibrationError,
+    ConfigError,
+    HealingWarning,
+    ModelMismatchError,
+)
 from starfish_plugin.fingerprint import model_fingerprint
 from starfish_plugin.losses import HealLoss, cosine_distance
 from starfish_plugin.loop import Checkpointing, train_loop
 from starfish_plugin.masks import SparsityPlan, find_masks
+from starfish_plugin.model_io import Inputs, call_model, describe_inputs
 from starfish_plugin.plugins import plugin_manager
 from starfish_plugin.report import HealReport
-from starfish_plugin.targets import DenseTargets, check_finite, dense_outputs, plan_targets
+from starfish_plugin.targets import LOGITS, DenseTargets, check_finite, dense_outputs, plan_targets
 from starfish_plugin.validation import (
     check_architecture,
     check_input_dtype,
@@ -66,7 +75,8 @@ def trainable_only(model: nn.Module, params: list[nn.Parameter]) -> Iterator[Non
 
 @torch.no_grad()
 def block_cosines(
-    model: nn.Module, targets: DenseTargets, data: CalibrationData, samples: int, batch_size: int, reduction: str
+    model: nn.Module, plan: SparsityPlan, targets: DenseTargets, data: CalibrationData, samples: int,
+    batch_size: int, reduction: str,
 ) -> dict[str, float]:
     """Mean cosine similarity of each block's output to its dense target on the first ``samples``."""
     if samples <= 0:
@@ -78,7 +88,8 @@ def block_cosines(
             if seen >= samples:
                 break
             x = x.to(targets.device)
-            model(x)
+            plan.refresh()
+            call_model(model, x)
             dense = targets.get(idx, x)
             for b in targets.blocks:
                 sums[b] += (1.0 - cosine_distance(outputs[b].float(), dense[b], reduction).item()) * len(idx)
@@ -87,7 +98,7 @@ def block_cosines(
 
 
 def probe_structural(
-    pruned: nn.Module, blocks: list[str], x: torch.Tensor, plan: SparsityPlan
+    pruned: nn.Module, blocks: list[str], x: Inputs, plan: SparsityPlan
 ) -> tuple[dict, list[str]]:
     """Block outputs of a structurally pruned model on one input and the order in which its
     modules finished, or a clear error if it cannot run."""
@@ -101,8 +112,8 @@ def probe_structural(
         return dense_outputs(pruned, blocks, x, False, label="pruned"), order
     except (RuntimeError, ValueError, IndexError, AssertionError) as exc:
         raise ModelMismatchError(
-            f"the pruned {type(pruned).__name__} fails a forward on a calibration input of shape "
-            f"{tuple(x.shape)}: {exc}. If attention heads or widths were pruned, its attention modules' "
+            f"the pruned {type(pruned).__name__} fails a forward on a calibration input of "
+            f"{describe_inputs(x)}: {exc}. If attention heads or widths were pruned, its attention modules' "
             f"num_heads / head_dim must match the new shapes. {plan.hint}"
         ) from exc
     finally:
@@ -165,22 +176,22 @@ def heal(
     device = resolve_device(pruned, dense, config.device)
     plan = find_masks(pruned, dense)
     check_architecture(pruned, dense, plan)
-    blocks = resolve_blocks(dense, pruned, config.blocks)
+    choice = resolve_blocks(dense, pruned, config.blocks)
     loss_fn = HealLoss(
-        config.loss_terms(), blocks, config.cosine_reduction, config.kl_temperature, config.block_weighting
+        config.loss_terms(), choice.names, config.cosine_reduction, config.kl_temperature, config.block_weighting
     )
     dist = dist_context()
     shard = (dist.rank, dist.world) if dist.active else None  # on disk, each rank writes its own rows only
-    loaded = load_calibration(calibration, config.inputs == "disk", config.cache_dir, shard)
+    loaded = load_calibration(calibration, config.inputs == "disk", config.cache_dir, shard, model=dense)
     try:
-        return _heal_loaded(pruned, dense, loaded, config, pm, device, plan, blocks, loss_fn, start, dist)
+        return _heal_loaded(pruned, dense, loaded, config, pm, device, plan, choice, loss_fn, start, dist)
     finally:
         loaded.close()
 
 
 def _heal_loaded(
     pruned: nn.Module, dense: nn.Module, data: CalibrationData, config: HealConfig, pm, device: torch.device,
-    plan: SparsityPlan, blocks: list[str], loss_fn: HealLoss, start: float, dist: DistContext,
+    plan: SparsityPlan, choice: BlockChoice, loss_fn: HealLoss, start: float, dist: DistContext,
 ) -> HealReport:
     """``heal`` once the models are checked and the calibration set is loaded."""
     if loss_fn.needs_labels and data.labels is None:
@@ -207,13 +218,26 @@ def _heal_loaded(
         dense_logits = probe_forward(dense, probe_x, "dense")
         if loss_fn.needs_labels or loss_fn.needs_logits:
             check_logits(dense_logits, data, config)
-        probe_out = dense_outputs(dense, blocks, probe_x, loss_fn.needs_logits)
+        blocks = list(choice.names)
+        candidate = loss_fn.needs_blocks and OUTPUT_BLOCK not in blocks and config.align_output != "never"
+        probe_blocks = blocks + [OUTPUT_BLOCK] if candidate else blocks
+        probe_out = dense_outputs(dense, probe_blocks, probe_x, loss_fn.needs_logits)
         check_finite(probe_out)
-        index, alignment = {}, {b: "direct" for b in blocks}
+        index, alignment = {}, {b: "direct" for b in probe_blocks}
         if plan.structural:  # e.g. Torch-Pruning: widths may differ from the dense model
-            pruned_out, order = probe_structural(pruned, blocks, probe_x[:1], plan)
-            index, alignment = channel_index(plan, pruned, blocks, probe_out, pruned_out, order)
+            pruned_out, order = probe_structural(pruned, probe_blocks, probe_x[:1], plan)
+            if candidate and pruned_out[OUTPUT_BLOCK].shape[1:] != probe_out[OUTPUT_BLOCK].shape[1:]:
+                candidate, probe_blocks = False, blocks  # the output itself was narrowed: not comparable
+            index, alignment = channel_index(plan, pruned, probe_blocks, probe_out, pruned_out, order)
             select_channels(probe_out, index)
+        if loss_fn.needs_blocks:
+            blocks, loss_fn.detach_at = _choose_output_alignment(
+                pruned, plan, blocks, candidate, probe_x, probe_out, config, notes
+            )
+            loss_fn.blocks = blocks
+        for name in set(probe_out) - set(blocks) - {LOGITS}:
+            del probe_out[name]
+        alignment = {b: alignment[b] for b in blocks if b in alignment}
         cache_dir = config.cache_dir
         if cache_dir is not None and dist.active:  # each rank caches its own shard
             cache_dir = str(Path(cache_dir) / f"rank{dist.rank}-of-{dist.world}")
@@ -222,7 +246,7 @@ def _heal_loaded(
             dense, blocks, data, target_plan, device, loss_fn.needs_logits, config.batch_size, index
         )
         stack.callback(targets.close)
-        before = block_cosines(pruned, targets, data, config.diagnostic_samples, config.batch_size, config.cosine_reduction)
+        before = block_cosines(pruned, plan, targets, data, config.diagnostic_samples, config.batch_size, config.cosine_reduction)
 
         if dist.active:
             steps_per_epoch = dist.steps_per_epoch(n_total, config.batch_size)
@@ -264,7 +288,9 @@ def _heal_loaded(
             for p in params:
                 p.grad = None
         train_seconds = time.perf_counter() - train_start
-        after = block_cosines(pruned, targets, data, config.diagnostic_samples, config.batch_size, config.cosine_reduction)
+        after = block_cosines(pruned, plan, targets, data, config.diagnostic_samples, config.batch_size, config.cosine_reduction)
+        if loss_fn.needs_blocks:  # kl / ce do not aim at block alignment
+            _warn_if_worse(before, after, config, choice, notes)
 
     if pm.hook.starfish_write_back(model=pruned, plan=plan) is None:
         raise AdapterError(
@@ -278,6 +304,7 @@ def _heal_loaded(
     report = HealReport(
         loss=config.loss if isinstance(config.loss, str) else "+".join(f"{w}*{n}" for n, w in config.loss.items()),
         blocks=blocks,
+        block_rule=choice.rule,
         epoch_losses=epoch_losses,
         block_cosine_before=before,
         block_cosine_after=after,
@@ -319,6 +346,90 @@ def _warm_start(plan: SparsityPlan, dense: nn.Module, data: CalibrationData, con
     if result["skipped"]:
         note += f"; not rescaled (not a same-shape Linear/Conv weight): {result['skipped']}"
     return note
+
+
+def params_without_signal(
+    model: nn.Module,
+    plan: SparsityPlan,
+    params: list[nn.Parameter],
+    blocks: list[str],
+    x: Inputs,
+    targets: dict[str, torch.Tensor],
+    reduction: str,
+) -> tuple[list[nn.Parameter], list[str]]:
+    """The tensors of ``params`` that no block's output depends on (no gradient reaches them) on
+    the batch ``x``, and the blocks in the order they ran; ``targets`` holds the dense outputs of
+    ``blocks`` on ``x``."""
+    with trainable_only(model, params), torch.enable_grad(), capture_outputs(model, blocks) as outputs:
+        plan.refresh()
+        call_model(model, x)
+        order = list(outputs)
+        loss = sum(cosine_distance(outputs[b].float(), targets[b], reduction) for b in blocks)
+        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+            return list(params), order
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [p for p, g in zip(params, grads) if g is None], order
+
+
+def _names_of(plan: SparsityPlan, params: list[nn.Parameter]) -> list[str]:
+    ids = {id(p) for p in params}
+    return [e.name for e in plan if id(e.parameter) in ids]
+
+
+def _choose_output_alignment(
+    pruned: nn.Module, plan: SparsityPlan, blocks: list[str], candidate: bool, probe_x: Inputs,
+    probe_out: dict[str, torch.Tensor], config: HealConfig, notes: list[str],
+) -> tuple[list[str], str | None]:
+    """``blocks``, with the model's final output added when pruned weights would otherwise get no
+    training signal (``align_output="auto"``) or when asked (``"always"``); and the block whose
+    output is detached on its way to the rest of the model, so that the output's loss trains only
+    the weights after the blocks and leaves the block alignment to the blocks' own losses.
+
+    Raises:
+        BlockError: no pruned weight gets any training signal from the chosen blocks.
+    """
+    params = plan.parameters()
+    detach_at = None
+    x = probe_x[: min(8, len(probe_x))]
+    targets = {name: out[: len(x)] for name, out in probe_out.items()}
+    silent, order = params_without_signal(pruned, plan, params, blocks, x, targets, config.cosine_reduction)
+    if candidate and (config.align_output == "always" or silent):
+        why = "asked (align_output='always')" if not silent else (
+            f"{len(silent)} pruned tensor(s) outside every block get no signal from the blocks: "
+            f"{_names_of(plan, silent)[:5]}")
+        last = order[-1] if order else None
+        notes.append(f"the model's final output is aligned as one more block {OUTPUT_BLOCK!r}: {why}; its loss "
+                     f"trains only the weights after the last block ({last})")
+        blocks = blocks + [OUTPUT_BLOCK]
+        silent, _ = params_without_signal(pruned, plan, params, blocks, x, targets, config.cosine_reduction)
+        detach_at = last
+    if silent and len(silent) == len(params):
+        raise BlockError(
+            f"none of the {len(params)} pruned tensors of {type(pruned).__name__} gets a training signal from the "
+            f"blocks {blocks[:6]}: no block output depends on them (e.g. {_names_of(plan, silent)[:3]}). Choose "
+            f"blocks that contain or follow the pruned layers (HealConfig.blocks), or align the final output "
+            f"(align_output='auto' or 'always')"
+        )
+    if silent:
+        notes.append(f"{len(silent)} pruned tensor(s) get no training signal and stay as pruned: "
+                     f"{_names_of(plan, silent)[:5]}")
+    return blocks, detach_at
+
+
+def _warn_if_worse(before: dict[str, float], after: dict[str, float], config: HealConfig, choice: BlockChoice,
+                   notes: list[str]) -> None:
+    """Warn (and note) when healing lowered the mean block cosine."""
+    if not before or not after:
+        return
+    mean_before, mean_after = sum(before.values()) / len(before), sum(after.values()) / len(after)
+    if mean_after < mean_before - 1e-6:
+        message = (
+            f"healing lowered the mean block cosine from {mean_before:.4f} to {mean_after:.4f}. Likely causes: "
+            f"a learning rate too high for this model (lr={config.lr}; try lr={config.lr / 4:g}), or blocks that "
+            f"do not suit it (chosen by: {choice.rule}; pass HealConfig.blocks=[...])"
+        )
+        warnings.warn(message, HealingWarning, stacklevel=4)
+        notes.append(message)
 
 
 def trainable_parameters(model: nn.Module, plan: SparsityPlan, which: str) -> list[nn.Parameter]:

@@ -21,6 +21,7 @@ from starfish_plugin.distributed import DistContext
 from starfish_plugin.errors import CompileError, NonFiniteError
 from starfish_plugin.losses import HealLoss
 from starfish_plugin.masks import SparsityPlan
+from starfish_plugin.model_io import Inputs, call_model, main_output
 from starfish_plugin.targets import DenseTargets
 
 
@@ -64,9 +65,9 @@ def training_forward(forward: nn.Module, config: HealConfig, use_bf16: bool, dev
     """The pruned model's forward for training: under bf16 autocast if asked, and compiled with
     ``torch.compile`` unless ``config.compile == "none"`` (hooks and autocast are traced with it)."""
 
-    def run(x: torch.Tensor):
+    def run(x: Inputs):
         with torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext():
-            return forward(x)
+            return main_output(call_model(forward, x))
 
     if config.compile == "none":
         return run
@@ -80,7 +81,7 @@ def training_forward(forward: nn.Module, config: HealConfig, use_bf16: bool, dev
     run = types.FunctionType(run.__code__.replace(), run.__globals__, run.__name__, None, run.__closure__)
     compiled = torch.compile(run, mode=mode, backend=config.compile_backend)
 
-    def guarded(x: torch.Tensor):
+    def guarded(x: Inputs):
         try:
             return compiled(x)
         except TorchDynamoException as exc:  # BackendCompilerFailed among them
@@ -155,13 +156,14 @@ def train_loop(
         backend = getattr(config.compile_backend, "__name__", config.compile_backend)
         notes.append(f"training forward compiled (torch.compile mode={config.compile!r}, backend={backend!r})")
     step = first_epoch * steps_per_epoch
-    with capture_outputs(model, block_names) as outputs:
+    with capture_outputs(model, block_names, detach=loss_fn.detach_at) as outputs:
         for epoch in range(first_epoch, config.epochs):
             epoch_start = time.perf_counter()
             running = torch.zeros((), device=device)
             for idx, x, y in data.batches(batch_size, generator, n_batches):
                 x = x.to(device, non_blocking=True)
                 dense = targets.get(idx, x)
+                plan.refresh()  # weights read without calling their module's prune hook
                 logits = forward(x)
                 loss = loss_fn(outputs, logits, dense, y)  # in fp32 (the losses upcast)
                 optimizer.zero_grad(set_to_none=True)

@@ -57,6 +57,7 @@ class HealLoss:
         self.terms = {k: float(v) for k, v in terms.items() if v > 0}
         self.blocks = list(blocks)
         self.reduction, self.temperature, self.block_weighting = reduction, temperature, block_weighting
+        self.detach_at: str | None = None  # block whose output reaches the final output detached
 
     @property
     def needs_blocks(self) -> bool:

@@ -26,6 +26,9 @@ class MaskedTensor:
             ``"keep"`` if the toolkit multiplies by the mask in forward, so the masked entries of
             ``parameter`` hold stale values that are left exactly as they were.
         effective: returns the weight the model computes with (``parameter * mask`` or the like).
+        refresh: recomputes the attribute the model reads (``module.weight`` of a prune hook),
+            for models that read a child's weight without calling the child (torchvision Swin's
+            attention reads ``qkv.weight``), where the hook never runs and the attribute goes stale.
     """
 
     name: str
@@ -34,6 +37,7 @@ class MaskedTensor:
     form: str
     masked_entries: Literal["zero", "keep"] = "keep"
     effective: Callable[[], torch.Tensor] | None = None
+    refresh: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         if tuple(self.mask.shape) != tuple(self.parameter.shape):
@@ -97,6 +101,12 @@ class SparsityPlan:
         for entry in self.entries:
             seen.setdefault(id(entry.parameter), entry.parameter)
         return list(seen.values())
+
+    def refresh(self) -> None:
+        """Recompute every masked attribute the model reads (see ``MaskedTensor.refresh``)."""
+        for entry in self.entries:
+            if entry.refresh is not None:
+                entry.refresh()
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A CPU copy of every mask, to check later that the pattern is bit-identical."""

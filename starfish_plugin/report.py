@@ -21,6 +21,7 @@ class HealReport:
         targets_mode / targets_reason: where the dense targets lived and why.
         mask_unchanged: the masks read back after healing equal the ones before, bit for bit.
         masked_weights_zero: every masked entry of every effective weight is exactly zero.
+        block_rule: how the blocks were chosen (a discovery rule, or given by the caller).
         target_alignment: per block, ``"direct"`` or which kept channels index the dense target
             (when structural pruning narrowed the block's output).
     """
@@ -48,6 +49,7 @@ class HealReport:
     trainable_parameters: int
     frozen_parameters: int
     device: str
+    block_rule: str = ""
     target_alignment: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
@@ -71,7 +73,8 @@ class HealReport:
     def summary(self) -> str:
         """A few human-readable lines."""
         lines = [
-            f"healed {self.adapter} model: {self.sparsity:.1%} sparsity, {len(self.blocks)} blocks, "
+            f"healed {self.adapter} model: {self.sparsity:.1%} sparsity, {len(self.blocks)} blocks "
+            f"({self.block_rule or 'given'}), "
             f"loss={self.loss}, {self.steps} steps on {self.n_samples} samples",
             f"loss {self.epoch_losses[0]:.4f} -> {self.epoch_losses[-1]:.4f}" if self.epoch_losses else "no epochs",
             f"mean block cosine {self.mean_cosine_before:.4f} -> {self.mean_cosine_after:.4f}",

@@ -17,6 +17,7 @@ from starfish_plugin.calibration import CalibrationData
 from starfish_plugin.disk_targets import LOGITS, DiskTargetCache, free_bytes
 from starfish_plugin.errors import NonFiniteError
 from starfish_plugin.fingerprint import hash_tensors, model_fingerprint, text_fingerprint
+from starfish_plugin.model_io import Inputs, call_model, main_output
 
 FP16_MAX = torch.finfo(torch.float16).max
 
@@ -82,7 +83,7 @@ def plan_targets(
 def dense_outputs(
     dense: nn.Module,
     blocks: Sequence[str],
-    x: torch.Tensor,
+    x: Inputs,
     need_logits: bool,
     index: ChannelIndex | None = None,
     label: str = "dense",
@@ -92,7 +93,7 @@ def dense_outputs(
     With ``index``, outputs of blocks whose width was pruned keep only the surviving channels.
     """
     with capture_outputs(dense, blocks) as outputs:
-        logits = dense(x)
+        logits = main_output(call_model(dense, x))
         require_outputs(outputs, blocks, label)
         result = {name: outputs[name] for name in blocks}
     if index:
@@ -137,7 +138,7 @@ class DenseTargets:
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.cache.values())
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: Inputs) -> dict[str, torch.Tensor]:
         """Run the dense model on ``x``; return block outputs (and logits) at full precision."""
         return dense_outputs(self.dense, self.blocks, x, self.need_logits, self.index)
 
@@ -202,7 +203,7 @@ class DenseTargets:
             if self.plan.temporary:
                 shutil.rmtree(self.disk.directory, ignore_errors=True)
 
-    def get(self, idx: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def get(self, idx: torch.Tensor, x: Inputs) -> dict[str, torch.Tensor]:
         """Targets for calibration samples ``idx`` (whose inputs are ``x``, already on device)."""
         if self.plan.mode == "online":
             return self.forward(x)

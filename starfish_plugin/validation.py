@@ -8,6 +8,7 @@ from torch import nn
 from starfish_plugin.calibration import CalibrationData
 from starfish_plugin.errors import CalibrationError, CalibrationTypeError, ConfigError, ModelMismatchError
 from starfish_plugin.masks import SparsityPlan
+from starfish_plugin.model_io import Inputs, call_model, describe_inputs, main_output
 
 
 def check_models(pruned: object, dense: object) -> None:
@@ -88,6 +89,8 @@ def check_architecture(pruned: nn.Module, dense: nn.Module, plan: SparsityPlan) 
 def check_input_dtype(data: CalibrationData, dense: nn.Module) -> None:
     """Calibration inputs have the floating dtype of the model's parameters."""
     dtypes = {p.dtype for p in dense.parameters() if p.is_floating_point()}
+    if data.dtype is None or not data.dtype.is_floating_point:
+        return  # integer token ids: the model's embedding turns them into its dtype
     if len(dtypes) == 1:
         dtype = dtypes.pop()
         if data.dtype != dtype:
@@ -97,13 +100,21 @@ def check_input_dtype(data: CalibrationData, dense: nn.Module) -> None:
             )
 
 
-def probe_forward(model: nn.Module, x: torch.Tensor, label: str) -> torch.Tensor:
-    """One forward on a calibration batch, turning a shape error into a clear ``CalibrationError``."""
+def probe_forward(model: nn.Module, x: Inputs, label: str) -> object:
+    """One forward on a calibration batch, turning a shape error into a clear ``CalibrationError``;
+    returns the model's main output (the logits of a ``ModelOutput``)."""
     try:
         with torch.no_grad():
-            return model(x)
-    except (RuntimeError, ValueError, TypeError, AssertionError, IndexError) as exc:
+            return main_output(call_model(model, x))
+    except (RuntimeError, ValueError, TypeError, AssertionError, IndexError, KeyError) as exc:
+        hint = "Give inputs shaped as the model expects"
+        if isinstance(x, torch.Tensor) and not x.is_floating_point() and x.dtype != torch.long:
+            hint = (f"If these are images, convert them to the model's floating dtype (e.g. images.float() / 255, "
+                    f"normalized as in training); token ids should be torch.long")
+        elif isinstance(x, torch.Tensor) and not x.is_floating_point():
+            hint = ("Integer inputs are passed as token ids; if these are images, convert them to the model's "
+                    "floating dtype (e.g. images.float() / 255, normalized as in training)")
         raise CalibrationError(
-            f"the {label} {type(model).__name__} cannot take calibration batches of shape {tuple(x.shape)} "
-            f"and dtype {x.dtype}: {exc}. Give inputs shaped as the model expects"
+            f"the {label} {type(model).__name__} cannot take calibration batches of {describe_inputs(x)}: "
+            f"{type(exc).__name__}: {exc}. {hint}"
         ) from exc

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from starfish_plugin.masks import MaskedTensor, SparsityPlan
+from starfish_plugin.model_io import call_model
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -49,7 +50,7 @@ def _eligible(entry: MaskedTensor, dense_modules: dict[str, nn.Module]) -> nn.Mo
 
 @torch.no_grad()
 def row_norm_warm_start_(
-    plan: SparsityPlan, dense: nn.Module, inputs: Iterable[torch.Tensor], max_gain: float = 10.0
+    plan: SparsityPlan, dense: nn.Module, inputs: Iterable, max_gain: float = 10.0
 ) -> dict[str, object]:
     """Scale each output row of every eligible pruned weight so its output norm matches the dense row's.
 
@@ -84,7 +85,7 @@ def row_norm_warm_start_(
     ]
     try:
         for x in inputs:
-            dense(x)
+            call_model(dense, x)
     finally:
         for handle in handles:
             handle.remove()

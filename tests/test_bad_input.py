@@ -62,11 +62,12 @@ def test_same_object_or_shared_weights(pruned, images, fast):
         (torch.randn(4, 1, 8, 8, dtype=torch.float64), errors.CalibrationTypeError, "convert the inputs"),
         (torch.full((4, 1, 8, 8), float("nan")), errors.CalibrationError, "NaN or Inf"),
         ("images/", errors.CalibrationTypeError, "pass a Dataset"),
-        ([{"x": 1}], errors.CalibrationTypeError, "batch 0 is a dict"),
+        ([{"x": 1}], errors.CalibrationError, r"batch 0 has input 'x' of shape \(\)"),
+        ([{1, 2}], errors.CalibrationTypeError, "batch 0 is a set"),
         (torch.randn(8), errors.CalibrationError, "batch dimension"),
     ],
     ids=["empty-tensor", "empty-list", "wrong-shape", "mixed-shapes", "uint8", "float64", "nan", "string",
-         "dict-batch", "no-batch-dim"],
+         "dict-scalar", "set-batch", "no-batch-dim"],
 )
 def test_bad_calibration(pruned, dense, fast, guard, calibration, error, pattern):
     with pytest.raises(error, match=pattern):
