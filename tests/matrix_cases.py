@@ -60,6 +60,14 @@ def _hf_text_keep(model: nn.Module) -> list[nn.Module]:
     return keep + ([head] if head is not None else [])
 
 
+def _mlp_hidden_only(model: nn.Module) -> list[nn.Module]:
+    """Everything but the first MLP layer of each block: Torch-Pruning then removes MLP hidden
+    units only, the setting its examples use for window attention (Swin), whose relative-position
+    tables and head counts it does not follow."""
+    return [m for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and not name.endswith(("fc1", "mlp.0", "intermediate.dense"))]
+
+
 def _timm_heads(model: nn.Module) -> dict:
     return {"num_heads": {m.qkv: m.num_heads for m in model.modules() if isinstance(m, timm.layers.Attention)}}
 
@@ -166,7 +174,7 @@ ARCHS: list[Arch] = [
     Arch("timm_vit", _timm("vit_tiny_patch16_224", img_size=IMAGE, patch_size=8, depth=2, embed_dim=32,
                            num_heads=2), keep=_last_linear, tp_kwargs=_timm_heads),
     Arch("timm_swin", _timm("swin_tiny_patch4_window7_224", img_size=IMAGE, window_size=4, embed_dim=16,
-                            depths=(2, 2), num_heads=(1, 2)), keep=_last_linear, tp_kwargs=_timm_heads),
+                            depths=(2, 2), num_heads=(1, 2)), keep=_mlp_hidden_only),
     Arch("timm_convnext", _timm("convnext_atto", depths=(1, 1, 2, 1), dims=(8, 16, 32, 64)), keep=_last_linear),
     Arch("timm_resnet", _timm("test_resnet"), keep=_last_linear),
     Arch("timm_efficientnet", _timm("test_efficientnet"), keep=_last_linear),
@@ -187,7 +195,7 @@ ARCHS: list[Arch] = [
                                                                     num_init_features=16, num_classes=10)),
          keep=_last_linear),
     Arch("tv_vgg11_bn", _seeded(_vgg11_bn), keep=_last_linear),
-    Arch("tv_swin", _seeded(_tv_swin), keep=_last_linear),
+    Arch("tv_swin", _seeded(_tv_swin), keep=_mlp_hidden_only),
     Arch("tv_vit", _seeded(lambda: torchvision.models.VisionTransformer(
         image_size=IMAGE, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10)),
         keep=_last_linear, tp_kwargs=_tv_vit_heads),
@@ -197,7 +205,7 @@ ARCHS: list[Arch] = [
                        num_attention_heads=2, intermediate_size=64, image_size=IMAGE, patch_size=8, num_labels=10),
          keep=_last_linear, tp_kwargs=_hf_heads),
     Arch("hf_swin", _hf("SwinConfig", "SwinForImageClassification", image_size=IMAGE, patch_size=4, embed_dim=16,
-                        depths=[2, 2], num_heads=[1, 2], window_size=4, num_labels=10), keep=_last_linear),
+                        depths=[2, 2], num_heads=[1, 2], window_size=4, num_labels=10), keep=_mlp_hidden_only),
     Arch("hf_convnext", _hf("ConvNextConfig", "ConvNextForImageClassification", hidden_sizes=[8, 16, 32, 64],
                             depths=[1, 1, 2, 1], num_labels=10), keep=_last_linear),
     Arch("hf_bert", _hf("BertConfig", "BertForSequenceClassification", vocab_size=VOCAB, hidden_size=32,

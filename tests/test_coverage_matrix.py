@@ -23,7 +23,13 @@ pytest.importorskip("torch_pruning")
 
 # (architecture, toolkit) -> words the StarfishError must contain: Torch-Pruning cannot prune these
 # models as configured, and the error says what to configure.
-REFUSED: dict[tuple[str, str], str] = {}
+REFUSED: dict[tuple[str, str], str] = {
+    ("timm_mixer", "torch_pruning"): r"(?s)could not prune this MlpMixer.*mlp_tokens.*ignored_layers",
+    ("timm_poolformer", "torch_pruning"): r"(?s)produced a MetaFormer that cannot run its forward.*res_scale1.*ignored_layers",
+    ("timm_pvt_v2", "torch_pruning"): r"(?s)produced a PyramidVisionTransformerV2 that cannot run its forward.*attn.*num_heads",
+}
+# Torch-Pruning 1.6.1 itself fails while building its dependency graph (before any starfish code runs).
+TOOLKIT_FAILS = {("tv_shufflenet_v2", "torch_pruning"): ZeroDivisionError}
 # Cases that take several seconds (the larger CNNs under Torch-Pruning's graph tracing).
 SLOW: set[tuple[str, str]] = set()
 
@@ -33,6 +39,9 @@ def _params():
     for arch in ARCHS:
         for toolkit in TOOLKITS:
             marks = [pytest.mark.slow] if (arch.name, toolkit) in SLOW else []
+            if (arch.name, toolkit) in TOOLKIT_FAILS:
+                marks.append(pytest.mark.xfail(raises=TOOLKIT_FAILS[arch.name, toolkit], strict=True,
+                                               reason="Torch-Pruning's MetaPruner fails on the channel shuffle"))
             out.append(pytest.param(arch, toolkit, id=f"{arch.name}-{toolkit}", marks=marks))
     return out
 
@@ -59,6 +68,7 @@ def test_heals_with_default_discovery(arch: Arch, toolkit: str) -> None:
     for name, mask in masks_before.items():
         assert torch.equal(mask, masks_after[name]), f"mask of {name} changed"
     assert_state_equal(dense, saved_dense)
-    assert report.mean_cosine_after > report.mean_cosine_before, (
+    # rises, unless the pruning left nothing to recover (every cosine already 1 to fp32 precision)
+    assert report.mean_cosine_after > report.mean_cosine_before or report.mean_cosine_before > 1 - 1e-5, (
         report.block_cosine_before, report.block_cosine_after)
     assert all(torch.isfinite(torch.tensor(loss)) for loss in report.epoch_losses)

@@ -59,14 +59,15 @@ def test_two_ranks_heal_like_one_process(dense, tmp_path):
 
 def test_two_ranks_with_a_compiled_forward_and_inputs_on_disk(dense, tmp_path):
     """DDP wrapped by torch.compile (aot_eager: no C++ compiler needed), each rank reading its
-    shard from its own inputs file."""
-    done = _torchrun(tmp_path, settings={"compile": "default", "compile_backend": "aot_eager", "inputs": "disk"})
+    shard from its own inputs file; the batches are dicts passed as keyword arguments."""
+    done = _torchrun(tmp_path, settings={"compile": "default", "compile_backend": "aot_eager", "inputs": "disk",
+                                         "dict_batches": True})
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = _ranks(tmp_path)
     assert ranks[0]["weights"] == ranks[1]["weights"]
     for r in ranks:
         assert any("training forward compiled" in n for n in r["notes"])
-        assert any("(inputs on disk)" in n for n in r["notes"])
+        assert any("calibration from a list (inputs on disk)" in n for n in r["notes"])
         assert r["n_samples"] == 64 and r["mask_unchanged"] and r["masked_weights_zero"]
     assert not list((tmp_path / "cache").glob("starfish-inputs-*")), "an inputs file outlived the heal"
     images = torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(1))
