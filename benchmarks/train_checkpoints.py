@@ -2,28 +2,49 @@
 
     python benchmarks/train_checkpoints.py vit_fmnist   # ~ several CPU minutes, needs dataset-fashion-mnist
     python benchmarks/train_checkpoints.py vit_digits   # ~ seconds
+    python benchmarks/train_checkpoints.py resnet_fmnist  # ~ 5 min on 2 idle cores, needs dataset-fashion-mnist
 
-Weights are stored as fp16 state dicts (loadable with weights_only=True); a JSON file beside each
-records its accuracy on the held-out split and the training settings.
+Weights are stored as fp16 state dicts (floating-point tensors in fp16, BatchNorm's batch counters
+as they are; loadable with weights_only=True); a JSON file beside each records its accuracy on the
+held-out split, the training settings, the inputs it expects and the command that made it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import time
 
 import torch
 
 from starfish_plugin.evaluate import evaluate
-from starfish_plugin.data import load_digits_split, load_fashion_mnist
-from starfish_plugin.zoo import CHECKPOINT_DIR, SPECS, load_checkpoint, tiny_vit, train_classifier
+from starfish_plugin.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_digits_split, load_fashion_mnist
+from starfish_plugin.zoo import CHECKPOINT_DIR, SPECS, build, load_checkpoint, train_classifier
 
 SETTINGS = {
     "vit_fmnist": {"epochs": 5, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.05, "seed": 0},
     "vit_digits": {"epochs": 60, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.05, "seed": 0},
+    "resnet_fmnist": {"epochs": 3, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.05, "seed": 0},
 }
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+# What each model expects: images as load_fashion_mnist / load_digits_split return them.
+INPUTS = {
+    "fmnist": {"input_size": [1, 28, 28], "in_chans": 1, "mean": [FASHION_MNIST_MEAN], "std": [FASHION_MNIST_STD],
+               "pixel_scale": "x / 255, then (x - mean) / std", "classes": list(FASHION_MNIST_CLASSES),
+               "data": "Fashion-MNIST (train 60,000 / test 10,000), starfish_plugin.data.load_fashion_mnist"},
+    "digits": {"input_size": [1, 8, 8], "in_chans": 1, "mean": [0.0], "std": [1.0],
+               "pixel_scale": "x / 16, no normalisation", "classes": [str(d) for d in range(10)],
+               "data": "scikit-learn digits, starfish_plugin.data.load_digits_split(seed=0)"},
+}
+
+
+def _fp16_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with floating-point tensors in fp16 (integer buffers kept as they are)."""
+    return {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
 
 
 def main() -> None:
@@ -31,18 +52,19 @@ def main() -> None:
     parser.add_argument("name", choices=sorted(SPECS))
     args = parser.parse_args()
     settings = SETTINGS[args.name]
-    if args.name == "vit_fmnist":
+    dataset = args.name.rsplit("_", 1)[-1]
+    if dataset == "fmnist":
         train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
     else:
         split = load_digits_split()
         train, test = split["train"], split["test"]
     torch.manual_seed(settings["seed"])
-    model = tiny_vit(SPECS[args.name])
-    start = time.perf_counter()
+    model = build(SPECS[args.name])
+    start, cpu_start = time.perf_counter(), time.process_time()
     train_classifier(model, *train, **settings)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     CHECKPOINT_DIR.mkdir(exist_ok=True)
-    torch.save({k: v.half() for k, v in model.state_dict().items()}, CHECKPOINT_DIR / f"{args.name}.pt")
+    torch.save(_fp16_state(model), CHECKPOINT_DIR / f"{args.name}.pt")
     shipped = load_checkpoint(args.name)  # evaluate the fp16 weights that ship, not the fp32 ones
     accuracy = evaluate(shipped, zip(test[0].split(1000), test[1].split(1000)))
     meta = {
@@ -54,6 +76,18 @@ def main() -> None:
         "torch": torch.__version__,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
     }
+    meta.update({  # the shipped ViT files predate these fields; they gain them when retrained
+        "architecture": f"{type(shipped).__module__}.{type(shipped).__name__}",
+        "spec": repr(SPECS[args.name]),
+        "parameters": sum(p.numel() for p in shipped.parameters()),
+        "file_bytes": (CHECKPOINT_DIR / f"{args.name}.pt").stat().st_size,
+        "storage": "fp16 floating-point tensors; integer buffers (BatchNorm batch counters) as they are",
+        # train_seconds is wall time: on a shared machine it grows with the other jobs' load
+        "train_cpu_seconds": round(cpu_seconds, 1),
+        "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
+        **INPUTS[dataset],
+        "command": "python benchmarks/train_checkpoints.py " + " ".join(sys.argv[1:]),
+    })
     (CHECKPOINT_DIR / f"{args.name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(json.dumps(meta, indent=2))
 
