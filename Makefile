@@ -28,7 +28,7 @@ data:
 demo: setup data
 	$(BIN)/starfish demo
 
-test: setup
+test: setup data
 	$(BIN)/python -m pytest -q
 
 bench: setup data

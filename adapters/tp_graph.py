@@ -743,10 +743,18 @@ def starfish_find_masks(model, dense):
     record = _RECORDS.get(model)
     if record is not None:
         names = record.pruned_modules()
-        if not names:
+        if not names and record.steps == 0:
             raise MaskNotFoundError(
                 f"the Torch-Pruning pruner of this {type(model).__name__} has not pruned anything yet; "
                 "call pruner.step() first (check pruning_ratio / iterative_steps / ignored_layers)"
+            )
+        if not names:
+            raise MaskNotFoundError(
+                f"Torch-Pruning ran {record.steps} step(s) on this {type(model).__name__} but removed no channel. "
+                "In an interactive step, call group.prune() on the groups to apply. Otherwise no layer it can "
+                "prune was left to it: it prunes nn.Linear / nn.Conv / norm layers; layers of "
+                "other classes (e.g. Hugging Face's Conv1D in GPT-2) need a custom pruner registered with "
+                "customized_pruners=..., and check pruning_ratio / ignored_layers"
             )
         notes = [f"Torch-Pruning: {record.steps} step(s), {record.groups} group(s) pruned; kept channels recorded"]
         if record.inconsistent:

@@ -3,6 +3,7 @@ healed with default block discovery; records the rule, the blocks, the cosine be
 the error. The test ``tests/test_coverage_matrix.py`` asserts the same cases.
 
     python benchmarks/coverage_matrix.py            # writes results/coverage_matrix.json
+    python benchmarks/coverage_matrix.py run hf_    # reruns the matching cases only
     python benchmarks/coverage_matrix.py table      # prints the markdown table
 """
 
@@ -22,13 +23,19 @@ sys.path.insert(0, str(ROOT.parent / "tests"))
 OUT = ROOT / "results" / "coverage_matrix.json"
 
 
-def run() -> None:
+def run(only: list[str]) -> None:
+    """Heal every case (or, with ``only``, the cases whose ``architecture-toolkit`` id contains one
+    of those strings, replacing their rows in the saved JSON)."""
     from matrix_cases import ARCHS, TOOLKITS, run_case
 
     torch.set_num_threads(2)
+    old = {(r["architecture"], r["toolkit"]): r for r in json.loads(OUT.read_text())["rows"]} if only else {}
     rows = []
     for arch in ARCHS:
         for toolkit in TOOLKITS:
+            if only and not any(o in f"{arch.name}-{toolkit}" for o in only):
+                rows.append(old[arch.name, toolkit])
+                continue
             start = time.perf_counter()
             row = {"architecture": arch.name, "toolkit": toolkit}
             try:
@@ -76,4 +83,7 @@ def table() -> None:
 
 
 if __name__ == "__main__":
-    table() if sys.argv[1:] == ["table"] else run()
+    if sys.argv[1:] == ["table"]:
+        table()
+    else:
+        run(sys.argv[2:] if sys.argv[1:2] == ["run"] else [])

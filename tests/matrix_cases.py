@@ -53,19 +53,19 @@ def _hf(config_cls: str, model_cls: str, **kwargs) -> Callable[[], nn.Module]:
     return build
 
 
-def _hf_text_keep(model: nn.Module) -> list[nn.Module]:
-    """Embeddings and the output head: Torch-Pruning must keep the vocabulary and class widths."""
-    keep = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-    head = getattr(model, "lm_head", None) or getattr(model, "classifier", None)
-    return keep + ([head] if head is not None else [])
-
-
 def _mlp_hidden_only(model: nn.Module) -> list[nn.Module]:
     """Everything but the first MLP layer of each block: Torch-Pruning then removes MLP hidden
     units only, the setting its examples use for window attention (Swin), whose relative-position
     tables and head counts it does not follow."""
     return [m for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and not name.endswith(("fc1", "mlp.0", "intermediate.dense"))]
+            if isinstance(m, (nn.Linear, nn.Conv2d))
+            and not name.endswith(("fc1", "mlp.0", "intermediate.dense", "gate_proj", "up_proj"))]
+
+
+def _hf_mlp_hidden_only(model: nn.Module) -> list[nn.Module]:
+    """Hugging Face attention keeps its head counts in attributes and its config, which
+    Torch-Pruning does not update: prune the MLP's hidden units only (embeddings and heads kept)."""
+    return _mlp_hidden_only(model) + [m for m in model.modules() if isinstance(m, nn.Embedding)]
 
 
 def _timm_heads(model: nn.Module) -> dict:
@@ -74,18 +74,6 @@ def _timm_heads(model: nn.Module) -> dict:
 
 def _tv_vit_heads(model: nn.Module) -> dict:
     return {"num_heads": {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}}
-
-
-def _hf_heads(model: nn.Module) -> dict:
-    """Torch-Pruning's Hugging Face recipe: q, k, v of each attention with their head count."""
-    heads = {}
-    for module in model.modules():
-        count = getattr(module, "num_attention_heads", None) or getattr(module, "num_heads", None)
-        for name in ("query", "key", "value", "q_proj", "k_proj", "v_proj"):
-            layer = getattr(module, name, None)
-            if isinstance(layer, nn.Linear) and isinstance(count, int):
-                heads[layer] = count
-    return {"num_heads": heads}
 
 
 def _timm(name: str, **kwargs) -> Callable[[], nn.Module]:
@@ -203,20 +191,20 @@ ARCHS: list[Arch] = [
     # Hugging Face transformers (vision and text)
     Arch("hf_vit", _hf("ViTConfig", "ViTForImageClassification", hidden_size=32, num_hidden_layers=2,
                        num_attention_heads=2, intermediate_size=64, image_size=IMAGE, patch_size=8, num_labels=10),
-         keep=_last_linear, tp_kwargs=_hf_heads),
+         keep=_hf_mlp_hidden_only),
     Arch("hf_swin", _hf("SwinConfig", "SwinForImageClassification", image_size=IMAGE, patch_size=4, embed_dim=16,
                         depths=[2, 2], num_heads=[1, 2], window_size=4, num_labels=10), keep=_mlp_hidden_only),
     Arch("hf_convnext", _hf("ConvNextConfig", "ConvNextForImageClassification", hidden_sizes=[8, 16, 32, 64],
                             depths=[1, 1, 2, 1], num_labels=10), keep=_last_linear),
     Arch("hf_bert", _hf("BertConfig", "BertForSequenceClassification", vocab_size=VOCAB, hidden_size=32,
                         num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=3),
-         text=True, keep=_hf_text_keep, tp_kwargs=_hf_heads),
+         text=True, keep=_hf_mlp_hidden_only),
     Arch("hf_llama", _hf("LlamaConfig", "LlamaForCausalLM", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, intermediate_size=64, use_cache=False),
-         text=True, keep=_hf_text_keep, tp_kwargs=_hf_heads),
+         text=True, keep=_hf_mlp_hidden_only),
     Arch("hf_gpt2", _hf("GPT2Config", "GPT2LMHeadModel", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2,
                         n_positions=SEQ, bos_token_id=0, eos_token_id=0, use_cache=False),
-         text=True, keep=_hf_text_keep),
+         text=True, keep=_hf_mlp_hidden_only),
 ]
 
 

@@ -87,7 +87,7 @@ def test_interactive_steps_record_only_what_was_pruned(dense4, images, cfg):
     handle = starfish.attach(pruner, dense4, images, cfg)
     groups = pruner.step(interactive=True)
     assert handle.steps == 0  # healing waits until the caller has gone through the groups
-    with pytest.raises(errors.MaskNotFoundError, match="has not pruned anything yet"):
+    with pytest.raises(errors.MaskNotFoundError, match="removed no channel. In an interactive step, call group.prune"):
         for _ in groups:
             pass  # the caller prunes nothing
     assert handle.reports == []
