@@ -5,8 +5,9 @@ Torch-Pruning leaves no mask: pruned channels, MLP units and heads are gone. Thi
 * records, for every pruned module, which *original* output/input channels survive (through
   ``starfish.attach`` or ``track``), so that dense targets can be indexed by the kept channels
   when the residual stream (embedding width, a CNN stage's channels) was pruned;
-* keeps timm ``Attention`` (``num_heads``, ``head_dim``, ``attn_dim``) and torchvision
-  ``VisionTransformer`` (``hidden_dim``) attributes in step with the pruned shapes;
+* keeps timm ``Attention`` (``num_heads``, ``head_dim``, ``attn_dim``), torchvision
+  ``VisionTransformer`` (``hidden_dim``) and Hugging Face attention (``head_dim`` /
+  ``attention_head_size``, ``num_key_value_groups``) attributes in step with the pruned shapes;
 * tells ``heal`` what to train: the surviving weights and biases of the pruned Linear/Conv
   layers (``HealConfig(trainable="all")`` trains every parameter);
 * given an example input (``attach`` takes one from the calibration data, ``track`` takes
@@ -217,6 +218,51 @@ def sync_attention(model: nn.Module, pruner: Any | None = None) -> None:
         conv_proj = getattr(module, "conv_proj", None)
         if isinstance(conv_proj, nn.Conv2d) and hasattr(module, "hidden_dim"):
             module.hidden_dim = conv_proj.out_channels  # torchvision VisionTransformer
+        _sync_split_attention(module, heads)
+
+
+# Hugging Face attention: separate projections, the head size kept as an attribute, the head count
+# found by the forward's ``view(..., -1, head_size)``: pruning head dimensions without updating the
+# head size silently merges heads.
+_SPLIT_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+_HEAD_SIZE_NAMES = ("head_dim", "attention_head_size")
+
+
+def _head_count(module: nn.Module, proj: nn.Linear, heads: Mapping[nn.Module, int], kv: bool) -> int | None:
+    if proj in heads:
+        return int(heads[proj])
+    config = getattr(module, "config", None)
+    names = ("num_key_value_heads", "num_attention_heads") if kv else ("num_attention_heads",)
+    for owner in (module, config):
+        for name in names:
+            value = getattr(owner, name, None) if owner is not None else None
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def _sync_split_attention(module: nn.Module, heads: Mapping[nn.Module, int]) -> None:
+    """Head size, head count and grouped-query ratio of a Hugging Face attention module, from its
+    pruned projections and the pruner's head counts. The softmax scale is left as the dense model's:
+    healing aligns the pruned attention with the dense one."""
+    for q_name, k_name, v_name in _SPLIT_PROJECTIONS:
+        q, k = getattr(module, q_name, None), getattr(module, k_name, None)
+        if not (isinstance(q, nn.Linear) and isinstance(k, nn.Linear) and isinstance(getattr(module, v_name, None), nn.Linear)):
+            continue
+        size_name = next((n for n in _HEAD_SIZE_NAMES if isinstance(getattr(module, n, None), int)), None)
+        q_heads, kv_heads = _head_count(module, q, heads, kv=False), _head_count(module, k, heads, kv=True)
+        if size_name is None or not q_heads or not kv_heads:
+            return
+        if q.out_features % q_heads or k.out_features % kv_heads:
+            return  # uneven: left for the forward check to report
+        setattr(module, size_name, q.out_features // q_heads)
+        if isinstance(getattr(module, "num_attention_heads", None), int):
+            module.num_attention_heads = q_heads
+        if isinstance(getattr(module, "all_head_size", None), int):
+            module.all_head_size = q.out_features
+        if isinstance(getattr(module, "num_key_value_groups", None), int) and q_heads % kv_heads == 0:
+            module.num_key_value_groups = q_heads // kv_heads
+        return
 
 
 # --- following channels through layers without channels of their own ------------------------
@@ -419,13 +465,29 @@ def _broken_model_error(model: nn.Module, where: str, exc: Exception) -> PrunerE
         "layers whose channels the forward reshapes"
     )
     heads = getattr(module, "num_heads", None)
-    if isinstance(heads, int):
+    split = next((names for names in _SPLIT_PROJECTIONS if module is not None
+                  and all(isinstance(getattr(module, n, None), nn.Linear) for n in names)), None)
+    if split is not None:
+        projections = ", ".join(f"{where}.{n}" for n in split)
+        advice += (
+            f". {where!r} is an attention module with separate projections ({projections}): give "
+            "Torch-Pruning num_heads={<projection>: heads} for each of them so it prunes the same dimensions "
+            "in every head (starfish then updates head_dim / attention_head_size)"
+        )
+        if any("rotary" in name or "rope" in name for name, _ in model.named_modules()):
+            advice += (
+                "; this model uses rotary position embeddings, whose size is the head size, so the head "
+                "size cannot shrink: prune whole heads instead with prune_num_heads=True, "
+                "prune_head_dims=False (and head_pruning_ratio)"
+            )
+    elif isinstance(heads, int):
         linears = [f"{where}.{n}" for n, m in module.named_children() if isinstance(m, nn.Linear)]
         advice += (
             f". {where!r} is an attention module (num_heads={heads}): Torch-Pruning needs num_heads="
             f"{{<Linear>: {heads}}} for its projections ({', '.join(linears) or 'its Linear layers'}) to prune "
-            "whole heads, and starfish updates the head bookkeeping only of timm/torchvision attention "
-            "with a fused qkv; if the forward still fails, add the attention module to ignored_layers"
+            "whole heads, and starfish updates the head bookkeeping of timm/torchvision attention with a "
+            "fused qkv and of Hugging Face attention; if the forward still fails, add the attention module "
+            "to ignored_layers"
         )
     return PrunerError(
         f"Torch-Pruning produced a {type(model).__name__} that cannot run its forward: after pruner.step() "

@@ -62,10 +62,26 @@ def _mlp_hidden_only(model: nn.Module) -> list[nn.Module]:
             and not name.endswith(("fc1", "mlp.0", "intermediate.dense", "gate_proj", "up_proj"))]
 
 
-def _hf_mlp_hidden_only(model: nn.Module) -> list[nn.Module]:
-    """Hugging Face attention keeps its head counts in attributes and its config, which
-    Torch-Pruning does not update: prune the MLP's hidden units only (embeddings and heads kept)."""
-    return _mlp_hidden_only(model) + [m for m in model.modules() if isinstance(m, nn.Embedding)]
+def _hf_keep(model: nn.Module) -> list[nn.Module]:
+    """A Hugging Face model's embeddings and its output layer (classifier or LM head)."""
+    return [m for m in model.modules() if isinstance(m, nn.Embedding)] + _last_linear(model)
+
+
+def _hf_heads(model: nn.Module) -> dict:
+    """``num_heads`` for every attention's query/key/value projections, as Torch-Pruning's examples
+    give it; starfish then updates the head size (``head_dim`` / ``attention_head_size``)."""
+    heads = {}
+    for m in model.modules():
+        for q, k, v in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value")):
+            if isinstance(getattr(m, q, None), nn.Linear):
+                n = getattr(m, "num_attention_heads", None) or m.config.num_attention_heads
+                heads.update({getattr(m, q): n, getattr(m, k): n, getattr(m, v): n})
+    return {"num_heads": heads}
+
+
+def _hf_whole_heads(model: nn.Module) -> dict:
+    """Rotary position embeddings fix the head size: prune whole heads (Torch-Pruning's LLM setting)."""
+    return {**_hf_heads(model), "prune_num_heads": True, "prune_head_dims": False, "head_pruning_ratio": 0.5}
 
 
 def _timm_heads(model: nn.Module) -> dict:
@@ -191,20 +207,20 @@ ARCHS: list[Arch] = [
     # Hugging Face transformers (vision and text)
     Arch("hf_vit", _hf("ViTConfig", "ViTForImageClassification", hidden_size=32, num_hidden_layers=2,
                        num_attention_heads=2, intermediate_size=64, image_size=IMAGE, patch_size=8, num_labels=10),
-         keep=_hf_mlp_hidden_only),
+         keep=_hf_keep, tp_kwargs=_hf_heads),
     Arch("hf_swin", _hf("SwinConfig", "SwinForImageClassification", image_size=IMAGE, patch_size=4, embed_dim=16,
                         depths=[2, 2], num_heads=[1, 2], window_size=4, num_labels=10), keep=_mlp_hidden_only),
     Arch("hf_convnext", _hf("ConvNextConfig", "ConvNextForImageClassification", hidden_sizes=[8, 16, 32, 64],
                             depths=[1, 1, 2, 1], num_labels=10), keep=_last_linear),
     Arch("hf_bert", _hf("BertConfig", "BertForSequenceClassification", vocab_size=VOCAB, hidden_size=32,
                         num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=3),
-         text=True, keep=_hf_mlp_hidden_only),
+         text=True, keep=_hf_keep, tp_kwargs=_hf_heads),
     Arch("hf_llama", _hf("LlamaConfig", "LlamaForCausalLM", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, intermediate_size=64, use_cache=False),
-         text=True, keep=_hf_mlp_hidden_only),
+         text=True, keep=_hf_keep, tp_kwargs=_hf_whole_heads),
     Arch("hf_gpt2", _hf("GPT2Config", "GPT2LMHeadModel", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2,
                         n_positions=SEQ, bos_token_id=0, eos_token_id=0, use_cache=False),
-         text=True, keep=_hf_mlp_hidden_only),
+         text=True, keep=_hf_keep),
 ]
 
 

@@ -22,6 +22,7 @@ from torchvision.models.vgg import cfgs, make_layers
 import starfish_plugin as starfish
 from starfish_plugin import errors
 from starfish_plugin.adapters import tp_graph
+from starfish_plugin.attach import Attachment
 from conftest import assert_state_equal, state_copy
 
 warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
@@ -258,3 +259,71 @@ def test_full_size_torchvision_models(name):
     head = "classifier.6" if name == "vgg11_bn" else "classifier"
     _, report = _heal(dense, head, _images(4, 32), blocks)
     assert all(report.target_alignment[b].startswith(f"kept channels of {b} (") for b in blocks)
+
+
+def _hf_llama(heads: int = 4) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=heads,
+                                      num_key_value_heads=heads, intermediate_size=64, use_cache=False)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _hf_vit() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                    image_size=16, patch_size=8, num_labels=10)
+    return transformers.ViTForImageClassification(config).eval()
+
+
+def _hf_heads(model: nn.Module) -> dict:
+    return {getattr(m, p): m.config.num_attention_heads for m in model.modules() if hasattr(m, "q_proj")
+            for p in ("q_proj", "k_proj", "v_proj")}
+
+
+def _tokens(n: int) -> torch.Tensor:
+    return torch.randint(0, 64, (n, 10), generator=torch.Generator().manual_seed(0))
+
+
+def _hf_step(dense: nn.Module, x: torch.Tensor, **kwargs) -> tuple[nn.Module, Attachment]:
+    model = copy.deepcopy(dense)
+    keep = [m for m in model.modules() if isinstance(m, nn.Embedding)] + [list(model.modules())[-1]]
+    pruner = tp.pruner.MetaPruner(model, x[:1], importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
+                                  ignored_layers=keep, num_heads=_hf_heads(model), **kwargs)
+    config = starfish.HealConfig(epochs=5, batch_size=len(x), lr=1e-3, quiet=True, diagnostic_samples=len(x))
+    handle = starfish.attach(pruner, dense, x, config)
+    pruner.step()
+    return model, handle
+
+
+def test_hf_attention_head_size_follows_pruned_head_dims():
+    """Torch-Pruning prunes the same dimensions in each head; Hugging Face attention finds the head
+    count from its head size (view(..., -1, head_dim)), so without the update two heads of 8 would
+    silently become one head of 16."""
+    dense = _hf_vit()
+    model, handle = _hf_step(dense, _images(8, 16))
+    attn = model.vit.layers[0].attention
+    assert attn.q_proj.out_features == 16  # 32 -> 16 per projection
+    assert (attn.num_attention_heads, attn.head_dim) == (2, 8)
+    report = handle.reports[-1]
+    assert report.mean_cosine_after > report.mean_cosine_before
+
+
+def test_hf_llama_whole_heads_pruned_heals():
+    dense = _hf_llama(heads=4)
+    model, handle = _hf_step(dense, _tokens(8), prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=0.5)
+    attn = model.model.layers[0].self_attn
+    assert (attn.q_proj.out_features, attn.head_dim, attn.num_key_value_groups) == (16, 8, 1)  # 2 heads of 8 left
+    report = handle.reports[-1]
+    assert report.block_rule.startswith("Hugging Face")
+    assert report.mean_cosine_after > report.mean_cosine_before
+
+
+def test_hf_llama_head_dims_pruned_is_refused_with_the_rotary_fix():
+    dense = _hf_llama(heads=2)
+    saved = state_copy(dense)
+    with pytest.raises(errors.PrunerError, match=r"(?s)LlamaForCausalLM that cannot run its forward.*self_attn.*"
+                       r"rotary position embeddings.*prune_num_heads=True, prune_head_dims=False"):
+        _hf_step(dense, _tokens(4))
+    assert_state_equal(dense, saved)
