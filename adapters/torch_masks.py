@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
-from starfish_plugin.hookspecs import hookimpl
-from starfish_plugin.masks import MaskedTensor, SparsityPlan
+from starfish_plugin.core.plan import MaskedTensor, SparsityPlan
+from starfish_plugin.plugins.hookspecs import hookimpl
 
 NAME = "torch_masks"
 FORMS = [

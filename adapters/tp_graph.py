@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from starfish_plugin.core.plan import MaskedTensor, SparsityPlan
 from starfish_plugin.errors import MaskNotFoundError, ModelMismatchError, PrunerError, StarfishError
-from starfish_plugin.hookspecs import hookimpl
-from starfish_plugin.masks import MaskedTensor, SparsityPlan
+from starfish_plugin.plugins.hookspecs import hookimpl
 
 NAME = "torch_pruning"
 HINT = (
@@ -42,13 +42,13 @@ HINT = (
     "channels are recorded and attention modules updated (tp_graph.sync_attention(model, pruner)); track() "
     "also needs example_inputs to follow channels through concatenations and parameter-free layers. "
     "The record belongs to that model object: a copy has none, nor has a model reloaded from any "
-    "file but starfish's structured one (starfish_plugin.structured_checkpoint.structured_state), "
+    "file but starfish's structured one (starfish_plugin.io.structured.structured_state), "
     "so heal the tracked model itself or save it in that form."
 )
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 TRAINED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-_RECORDS: "weakref.WeakKeyDictionary[nn.Module, KeptChannels]" = weakref.WeakKeyDictionary()
+_RECORDS: weakref.WeakKeyDictionary[nn.Module, KeptChannels] = weakref.WeakKeyDictionary()
 
 
 def is_torch_pruning_pruner(pruner: object) -> bool:
@@ -247,7 +247,8 @@ def _sync_split_attention(module: nn.Module, heads: Mapping[nn.Module, int]) -> 
     healing aligns the pruned attention with the dense one."""
     for q_name, k_name, v_name in _SPLIT_PROJECTIONS:
         q, k = getattr(module, q_name, None), getattr(module, k_name, None)
-        if not (isinstance(q, nn.Linear) and isinstance(k, nn.Linear) and isinstance(getattr(module, v_name, None), nn.Linear)):
+        v = getattr(module, v_name, None)
+        if not all(isinstance(p, nn.Linear) for p in (q, k, v)):
             continue
         size_name = next((n for n in _HEAD_SIZE_NAMES if isinstance(getattr(module, n, None), int)), None)
         q_heads, kv_heads = _head_count(module, q, heads, kv=False), _head_count(module, k, heads, kv=True)
@@ -465,8 +466,14 @@ def _broken_model_error(model: nn.Module, where: str, exc: Exception) -> PrunerE
         "layers whose channels the forward reshapes"
     )
     heads = getattr(module, "num_heads", None)
-    split = next((names for names in _SPLIT_PROJECTIONS if module is not None
-                  and all(isinstance(getattr(module, n, None), nn.Linear) for n in names)), None)
+    split = next(
+        (
+            names
+            for names in _SPLIT_PROJECTIONS
+            if module is not None and all(isinstance(getattr(module, n, None), nn.Linear) for n in names)
+        ),
+        None,
+    )
     if split is not None:
         projections = ", ".join(f"{where}.{n}" for n in split)
         advice += (
@@ -536,8 +543,10 @@ def _pruner_error(pruner: Any, record: KeptChannels, exc: Exception, shapes: dic
             plain = [int(getattr(j, "idx", j)) for j in idxs]
             if count is not None and plain and max(plain) >= count and name not in misfits:
                 misfits.append(name)
-    text = (f"Torch-Pruning could not prune this {type(model).__name__}: pruner.step() raised "
-            f"{type(exc).__name__}: {exc}{where}.")
+    text = (
+        f"Torch-Pruning could not prune this {type(model).__name__}: pruner.step() raised "
+        f"{type(exc).__name__}: {exc}{where}."
+    )
     if misfits:
         rank = {name: i for i, name in enumerate(record.names.values())}
         misfits.sort(key=lambda n: rank.get(n, len(rank)))
@@ -550,8 +559,11 @@ def _pruner_error(pruner: Any, record: KeptChannels, exc: Exception, shapes: dic
             + "to ignored_layers."
         )
     changed = any(shapes.get(n) != p.shape for n, p in model.named_parameters())
-    text += (" The model is partly pruned: build it again from the dense copy, and a new pruner."
-             if changed else " The model was not changed, but the pruner counted the step: build a new pruner.")
+    text += (
+        " The model is partly pruned: build it again from the dense copy, and a new pruner."
+        if changed
+        else " The model was not changed, but the pruner counted the step: build a new pruner."
+    )
     return PrunerError(f"{text} Set the pruner up with {SETUP}.")
 
 
@@ -562,7 +574,7 @@ class _Diagnosed:
         self.pruner, self.record = pruner, record
         self.shapes = {n: p.shape for n, p in pruner.model.named_parameters()}
 
-    def __enter__(self) -> "_Diagnosed":
+    def __enter__(self) -> _Diagnosed:
         return self
 
     def __exit__(self, kind: Any, exc: BaseException | None, _tb: Any) -> bool:
@@ -729,7 +741,7 @@ def run_step(pruner: Any, step: Callable[..., Any], *args: Any, interactive: boo
     return None
 
 
-def _interactive(pruner: Any, record: KeptChannels, guard: "_Diagnosed", groups) -> Iterator[Any]:
+def _interactive(pruner: Any, record: KeptChannels, guard: _Diagnosed, groups) -> Iterator[Any]:
     pending, before = {}, {}
     failed = False
     try:
@@ -782,8 +794,13 @@ def _trained_entries(model: nn.Module, names: set[str]) -> list[MaskedTensor]:
                 param = getattr(module, tensor_name, None)
                 if isinstance(param, nn.Parameter):
                     entries.append(
-                        MaskedTensor(f"{name}.{tensor_name}", param, torch.ones_like(param, dtype=torch.bool),
-                                     "structural", "zero")
+                        MaskedTensor(
+                            f"{name}.{tensor_name}",
+                            param,
+                            torch.ones_like(param, dtype=torch.bool),
+                            "structural",
+                            "zero",
+                        )
                     )
     return entries
 
@@ -820,10 +837,18 @@ def starfish_find_masks(model, dense):
             )
         notes = [f"Torch-Pruning: {record.steps} step(s), {record.groups} group(s) pruned; kept channels recorded"]
         if record.inconsistent:
-            notes.append(f"kept-channel records dropped as inconsistent: {sorted(n for n, _ in record.inconsistent)[:5]}")
-        return SparsityPlan(_trained_entries(model, names), NAME, structural=True, notes=notes,
-                            kept_out_channels=record.kept_out(), original_out_channels=record.original_out(),
-                            hint=HINT)
+            notes.append(
+                f"kept-channel records dropped as inconsistent: {sorted(n for n, _ in record.inconsistent)[:5]}"
+            )
+        return SparsityPlan(
+            _trained_entries(model, names),
+            NAME,
+            structural=True,
+            notes=notes,
+            kept_out_channels=record.kept_out(),
+            original_out_channels=record.original_out(),
+            hint=HINT,
+        )
     if dense is None:
         return None
     names = _shrunk_modules(model, dense)

@@ -1,6 +1,6 @@
 """Recovery beyond ViTs: the shipped CNN (``starfish:resnet_fmnist``) pruned three ways and healed.
 
-The dense model is ``starfish_plugin.zoo.load_checkpoint("resnet_fmnist")`` (a ResNet-style CNN,
+The dense model is ``starfish_plugin.demo.zoo.load_checkpoint("resnet_fmnist")`` (a ResNet-style CNN,
 stem + 3 stages x 2 residual blocks, trained on Fashion-MNIST by
 ``benchmarks/train_checkpoints.py resnet_fmnist``). Pruning variants, all deterministic:
 
@@ -38,14 +38,13 @@ import time
 import warnings
 
 import torch
+from common import RESULTS, hardware
 from torch import nn
 from torch.nn.utils import prune
 
 import starfish_plugin as starfish
-from starfish_plugin.data import load_fashion_mnist
-from starfish_plugin.zoo import CHECKPOINT_DIR, load_checkpoint
-
-from common import RESULTS, hardware
+from starfish_plugin.demo.datasets import load_fashion_mnist
+from starfish_plugin.demo.zoo import CHECKPOINT_DIR, load_checkpoint
 
 MODEL = "resnet_fmnist"
 VARIANTS = {

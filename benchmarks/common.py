@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from starfish_plugin.hookspecs import hookimpl
+from starfish_plugin.plugins.hookspecs import hookimpl
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -25,12 +25,11 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # a cold cache of our own, remo
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
 
 import torch  # noqa: E402
+from common import hardware, heal_with_epoch_times, median, save  # noqa: E402
 
 import starfish_plugin as starfish  # noqa: E402
-from starfish_plugin.demo import load_demo_data, prune_vit_  # noqa: E402
-from starfish_plugin.zoo import load_checkpoint  # noqa: E402
-
-from common import hardware, heal_with_epoch_times, median, save  # noqa: E402
+from starfish_plugin.demo.run import load_demo_data, prune_vit_  # noqa: E402
+from starfish_plugin.demo.zoo import load_checkpoint  # noqa: E402
 
 
 def run(base, dense, images, config) -> dict:

@@ -15,7 +15,6 @@ import copy
 
 import torch
 import torch.nn.functional as F
-
 from common import hardware, median, save
 
 LAYERS = {"qkv 768x2304": (768, 2304), "fc1 768x3072": (768, 3072), "fc2 3072x768": (3072, 768)}

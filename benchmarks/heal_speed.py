@@ -22,15 +22,14 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import hardware, median, reset_peak_rss, rss_bytes, save, trim_heap
 
 import starfish_plugin as starfish
-from starfish_plugin.blocks import capture_outputs
-from starfish_plugin.calibration import load_calibration
-from starfish_plugin.demo import load_demo_data, prune_vit_
-from starfish_plugin.targets import DenseTargets, dense_outputs, plan_targets
-from starfish_plugin.zoo import load_checkpoint
-
-from common import hardware, median, reset_peak_rss, rss_bytes, save, trim_heap
+from starfish_plugin.core.blocks import capture_outputs
+from starfish_plugin.data.calibration import load_calibration
+from starfish_plugin.data.targets import DenseTargets, dense_outputs, plan_targets
+from starfish_plugin.demo.run import load_demo_data, prune_vit_
+from starfish_plugin.demo.zoo import load_checkpoint
 
 
 def manual_heal(pruned, dense, images, blocks, epochs, batch_size=32, lr=6e-4, min_lr=1e-6, seed=0,

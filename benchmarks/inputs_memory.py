@@ -21,14 +21,13 @@ import sys
 import tempfile
 
 import torch
+from common import hardware, reset_peak_rss, rss_bytes, save, trim_heap
 from torch.utils.data import Dataset
 
 import starfish_plugin as starfish
-from starfish_plugin.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, _read_idx, fashion_mnist_root
-from starfish_plugin.demo import prune_vit_
-from starfish_plugin.zoo import load_checkpoint
-
-from common import hardware, reset_peak_rss, rss_bytes, save, trim_heap
+from starfish_plugin.demo.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, _read_idx, fashion_mnist_root
+from starfish_plugin.demo.run import prune_vit_
+from starfish_plugin.demo.zoo import load_checkpoint
 
 SIZES = (2000, 8000, 16000, 32000)
 MODES = ("memory", "disk")

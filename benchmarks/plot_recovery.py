@@ -14,7 +14,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
 from common import RESULTS  # noqa: E402
 from recovery import LOSSES, SPARSITIES  # noqa: E402
 

@@ -5,7 +5,7 @@ The shipped ViT (dense 88.14 % on the full test set) is pruned with torch.nn.uti
 cosine+kl under one budget: 1,000 calibration images from the training split x 10 epochs,
 AdamW 6e-4 -> 1e-6 cosine, batch 32; 3 seeds (the seed draws the calibration images and their
 order). Recorded per run: top-1 on the full 10k test set, per-block cosine before/after, the KL
-diagnostics of ``starfish_plugin.evaluate.kl_diagnostics`` before/after on the calibration set,
+diagnostics of ``starfish_plugin.core.evaluate.kl_diagnostics`` before/after on the calibration set,
 and heal time.
 
     python benchmarks/recovery.py main --sparsity 0.8     # ~7 min on 2 CPU cores
@@ -23,16 +23,15 @@ import json
 import time
 
 import torch
-
-import starfish_plugin as starfish
-from starfish_plugin.data import load_fashion_mnist
-from starfish_plugin.demo import prune_vit_
-from starfish_plugin.evaluate import kl_diagnostics
-from starfish_plugin.zoo import load_checkpoint
-from starfish_plugin.adapters.nm_layouts import nm_violation
+from common import RESULTS, accuracy_cell, hardware, save
 from torch.ao.pruning import WeightNormSparsifier
 
-from common import RESULTS, accuracy_cell, hardware, save
+import starfish_plugin as starfish
+from starfish_plugin.core.evaluate import kl_diagnostics
+from starfish_plugin.core.nm_pattern import nm_violation
+from starfish_plugin.demo.datasets import load_fashion_mnist
+from starfish_plugin.demo.run import prune_vit_
+from starfish_plugin.demo.zoo import load_checkpoint
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 LOSSES = ("cosine", "mse", "kl", "ce", "cosine+kl")
@@ -114,7 +113,9 @@ def run_sweep(sparsity: float = 0.9, sizes: tuple[int, ...] = (250, 500, 1000, 2
             report = starfish.heal(model, dense, train_x[order[:n]], seed=seed, quiet=True, diagnostic_samples=0)
             runs.append({"seed": seed, "images": n, "top1": starfish.evaluate(model, test),
                          "train_seconds": report.train_seconds, "samples_per_second": report.samples_per_second})
-            print(f"sweep {sparsity} seed {seed} n={n}: {runs[-1]['top1']:.2f} ({report.train_seconds:.0f} s)", flush=True)
+            print(
+                f"sweep {sparsity} seed {seed} n={n}: {runs[-1]['top1']:.2f} ({report.train_seconds:.0f} s)", flush=True
+            )
     return {"benchmark": "recovery_sweep", "sparsity": sparsity, "runs": runs, "hardware": hardware()}
 
 
@@ -129,16 +130,24 @@ def run_source(sparsity: float = 0.9) -> dict:
     runs = []
     for seed in SEEDS:
         gen = torch.Generator().manual_seed(1000 + seed)
-        sources = {"train": train_x[torch.randperm(len(train_x), generator=gen)[:1000]],
-                   "held_out": held_out[torch.randperm(len(held_out), generator=gen)[:1000]]}
+        sources = {
+            "train": train_x[torch.randperm(len(train_x), generator=gen)[:1000]],
+            "held_out": held_out[torch.randperm(len(held_out), generator=gen)[:1000]],
+        }
         for source, images in sources.items():
             model = copy.deepcopy(base)
             starfish.heal(model, dense, images, seed=seed, quiet=True, diagnostic_samples=0)
             runs.append({"seed": seed, "source": source, "top1": starfish.evaluate(model, evaluation)})
             print(f"source {sparsity} seed {seed} {source}: {runs[-1]['top1']:.2f}", flush=True)
-    return {"benchmark": "recovery_source", "sparsity": sparsity, "evaluated_on": "test images 5000-9999",
-            "dense_top1": starfish.evaluate(dense, evaluation), "pruned_top1": starfish.evaluate(base, evaluation),
-            "runs": runs, "hardware": hardware()}
+    return {
+        "benchmark": "recovery_source",
+        "sparsity": sparsity,
+        "evaluated_on": "test images 5000-9999",
+        "dense_top1": starfish.evaluate(dense, evaluation),
+        "pruned_top1": starfish.evaluate(base, evaluation),
+        "runs": runs,
+        "hardware": hardware(),
+    }
 
 
 # Candidate improvements over plain cosine (and two baselines given the same changes, for fairness).
@@ -164,8 +173,15 @@ def run_variant(name: str, sparsity: float, n_calibration: int = 1000) -> dict:
         starfish.heal(model, dense, train_x[pick], seed=seed, quiet=True, diagnostic_samples=0, **VARIANTS[name])
         runs.append({"seed": seed, "top1": starfish.evaluate(model, test)})
         print(f"variant {name} {sparsity} n={n_calibration} seed {seed}: {runs[-1]['top1']:.2f}", flush=True)
-    return {"benchmark": "recovery_variant", "variant": name, "settings": VARIANTS[name], "sparsity": sparsity,
-            "calibration_images": n_calibration, "runs": runs, "hardware": hardware()}
+    return {
+        "benchmark": "recovery_variant",
+        "variant": name,
+        "settings": VARIANTS[name],
+        "sparsity": sparsity,
+        "calibration_images": n_calibration,
+        "runs": runs,
+        "hardware": hardware(),
+    }
 
 
 def table() -> str:
@@ -184,8 +200,11 @@ def table() -> str:
             means[loss], cell = accuracy_cell(data["runs"], loss)
             cells.append((loss, cell))
         best = max(means, key=means.get)
-        lines.append(f"| {s} | {data['pruned_top1']:.2f} | "
-                     + " | ".join(f"**{c}**" if loss == best else c for loss, c in cells) + " |")
+        lines.append(
+            f"| {s} | {data['pruned_top1']:.2f} | "
+            + " | ".join(f"**{c}**" if loss == best else c for loss, c in cells)
+            + " |"
+        )
     return (f"dense: {dense:.2f}\n\n" if dense is not None else "") + "\n".join(lines)
 
 
@@ -204,8 +223,7 @@ def variants_table() -> str:
         data = json.loads(path.read_text())
         rows.setdefault((str(data["sparsity"]), data["calibration_images"]), {})[data["variant"]] = data["runs"]
     names = [v for v in VARIANTS if any(v in r for r in rows.values())]
-    lines = ["| sparsity | images | cosine (paper) | kl | " + " | ".join(names) + " |",
-             "|---" * (len(names) + 4) + "|"]
+    lines = ["| sparsity | images | cosine (paper) | kl | " + " | ".join(names) + " |", "|---" * (len(names) + 4) + "|"]
     for (sparsity, images), found in sorted(rows.items(), key=lambda kv: (kv[0][0] != "2:4", kv[0])):
         source = {1000: f"recovery_main_{sparsity}.json", 256: f"recovery_small_{sparsity}.json"}.get(images)
         if sparsity == "2:4":

@@ -18,13 +18,12 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import hardware, median, save
 from torch import nn
 from torch.nn.utils import prune
 
-from starfish_plugin.demo import prune_vit_
-from starfish_plugin.zoo import load_checkpoint
-
-from common import hardware, median, save
+from starfish_plugin.demo.run import prune_vit_
+from starfish_plugin.demo.zoo import load_checkpoint
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 LAYERS = {"qkv 768x2304": (768, 2304), "fc1 768x3072": (768, 3072), "fc2 3072x768": (3072, 768)}
@@ -62,8 +61,10 @@ def _median_pair(fa, fb, repeats: int) -> tuple[float, float]:
         fa(), fb()
     ta, tb = [], []
     for _ in range(repeats):
-        start = time.perf_counter(); fa(); ta.append(time.perf_counter() - start)
-        start = time.perf_counter(); fb(); tb.append(time.perf_counter() - start)
+        for fn, times in ((fa, ta), (fb, tb)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
     return median(ta), median(tb)
 
 

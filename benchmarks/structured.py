@@ -21,12 +21,11 @@ import warnings
 import timm
 import torch
 import torch_pruning as tp
+from common import RESULTS, accuracy_cell, hardware, median, save
 
 import starfish_plugin as starfish
-from starfish_plugin.data import load_fashion_mnist
-from starfish_plugin.zoo import load_checkpoint
-
-from common import RESULTS, accuracy_cell, hardware, median, save
+from starfish_plugin.demo.datasets import load_fashion_mnist
+from starfish_plugin.demo.zoo import load_checkpoint
 
 PANELS = ("mlp", "mlp_heads")
 RATIOS = (0.3, 0.5, 0.7)
@@ -134,7 +133,10 @@ def latency(repeats: int = 30) -> dict:
 
 
 def table() -> str:
-    lines = ["| panel | ratio | params kept | pruned | cosine (STARFISH) | KL | CE |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| panel | ratio | params kept | pruned | cosine (STARFISH) | KL | CE |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     dense = None
     for panel in PANELS:
         for ratio in RATIOS:
@@ -144,15 +146,21 @@ def table() -> str:
             data = json.loads(path.read_text())
             dense = data["dense_top1"]
             cells = [accuracy_cell(data["runs"], loss)[1] for loss in LOSSES]
-            lines.append(f"| {panel} | {ratio} | {data['parameters_kept']:.0%} | {data['pruned_top1']:.2f} | "
-                         + " | ".join(cells) + " |")
+            lines.append(
+                f"| {panel} | {ratio} | {data['parameters_kept']:.0%} | {data['pruned_top1']:.2f} | "
+                + " | ".join(cells)
+                + " |"
+            )
     out = f"dense: {dense:.2f}\n\n" + "\n".join(lines)
     path = RESULTS / "structured_latency.json"
     if path.exists():
         data = json.loads(path.read_text())
         out += "\n\n| panel | ratio | batch | dense ms | pruned ms | speedup |\n|---|---:|---:|---:|---:|---:|\n"
-        out += "\n".join(f"| {r['panel']} | {r['ratio']} | {r['batch']} | {r['dense_ms']:.2f} | {r['pruned_ms']:.2f} | "
-                         f"{r['speedup']:.2f}x |" for r in data["rows"])
+        out += "\n".join(
+            f"| {r['panel']} | {r['ratio']} | {r['batch']} | {r['dense_ms']:.2f} | {r['pruned_ms']:.2f} | "
+            f"{r['speedup']:.2f}x |"
+            for r in data["rows"]
+        )
     return out
 
 

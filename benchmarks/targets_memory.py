@@ -21,12 +21,11 @@ import sys
 import tempfile
 
 import torch
+from common import hardware, median, reset_peak_rss, rss_bytes, save, trim_heap
 
 import starfish_plugin as starfish
-from starfish_plugin.demo import load_demo_data, prune_vit_
-from starfish_plugin.zoo import load_checkpoint
-
-from common import hardware, median, reset_peak_rss, rss_bytes, save, trim_heap
+from starfish_plugin.demo.run import load_demo_data, prune_vit_
+from starfish_plugin.demo.zoo import load_checkpoint
 
 SIZES = (1000, 2000, 4000, 8000)
 MODES = ("memory", "disk", "online")
@@ -47,13 +46,28 @@ def probe(mode: str, n: int) -> dict:
     base = rss_bytes()
     measured = reset_peak_rss()
     with tempfile.TemporaryDirectory() as tmp:
-        report = starfish.heal(pruned, dense, images, epochs=EPOCHS, targets=mode, cache_dir=tmp if mode == "disk" else None,
-                               quiet=True, diagnostic_samples=0)
+        report = starfish.heal(
+            pruned,
+            dense,
+            images,
+            epochs=EPOCHS,
+            targets=mode,
+            cache_dir=tmp if mode == "disk" else None,
+            quiet=True,
+            diagnostic_samples=0,
+        )
     peak = rss_bytes("VmHWM") if measured else None
-    return {"mode": mode, "images": n, "epochs": EPOCHS, "peak_rss_increase_bytes": None if peak is None else peak - base,
-            "target_cache_ram_bytes": report.target_cache_bytes, "estimate_bytes": report.target_cache_estimate_bytes,
-            "heal_seconds": report.seconds, "samples_per_second": report.samples_per_second,
-            "input_bytes": images.numel() * images.element_size()}
+    return {
+        "mode": mode,
+        "images": n,
+        "epochs": EPOCHS,
+        "peak_rss_increase_bytes": None if peak is None else peak - base,
+        "target_cache_ram_bytes": report.target_cache_bytes,
+        "estimate_bytes": report.target_cache_estimate_bytes,
+        "heal_seconds": report.seconds,
+        "samples_per_second": report.samples_per_second,
+        "input_bytes": images.numel() * images.element_size(),
+    }
 
 
 def main() -> None:
@@ -67,17 +81,32 @@ def main() -> None:
     rows = []
     for n in SIZES:
         for mode in MODES:
-            runs = [json.loads(subprocess.run([sys.executable, __file__, "--probe", mode, str(n)], check=True,
-                                              capture_output=True, text=True).stdout.strip().splitlines()[-1])
-                    for _ in range(args.repeats)]
+            runs = [
+                json.loads(
+                    subprocess.run(
+                        [sys.executable, __file__, "--probe", mode, str(n)], check=True, capture_output=True, text=True
+                    )
+                    .stdout.strip()
+                    .splitlines()[-1]
+                )
+                for _ in range(args.repeats)
+            ]
             row = dict(runs[0])
             row["samples_per_second"] = median([r["samples_per_second"] for r in runs])
             row["peak_rss_increase_bytes"] = median([r["peak_rss_increase_bytes"] for r in runs])
             rows.append(row)
-            print(f"{mode:7s} n={n}: peak RSS +{row['peak_rss_increase_bytes'] / 2**20:.1f} MiB, "
-                  f"{row['samples_per_second']:.0f} samples/s", flush=True)
-    print("saved", save("targets_memory", {"benchmark": "targets_memory", "model": "vit_fmnist pruned 0.8",
-                                           "rows": rows, "hardware": hardware()}))
+            print(
+                f"{mode:7s} n={n}: peak RSS +{row['peak_rss_increase_bytes'] / 2**20:.1f} MiB, "
+                f"{row['samples_per_second']:.0f} samples/s",
+                flush=True,
+            )
+    print(
+        "saved",
+        save(
+            "targets_memory",
+            {"benchmark": "targets_memory", "model": "vit_fmnist pruned 0.8", "rows": rows, "hardware": hardware()},
+        ),
+    )
 
 
 if __name__ == "__main__":

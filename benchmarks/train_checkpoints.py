@@ -1,4 +1,4 @@
-"""Reproduce the shipped checkpoints in starfish_plugin/checkpoints/ (deterministic for a seed).
+"""Reproduce the shipped checkpoints in starfish_plugin/demo/checkpoints/ (deterministic for a seed).
 
     python benchmarks/train_checkpoints.py vit_fmnist   # ~ several CPU minutes, needs dataset-fashion-mnist
     python benchmarks/train_checkpoints.py vit_digits   # ~ seconds
@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from starfish_plugin.evaluate import evaluate
-from starfish_plugin.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_digits_split, load_fashion_mnist
-from starfish_plugin.zoo import CHECKPOINT_DIR, SPECS, build, load_checkpoint, train_classifier
+from starfish_plugin.core.evaluate import evaluate
+from starfish_plugin.demo.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_digits_split, load_fashion_mnist
+from starfish_plugin.demo.zoo import CHECKPOINT_DIR, SPECS, build, load_checkpoint, train_classifier
 
 SETTINGS = {
     "vit_fmnist": {"epochs": 5, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.05, "seed": 0},
@@ -35,10 +35,10 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 INPUTS = {
     "fmnist": {"input_size": [1, 28, 28], "in_chans": 1, "mean": [FASHION_MNIST_MEAN], "std": [FASHION_MNIST_STD],
                "pixel_scale": "x / 255, then (x - mean) / std", "classes": list(FASHION_MNIST_CLASSES),
-               "data": "Fashion-MNIST (train 60,000 / test 10,000), starfish_plugin.data.load_fashion_mnist"},
+               "data": "Fashion-MNIST (train 60,000 / test 10,000), starfish_plugin.demo.datasets.load_fashion_mnist"},
     "digits": {"input_size": [1, 8, 8], "in_chans": 1, "mean": [0.0], "std": [1.0],
                "pixel_scale": "x / 16, no normalisation", "classes": [str(d) for d in range(10)],
-               "data": "scikit-learn digits, starfish_plugin.data.load_digits_split(seed=0)"},
+               "data": "scikit-learn digits, starfish_plugin.demo.datasets.load_digits_split(seed=0)"},
 }
 
 

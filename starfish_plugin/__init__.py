@@ -5,14 +5,15 @@ Example:
     >>> report = starfish.heal(pruned, dense, calibration_images)
 """
 
-from starfish_plugin.attach import attach
-from starfish_plugin.blocks import find_blocks
 from starfish_plugin.config import HealConfig
-from starfish_plugin.evaluate import evaluate
-from starfish_plugin.heal import heal
-from starfish_plugin.hookspecs import hookimpl
-from starfish_plugin.masks import SparsityPlan, find_masks
-from starfish_plugin.plugins import plugin_manager
+from starfish_plugin.core.blocks import find_blocks
+from starfish_plugin.core.evaluate import evaluate
+from starfish_plugin.core.heal import heal
+from starfish_plugin.core.masks import find_masks
+from starfish_plugin.core.plan import SparsityPlan
+from starfish_plugin.plugins.attach import attach
+from starfish_plugin.plugins.hookspecs import hookimpl
+from starfish_plugin.plugins.manager import plugin_manager
 from starfish_plugin.report import HealReport
 
 __version__ = "0.1.0"

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 
 from starfish_plugin.errors import ConfigError
 
-BlockSelector = Union[Sequence[str], Callable[[str, torch.nn.Module], bool], None]
+BlockSelector = Sequence[str] | Callable[[str, torch.nn.Module], bool] | None
 LOSS_NAMES = ("cosine", "mse", "kl", "ce")
 TARGET_MODES = ("auto", "memory", "disk", "online")
 INPUT_MODES = ("memory", "disk")
@@ -45,9 +45,9 @@ class HealConfig:
             batch checked and appended to a file, read back per batch, removed after the heal:
             RAM does not grow with the calibration set when it comes as a Dataset, DataLoader
             or generator of batches).
-        cache_dir: where a disk cache lives (and, with ``inputs="disk"``, the inputs' file). A cache built there for the same dense model,
-            calibration set and blocks is reused (e.g. on resume); any other is rebuilt. ``None``:
-            a temporary directory, removed after the heal.
+        cache_dir: where a disk cache lives (and, with ``inputs="disk"``, the inputs' file). A cache
+            built there for the same dense model, calibration set and blocks is reused (e.g. on
+            resume); any other is rebuilt. ``None``: a temporary directory, removed after the heal.
         checkpoint_dir: if set, the heal's state is saved there after every epoch, and a heal
             started with the same settings, models and calibration set resumes from it (reaching
             the same weights as an uninterrupted run); a checkpoint of another heal is refused.
@@ -120,7 +120,7 @@ class HealConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    def replace(self, **overrides: Any) -> "HealConfig":
+    def replace(self, **overrides: Any) -> HealConfig:
         """Return a copy with ``overrides`` applied; unknown names raise ``ConfigError``."""
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
@@ -195,7 +195,9 @@ class HealConfig:
             raise ConfigError("HealConfig.target_memory_budget and diagnostic_samples must be >= 0")
         if self.blocks is not None and not callable(self.blocks):
             if isinstance(self.blocks, str) or not all(isinstance(b, str) for b in self.blocks):
-                raise ConfigError("HealConfig.blocks must be a list of module names or a predicate (name, module) -> bool")
+                raise ConfigError(
+                    "HealConfig.blocks must be a list of module names or a predicate (name, module) -> bool"
+                )
             if len(self.blocks) == 0:
                 raise ConfigError("HealConfig.blocks is an empty list; name at least one block or pass None")
         self.loss_terms()

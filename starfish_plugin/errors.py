@@ -43,16 +43,24 @@ class NonFiniteError(StarfishError, ValueError):
     """A model produced NaN or Inf (dense targets, or the loss during healing)."""
 
 
-class TargetCacheError(StarfishError, ValueError):
+class TargetCacheError(StarfishError, OSError, ValueError):
     """The disk cache of dense targets cannot be written or read (no space, no permission)."""
 
 
-class CheckpointError(StarfishError, ValueError):
+class CheckpointError(StarfishError, OSError, ValueError):
     """A heal checkpoint is unreadable, or belongs to another heal."""
 
 
 class CompileError(StarfishError, ValueError):
     """``HealConfig.compile`` cannot be used here: ``torch.compile`` failed on the training forward."""
+
+
+class NMPatternError(StarfishError, ValueError):
+    """A tensor that should be N:M sparse is not."""
+
+
+class SemiStructuredError(StarfishError, ValueError):
+    """A 2:4 sparse kernel cannot take this tensor, or this machine has no such kernel."""
 
 
 class HealingWarning(UserWarning):
@@ -61,3 +69,15 @@ class HealingWarning(UserWarning):
 
 class PrunerError(StarfishError, ValueError):
     """The pruner failed, or left a model that cannot run its forward; the message says how to set it up."""
+
+
+class ImageFolderError(CalibrationError):
+    """An image folder is missing, empty, unreadable or inconsistent."""
+
+
+class CheckpointFileError(StarfishError, OSError, ValueError):
+    """A model file is missing, corrupt, unsafe to load, or for another architecture."""
+
+
+class StructuredCheckpointError(StarfishError, ValueError):
+    """A structured checkpoint does not fit the model it is read onto."""

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import starfish_plugin as starfish
-from starfish_plugin.plugins import reset_plugin_manager
+from starfish_plugin.plugins.manager import reset_plugin_manager
 
 torch.set_num_threads(2)
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import l1_prune_, tiny_vit  # noqa: E402
 
 import starfish_plugin as starfish  # noqa: E402
-from starfish_plugin.fingerprint import model_fingerprint  # noqa: E402
+from starfish_plugin.runtime.fingerprint import model_fingerprint  # noqa: E402
 
 
 class Crash:

@@ -296,8 +296,9 @@ def run_case(arch: Arch, toolkit: str, dense: nn.Module, n: int = 32):
     Returns ``(report, masks_before, masks_after)``; Torch-Pruning heals through
     ``starfish.attach`` (its masks are the shapes themselves, so none are returned).
     """
-    import starfish_plugin as starfish
     import torch_pruning as tp
+
+    import starfish_plugin as starfish
 
     model = copy.deepcopy(dense)
     calibration = arch.calibration(n)

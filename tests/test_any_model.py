@@ -8,12 +8,13 @@ import copy
 import pytest
 import torch
 import torchvision
+from conftest import assert_state_equal, l1_prune_, state_copy
 from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader, Dataset
 
 import starfish_plugin as starfish
-from starfish_plugin.blocks import (
+from starfish_plugin.core.blocks import (
     OUTPUT_BLOCK,
     RULE_FAMILY,
     RULE_HF,
@@ -22,8 +23,6 @@ from starfish_plugin.blocks import (
     discover_blocks,
 )
 from starfish_plugin.errors import BlockError, CalibrationError, CalibrationTypeError, HealingWarning
-
-from conftest import assert_state_equal, l1_prune_, state_copy
 
 transformers = pytest.importorskip("transformers")
 

@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_state_equal, l1_prune_, state_copy, tiny_vit
 from torch import nn
 
 import starfish_plugin as starfish
 from starfish_plugin import errors
-from conftest import assert_state_equal, l1_prune_, state_copy, tiny_vit
 
 
 @pytest.fixture
@@ -129,7 +129,8 @@ def test_mask_shape_mismatch(dense, images, fast):
     # e.g. a corrupted checkpoint: it broadcasts in forward, but it is not the weight's shape
     fc1.weight_mask = torch.ones(fc1.weight.shape[0], 1)
     saved = state_copy(pruned)
-    with pytest.raises(errors.MaskShapeError, match=r"mask of blocks.0.mlp.fc1.weight \(prune_hook\) has shape \(64, 1\)"):
+    shape = r"mask of blocks.0.mlp.fc1.weight \(prune_hook\) has shape \(64, 1\)"
+    with pytest.raises(errors.MaskShapeError, match=shape):
         starfish.heal(pruned, dense, images, fast)
     assert_state_equal(pruned, saved)
 
@@ -144,9 +145,19 @@ def test_models_on_different_devices(pruned, dense, images, fast, guard):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("epochs", 0), ("epochs", -1), ("lr", 0.0), ("lr", -1e-3), ("batch_size", 0), ("batch_size", 2.5),
-     ("loss", "hinge"), ("targets", "ssd"), ("min_lr", 1.0), ("block_weighting", "random"),
-     ("trainable", "some")],
+    [
+        ("epochs", 0),
+        ("epochs", -1),
+        ("lr", 0.0),
+        ("lr", -1e-3),
+        ("batch_size", 0),
+        ("batch_size", 2.5),
+        ("loss", "hinge"),
+        ("targets", "ssd"),
+        ("min_lr", 1.0),
+        ("block_weighting", "random"),
+        ("trainable", "some"),
+    ],
 )
 def test_bad_config_values(pruned, dense, images, guard, field, value):
     with pytest.raises(errors.ConfigError, match=field if field != "loss" else "unknown loss term"):

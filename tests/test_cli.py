@@ -1,6 +1,6 @@
 import json
 
-from starfish_plugin.cli import main
+from starfish_plugin.cli.main import main
 
 
 def test_plugins_command_lists_builtins(capsys):

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from starfish_plugin.cli import main
-from starfish_plugin.data import load_digits_split
-from starfish_plugin.demo import prune_vit_
-from starfish_plugin.zoo import load_checkpoint
+from starfish_plugin.cli.main import main
+from starfish_plugin.demo.datasets import load_digits_split
+from starfish_plugin.demo.run import prune_vit_
+from starfish_plugin.demo.zoo import load_checkpoint
 
 MODEL = ["--model", "starfish:vit_digits", "--channels", "1", "--normalize", "none"]
 
@@ -184,7 +184,8 @@ def test_heal_from_a_dataset_by_name(files, tmp_path, capsys):
     assert main(["eval", *MODEL, "--weights", str(out), "--data", f"hf:{hub}", "--split", "test"]) == 0
     from_hub = capsys.readouterr().out
     assert main(["eval", *MODEL, "--weights", str(out), "--data", str(files / "test")]) == 0
-    assert f"top-1 {data['healed_top1']:.2f} %" in from_hub and f"top-1 {data['healed_top1']:.2f} %" in capsys.readouterr().out
+    healed = f"top-1 {data['healed_top1']:.2f} %"
+    assert healed in from_hub and healed in capsys.readouterr().out
 
 
 def test_bad_datasets_by_name_exit_2(files, tmp_path, capsys):
@@ -194,10 +195,15 @@ def test_bad_datasets_by_name_exit_2(files, tmp_path, capsys):
     split = load_digits_split()
     hub = _write_hub_dataset(tmp_path / "hub", {"train": (split["train"][0][:40], split["train"][1][:40])})
     cases = [
-        (["--calibration", f"hf:{hub}", "--calibration-split", "validation"], "cannot load split 'validation'.*Available splits"),
+        (
+            ["--calibration", f"hf:{hub}", "--calibration-split", "validation"],
+            "cannot load split 'validation'.*Available splits",
+        ),
         (["--calibration", f"hf:{hub}", "--image-column", "photo"], "no image column photo.*--image-column"),
-        (["--calibration", f"hf:{hub}", "--eval", f"hf:{hub}", "--eval-split", "train", "--label-column", "y"],
-         "no label column y.*--label-column"),
+        (
+            ["--calibration", f"hf:{hub}", "--eval", f"hf:{hub}", "--eval-split", "train", "--label-column", "y"],
+            "no label column y.*--label-column",
+        ),
     ]
     for change, message in cases:
         args = _heal_args(files, tmp_path, **{"--calibration": files / "calib"})
@@ -209,8 +215,13 @@ def test_bad_datasets_by_name_exit_2(files, tmp_path, capsys):
     # A Hub name that cannot be reached (offline here): exit 2 and what to do instead.
     args = _heal_args(files, tmp_path)
     args[args.index("--calibration") + 1] = "hf:starfish-tests/not-on-this-machine"
-    result = subprocess.run([sys.executable, "-m", "starfish_plugin.cli", *args], capture_output=True, text=True,
-                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "starfish_plugin.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr
     assert "cannot reach dataset 'starfish-tests/not-on-this-machine'" in result.stderr
     assert "pass the local copy" in result.stderr and not (tmp_path / "out.pt").exists()
@@ -236,7 +247,7 @@ def test_hub_rows_that_point_to_image_files(tmp_path):
     """Datasets may store a path instead of bytes; those files are opened through datasets' xopen."""
     import datasets
 
-    from starfish_plugin.hub_images import load_hub_images
+    from starfish_plugin.cli.hub_images import load_hub_images
 
     (tmp_path / "img").mkdir()
     (tmp_path / "ds" / "data").mkdir(parents=True)
@@ -245,8 +256,9 @@ def test_hub_rows_that_point_to_image_files(tmp_path):
         paths.append(str(tmp_path / "img" / f"{i}.png"))
         Image.fromarray(np.full((8, 8), 30 * i, dtype=np.uint8), mode="L").save(paths[-1])
     features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=["a", "b"]))
-    datasets.Dataset.from_dict({"image": [{"path": p, "bytes": None} for p in paths], "label": [0, 1] * 3},
-                               features=features).to_parquet(str(tmp_path / "ds" / "data" / "train-00000-of-00001.parquet"))
+    datasets.Dataset.from_dict(
+        {"image": [{"path": p, "bytes": None} for p in paths], "label": [0, 1] * 3}, features=features
+    ).to_parquet(str(tmp_path / "ds" / "data" / "train-00000-of-00001.parquet"))
     x, y, names = load_hub_images(f"hf:{tmp_path / 'ds'}", "train", None, 1, "none", labeled=True)
     assert torch.equal(x[:, 0, 0, 0] * 255, torch.arange(6) * 30.0)
     assert y.tolist() == [0, 1] * 3 and names == ["a", "b"]

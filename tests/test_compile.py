@@ -7,12 +7,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import assert_state_equal, l1_prune_, state_copy, tiny_vit
 from torch.ao.pruning import WeightNormSparsifier
 
 import starfish_plugin as starfish
 from starfish_plugin.errors import CompileError, ConfigError
-
-from conftest import assert_state_equal, l1_prune_, state_copy, tiny_vit
 
 CFG = dict(epochs=2, batch_size=16, quiet=True, diagnostic_samples=0, targets="memory")
 
@@ -54,7 +53,9 @@ def test_compiled_heal_matches_eager(prune_):
         # parametrizations the forward splits at graph breaks; there the loss check is the evidence.)
         def block_outputs(gm: torch.fx.GraphModule) -> int:
             outputs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
-            shapes = [tuple(o.meta["example_value"].shape) for o in outputs if "example_value" in getattr(o, "meta", {})]
+            shapes = [
+                tuple(o.meta["example_value"].shape) for o in outputs if "example_value" in getattr(o, "meta", {})
+            ]
             return sum(len(shape) == 3 and shape[-1] == 32 for shape in shapes)
 
         assert any(block_outputs(g) >= 2 for g in recorder.graphs)
@@ -66,8 +67,9 @@ def test_compiled_heal_matches_eager(prune_):
         assert torch.allclose(a, b, atol=1e-5), name
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                    reason="inductor on CPU needs a C++ compiler")
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="inductor on CPU needs a C++ compiler"
+)
 def test_inductor_heal_on_cpu():
     """The default backend, as users get it."""
     torch._dynamo.reset()
@@ -120,6 +122,12 @@ def test_every_heal_compiles_even_past_dynamo_recompile_limit():
     with torch._dynamo.config.patch(recompile_limit=1):
         for _ in range(3):
             recorder = GraphRecorder()
-            starfish.heal(l1_prune_(copy.deepcopy(dense)), dense, calib, compile="default", compile_backend=recorder,
-                          **(CFG | {"epochs": 1}))
+            starfish.heal(
+                l1_prune_(copy.deepcopy(dense)),
+                dense,
+                calib,
+                compile="default",
+                compile_backend=recorder,
+                **(CFG | {"epochs": 1}),
+            )
             assert recorder.graphs, "this heal ran eagerly: the compiled forward hit the recompile limit"

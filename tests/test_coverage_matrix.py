@@ -12,11 +12,10 @@ import warnings
 
 import pytest
 import torch
-
-from starfish_plugin.errors import StarfishError
-
 from conftest import assert_state_equal, state_copy
 from matrix_cases import ARCHS, TOOLKITS, Arch, run_case
+
+from starfish_plugin.errors import StarfishError
 
 pytest.importorskip("transformers")
 pytest.importorskip("torch_pruning")
@@ -25,8 +24,14 @@ pytest.importorskip("torch_pruning")
 # models as configured, and the error says what to configure.
 REFUSED: dict[tuple[str, str], str] = {
     ("timm_mixer", "torch_pruning"): r"(?s)could not prune this MlpMixer.*mlp_tokens.*ignored_layers",
-    ("timm_poolformer", "torch_pruning"): r"(?s)produced a MetaFormer that cannot run its forward.*res_scale1.*ignored_layers",
-    ("timm_pvt_v2", "torch_pruning"): r"(?s)produced a PyramidVisionTransformerV2 that cannot run its forward.*attn.*num_heads",
+    (
+        "timm_poolformer",
+        "torch_pruning",
+    ): r"(?s)produced a MetaFormer that cannot run its forward.*res_scale1.*ignored_layers",
+    (
+        "timm_pvt_v2",
+        "torch_pruning",
+    ): r"(?s)produced a PyramidVisionTransformerV2 that cannot run its forward.*attn.*num_heads",
     ("hf_gpt2", "torch_pruning"): r"(?s)removed no channel.*Conv1D in GPT-2.*customized_pruners",
 }
 # Torch-Pruning 1.6.1 itself fails while building its dependency graph (before any starfish code runs).
@@ -41,8 +46,13 @@ def _params():
         for toolkit in TOOLKITS:
             marks = [pytest.mark.slow] if (arch.name, toolkit) in SLOW else []
             if (arch.name, toolkit) in TOOLKIT_FAILS:
-                marks.append(pytest.mark.xfail(raises=TOOLKIT_FAILS[arch.name, toolkit], strict=True,
-                                               reason="Torch-Pruning's MetaPruner fails on the channel shuffle"))
+                marks.append(
+                    pytest.mark.xfail(
+                        raises=TOOLKIT_FAILS[arch.name, toolkit],
+                        strict=True,
+                        reason="Torch-Pruning's MetaPruner fails on the channel shuffle",
+                    )
+                )
             out.append(pytest.param(arch, toolkit, id=f"{arch.name}-{toolkit}", marks=marks))
     return out
 
@@ -71,5 +81,7 @@ def test_heals_with_default_discovery(arch: Arch, toolkit: str) -> None:
     assert_state_equal(dense, saved_dense)
     # rises, unless the pruning left nothing to recover (every cosine already 1 to fp32 precision)
     assert report.mean_cosine_after > report.mean_cosine_before or report.mean_cosine_before > 1 - 1e-5, (
-        report.block_cosine_before, report.block_cosine_after)
+        report.block_cosine_before,
+        report.block_cosine_after,
+    )
     assert all(torch.isfinite(torch.tensor(loss)) for loss in report.epoch_losses)

@@ -10,14 +10,13 @@ import signal
 
 import pytest
 import torch
+from conftest import assert_state_equal, l1_prune_, state_copy
 from torch.utils.data import TensorDataset
 
 import starfish_plugin as starfish
 from starfish_plugin import errors
-from starfish_plugin.calibration import load_calibration
-from starfish_plugin.distributed import DistContext
-
-from conftest import assert_state_equal, l1_prune_, state_copy
+from starfish_plugin.data.calibration import load_calibration
+from starfish_plugin.runtime.distributed import DistContext
 
 
 def _heal(dense, calibration, cfg, **kw):
@@ -117,6 +116,8 @@ def test_a_rank_shard_on_disk_matches_the_shard_in_memory(images, labels):
 @pytest.mark.parametrize("to_disk", [False, True], ids=["memory", "disk"])
 def test_batches_of_another_dtype_are_refused(images, to_disk, tmp_path):
     batches = [images[:32], images[32:].double()]
-    with pytest.raises(errors.CalibrationTypeError, match="batch 1 has dtype torch.float64 but earlier ones have torch.float32"):
+    with pytest.raises(
+        errors.CalibrationTypeError, match="batch 1 has dtype torch.float64 but earlier ones have torch.float32"
+    ):
         load_calibration(batches, to_disk=to_disk, directory=str(tmp_path))
     assert list(tmp_path.iterdir()) == []

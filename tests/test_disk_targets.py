@@ -10,12 +10,11 @@ import signal
 
 import pytest
 import torch
+from conftest import assert_state_equal, l1_prune_, state_copy
 
 import starfish_plugin as starfish
 from starfish_plugin import errors
-from starfish_plugin.targets import plan_targets
-
-from conftest import assert_state_equal, l1_prune_, state_copy
+from starfish_plugin.data.targets import plan_targets
 
 
 def _heal(dense, images, cfg, **kw):
@@ -104,7 +103,7 @@ def test_auto_falls_back_to_online_when_the_disk_has_no_room(tmp_path):
 
 
 def test_explicit_disk_without_room_is_refused_before_anything_changes(dense, images, fast, tmp_path):
-    from starfish_plugin.disk_targets import DiskTargetCache
+    from starfish_plugin.data.disk_targets import DiskTargetCache
 
     cache = DiskTargetCache(tmp_path, {"dense model": "x"}, 10)
     with pytest.raises(errors.TargetCacheError, match="GiB free; pass another HealConfig.cache_dir"):

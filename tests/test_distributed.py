@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import l1_prune_
 
 import starfish_plugin as starfish
-
-from conftest import l1_prune_
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 

@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_state_equal, l1_prune_, prunable_linears, state_copy, tiny_vit
 from torch.utils.data import DataLoader, TensorDataset
 
 import starfish_plugin as starfish
-from conftest import assert_state_equal, l1_prune_, prunable_linears, state_copy, tiny_vit
 
 
 def masked_weights(model):
@@ -133,7 +133,7 @@ def test_int32_labels_work_with_ce(pruned, dense, images, labels, fast):
 
 
 def test_adaptive_block_weighting_weights_blocks_by_mismatch(pruned, dense, images, fast):
-    from starfish_plugin.losses import HealLoss
+    from starfish_plugin.core.losses import HealLoss
 
     out = {"a": torch.ones(2, 3, 4), "b": torch.ones(2, 3, 4)}
     tgt = {"a": torch.ones(2, 3, 4), "b": -torch.ones(2, 3, 4)}  # a aligned (0), b opposite (2)
@@ -146,7 +146,7 @@ def test_adaptive_block_weighting_weights_blocks_by_mismatch(pruned, dense, imag
 
 
 def test_cosine_reduction_token_vs_example():
-    from starfish_plugin.losses import cosine_distance
+    from starfish_plugin.core.losses import cosine_distance
 
     a = torch.randn(2, 3, 4)
     b = a.clone()
@@ -183,7 +183,7 @@ def test_deeper_model_with_explicit_blocks_and_predicate(images, fast):
 
 
 def test_kl_diagnostics_bounds_hold_and_shrink_with_healing(pruned, dense, images, fast):
-    from starfish_plugin.evaluate import kl_diagnostics
+    from starfish_plugin.core.evaluate import kl_diagnostics
 
     before = kl_diagnostics(pruned, dense, images)
     assert before["bound_holds"] == 1.0 and before["kl"] > 0

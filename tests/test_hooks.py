@@ -6,12 +6,12 @@ import textwrap
 
 import pytest
 import torch
+from conftest import l1_prune_
 
 import starfish_plugin as starfish
-from starfish_plugin.hookspecs import HOOK_NAMES
-from starfish_plugin.masks import MaskedTensor, SparsityPlan
-from starfish_plugin.plugins import build_plugin_manager, reset_plugin_manager
-from conftest import l1_prune_
+from starfish_plugin.core.masks import MaskedTensor, SparsityPlan
+from starfish_plugin.plugins.hookspecs import HOOK_NAMES
+from starfish_plugin.plugins.manager import build_plugin_manager, reset_plugin_manager
 
 # Which test exercises each hook; test_every_hook_has_a_test keeps this honest.
 HOOK_TESTS = {
@@ -282,7 +282,8 @@ def test_trace_env_prints_hook_calls(monkeypatch, pruned, capsys):
     monkeypatch.setenv("STARFISH_TRACE_HOOKS", "1")
     reset_plugin_manager()
     starfish.find_masks(pruned)
-    assert "[starfish] starfish_find_masks(dense, model) -> [nm_layouts, tp_graph, torch_masks]" in capsys.readouterr().err
+    trace = "[starfish] starfish_find_masks(dense, model) -> [nm_layouts, tp_graph, torch_masks]"
+    assert trace in capsys.readouterr().err
 
 
 def test_two_attachments_detach_in_reverse_order(dense, images, fast):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import starfish_plugin as starfish
-from starfish_plugin.data import load_digits_split
-from starfish_plugin.demo import prune_vit_
-from starfish_plugin.zoo import load_checkpoint
+from starfish_plugin.demo.datasets import load_digits_split
+from starfish_plugin.demo.run import prune_vit_
+from starfish_plugin.demo.zoo import load_checkpoint
 
 
 @pytest.mark.slow

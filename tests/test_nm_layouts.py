@@ -4,13 +4,15 @@ import copy
 
 import pytest
 import torch
+from conftest import prunable_linears
 from torch.ao.pruning import WeightNormSparsifier
 from torch.nn.utils import prune
 
 import starfish_plugin as starfish
 from starfish_plugin import errors
-from starfish_plugin.adapters.nm_layouts import NMPatternError, check_nm, infer_masks_from_zeros, nm_violation
-from conftest import prunable_linears
+from starfish_plugin.adapters.nm_layouts import infer_masks_from_zeros
+from starfish_plugin.core.nm_pattern import check_nm, nm_violation
+from starfish_plugin.errors import NMPatternError
 
 
 def nm_prune_(model, n=2, m=4, squash=True):
@@ -74,7 +76,8 @@ def test_check_nm_names_the_tensor_and_the_first_bad_group():
 
 
 def test_packing_checks_pattern_shape_and_cuda_and_modifies_nothing(dense):
-    from starfish_plugin.adapters.nm_layouts import SemiStructuredError, check_packable, pack_semi_structured_
+    from starfish_plugin.deploy.semi_structured import check_packable, pack_semi_structured_
+    from starfish_plugin.errors import SemiStructuredError
 
     model = copy.deepcopy(dense)
     nm_prune_(model)

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import starfish_plugin as starfish
-from starfish_plugin.checkpoints_io import build_model
-from starfish_plugin.data import fashion_mnist_root, load_fashion_mnist
-from starfish_plugin.zoo import CHECKPOINT_DIR, ResidualBlock, SmallResNet, load_checkpoint
+from starfish_plugin.demo.datasets import fashion_mnist_root, load_fashion_mnist
+from starfish_plugin.demo.zoo import CHECKPOINT_DIR, ResidualBlock, SmallResNet, load_checkpoint
+from starfish_plugin.io.model_files import build_model
 
 META = json.loads((CHECKPOINT_DIR / "resnet_fmnist.json").read_text())
 

@@ -7,12 +7,11 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_state_equal, l1_prune_, state_copy
 
 import starfish_plugin as starfish
 from starfish_plugin import errors
-from starfish_plugin.plugins import plugin_manager
-
-from conftest import assert_state_equal, l1_prune_, state_copy
+from starfish_plugin.plugins.manager import plugin_manager
 
 
 class Interrupt:

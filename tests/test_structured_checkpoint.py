@@ -11,19 +11,18 @@ import pytest
 import timm
 import torch
 import torch_pruning as tp
+from tp_cases import deit_embed, deit_heads
 
 import starfish_plugin as starfish
 from starfish_plugin.adapters import tp_graph
-from starfish_plugin.cli import main
-from starfish_plugin.structured_checkpoint import (
+from starfish_plugin.cli.main import main
+from starfish_plugin.demo.zoo import load_checkpoint
+from starfish_plugin.io.structured import (
     StructuredCheckpointError,
     load_structured_,
     plain_state_dict,
     structured_state,
 )
-from starfish_plugin.zoo import load_checkpoint
-
-from tp_cases import deit_embed, deit_heads
 
 
 def deit() -> torch.nn.Module:
@@ -72,7 +71,7 @@ def test_wrong_architecture_is_refused_and_the_model_untouched(tmp_path):
 
 
 def test_plain_state_dict_folds_prune_masks_without_touching_the_model():
-    from starfish_plugin.demo import prune_vit_
+    from starfish_plugin.demo.run import prune_vit_
 
     dense = load_checkpoint("vit_digits")
     pruned = prune_vit_(copy.deepcopy(dense), 0.9)
@@ -89,7 +88,7 @@ def test_plain_state_dict_folds_prune_masks_without_touching_the_model():
 def test_cli_heals_a_structured_file_without_unsafe_pickle(tmp_path, capsys):
     from test_cli_heal import MODEL, _write_folder
 
-    from starfish_plugin.data import load_digits_split
+    from starfish_plugin.demo.datasets import load_digits_split
 
     dense = load_checkpoint("vit_digits")
     torch.save(dense.state_dict(), tmp_path / "dense.pt")
@@ -120,7 +119,8 @@ def test_cli_heals_a_structured_file_without_unsafe_pickle(tmp_path, capsys):
     # A heads-only Torch-Pruning pickle (trusted, --unsafe-pickle) converted on the way out to the safe form.
     assert main(base + ["--pruned", str(tmp_path / "heads_tp.pt"), "--unsafe-pickle", "--out-format", "structured",
                         "--out", str(tmp_path / "converted.pt")]) == 0
-    converted = load_structured_(load_checkpoint("vit_digits"), torch.load(tmp_path / "converted.pt", weights_only=True))
+    saved = torch.load(tmp_path / "converted.pt", weights_only=True)
+    converted = load_structured_(load_checkpoint("vit_digits"), saved)
     assert [b.attn.num_heads for b in converted.blocks] == [b.attn.num_heads for b in heads.blocks]
     assert converted.blocks[0].attn.qkv.out_features < dense.blocks[0].attn.qkv.out_features
 

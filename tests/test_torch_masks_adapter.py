@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
+from conftest import prunable_linears
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
 import starfish_plugin as starfish
-from conftest import prunable_linears
 
 
 def _unstructured(model):
@@ -117,7 +117,7 @@ def test_torch_ao_weight_norm_sparsifier_then_squash_mask(dense, images, fast):
     report = starfish.heal(pruned, dense, images, fast)
     assert report.mask_unchanged and report.masked_weights_zero
     assert report.epoch_losses[-1] < report.epoch_losses[0]
-    for name, m in prunable_linears(pruned):
+    for _, m in prunable_linears(pruned):
         assert parametrize.is_parametrized(m, "weight")
     sparsifier.squash_mask()
     for name, m in prunable_linears(pruned):

@@ -7,13 +7,13 @@ import pytest
 import timm
 import torch
 import torch_pruning as tp
+from conftest import assert_state_equal, state_copy, tiny_vit
 from torch import nn
+from tp_cases import CASES
 
 import starfish_plugin as starfish
 from starfish_plugin import errors
 from starfish_plugin.adapters import tp_graph
-from conftest import assert_state_equal, state_copy, tiny_vit
-from tp_cases import CASES
 
 warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
 

@@ -13,17 +13,17 @@ import timm
 import torch
 import torch_pruning as tp
 import torchvision
-from torch import nn
+from conftest import assert_state_equal, state_copy
 from timm.models.metaformer import GroupNorm1, MetaFormer
 from timm.models.mlp_mixer import MlpMixer
+from torch import nn
 from torchvision.models.densenet import DenseNet
 from torchvision.models.vgg import cfgs, make_layers
 
 import starfish_plugin as starfish
 from starfish_plugin import errors
 from starfish_plugin.adapters import tp_graph
-from starfish_plugin.attach import Attachment
-from conftest import assert_state_equal, state_copy
+from starfish_plugin.plugins.attach import Attachment
 
 warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
 
@@ -64,7 +64,9 @@ def _pools(model: nn.Module) -> list[str]:
 
 
 def _dense_blocks(model: nn.Module) -> list[str]:
-    return [f"features.{n}" for n in dict(model.features.named_children()) if n.startswith(("denseblock", "transition"))]
+    return [
+        f"features.{n}" for n in dict(model.features.named_children()) if n.startswith(("denseblock", "transition"))
+    ]
 
 
 class _SmallVgg11Bn(nn.Module):
@@ -100,9 +102,18 @@ def _small_mixer() -> nn.Module:
 def _small_poolformer() -> nn.Module:
     """timm's poolformer_s12 recipe (MetaFormer, Pooling token mixer, GroupNorm1, Scale layer scales), narrow."""
     torch.manual_seed(0)
-    return MetaFormer(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), downsample_norm=None, mlp_act=nn.GELU, mlp_bias=True,
-                      norm_layers=GroupNorm1, layer_scale_init_values=1e-5, res_scale_init_values=None,
-                      use_mlp_head=False, num_classes=10).eval()
+    return MetaFormer(
+        depths=(1, 1, 2, 1),
+        dims=(16, 32, 48, 64),
+        downsample_norm=None,
+        mlp_act=nn.GELU,
+        mlp_bias=True,
+        norm_layers=GroupNorm1,
+        layer_scale_init_values=1e-5,
+        res_scale_init_values=None,
+        use_mlp_head=False,
+        num_classes=10,
+    ).eval()
 
 
 def _small_densenet() -> nn.Module:
@@ -144,7 +155,7 @@ def test_kept_channels_of_a_concatenation_are_the_original_indices():
     stem = record.kept_out()["features.norm0"]  # the block's first part: the stem's kept channels
     layer1 = record.kept_out()["features.denseblock1.denselayer1.conv2"]
     assert torch.equal(kept[: len(stem)], stem)
-    assert torch.equal(kept[len(stem): len(stem) + len(layer1)], 16 + layer1)  # after the stem's 16 channels
+    assert torch.equal(kept[len(stem) : len(stem) + len(layer1)], 16 + layer1)  # after the stem's 16 channels
     assert record.original_out()["features.denseblock1"] == 16 + 3 * 8 - 8 == 32  # 3 parts: stem, 2 layers
     outputs = {}
     for tag, net in (("dense", dense), ("pruned", model)):
@@ -167,9 +178,12 @@ def test_mixer_token_mixing_is_refused_before_anything_changes():
     x = _images(4, 64)
     pruner = _pruner(model, x, [model.head])
     handle = starfish.attach(pruner, dense, x, _config(None, 4))
-    with pytest.raises(errors.PrunerError, match=r"(?s)could not prune this MlpMixer: pruner.step\(\) raised IndexError"
-                       r".*coupled 'blocks.0.mlp_tokens.fc1'.*modules holding them \('blocks.0.mlp_tokens'"
-                       r".*to ignored_layers.*The model was not changed"):
+    with pytest.raises(
+        errors.PrunerError,
+        match=r"(?s)could not prune this MlpMixer: pruner.step\(\) raised IndexError"
+        r".*coupled 'blocks.0.mlp_tokens.fc1'.*modules holding them \('blocks.0.mlp_tokens'"
+        r".*to ignored_layers.*The model was not changed",
+    ):
         pruner.step()
     assert handle.reports == [] and handle.steps == 0
     assert_state_equal(model, state_copy(dense))
@@ -195,9 +209,12 @@ def test_mixer_with_token_mixing_ignored_heals():
     _heal(dense, "head", _images(8, 32), blocks, extra_ignored=tokens)
 
 
-@pytest.mark.xfail(raises=ZeroDivisionError, strict=True,
-                   reason="Torch-Pruning 1.6.1 cannot build the dependency graph of ShuffleNetV2's channel shuffle: "
-                          "MetaPruner(...) raises ZeroDivisionError itself, before starfish.attach can be called")
+@pytest.mark.xfail(
+    raises=ZeroDivisionError,
+    strict=True,
+    reason="Torch-Pruning 1.6.1 cannot build the dependency graph of ShuffleNetV2's channel shuffle: "
+    "MetaPruner(...) raises ZeroDivisionError itself, before starfish.attach can be called",
+)
 def test_shufflenet_v2():
     dense = torchvision.models.shufflenet_v2_x1_0(weights=None, num_classes=10).eval()
     _heal(dense, "fc", _images(8, 64), ["stage2", "stage3", "stage4"])
@@ -215,9 +232,12 @@ def test_pvt_broken_by_the_pruner_is_reported_as_such():
     dense = timm.create_model("pvt_v2_b0", num_classes=10).eval()
     saved = state_copy(dense)
     model, pruner, handle = _broken(dense, "head", 64)
-    with pytest.raises(errors.PrunerError, match=r"(?s)Torch-Pruning produced a PyramidVisionTransformerV2 that cannot "
-                       r"run its forward.*in module 'stages.0.blocks.0.attn' \(Attention\).*Healing did not run"
-                       r".*ignored_layers.*num_heads="):
+    with pytest.raises(
+        errors.PrunerError,
+        match=r"(?s)Torch-Pruning produced a PyramidVisionTransformerV2 that cannot "
+        r"run its forward.*in module 'stages.0.blocks.0.attn' \(Attention\).*Healing did not run"
+        r".*ignored_layers.*num_heads=",
+    ):
         pruner.step()
     assert handle.reports == []
     assert_state_equal(dense, saved)
@@ -227,16 +247,22 @@ def test_pvt_with_attention_and_residual_stream_ignored_heals():
     """The set-up the error asks for: the attention modules and the layers writing the residual stream
     (patch embeddings, attention proj, MLP fc2) in ignored_layers."""
     dense = timm.create_model("pvt_v2_b0", num_classes=10).eval()
-    keep = [n for n, _ in dense.named_modules()
-            if n.endswith((".attn", "patch_embed.proj", "mlp.fc2")) or n == "patch_embed.proj"]
+    keep = [
+        n
+        for n, _ in dense.named_modules()
+        if n.endswith((".attn", "patch_embed.proj", "mlp.fc2")) or n == "patch_embed.proj"
+    ]
     _heal(dense, "head", _images(8, 64), [f"stages.{i}" for i in range(4)], extra_ignored=keep)
 
 
 def test_poolformer_broken_by_the_pruner_is_reported_as_such():
     dense = timm.create_model("poolformer_s12", num_classes=10).eval()
     model, pruner, handle = _broken(dense, "head.fc", 32)
-    with pytest.raises(errors.PrunerError, match=r"(?s)Torch-Pruning produced a MetaFormer that cannot run its forward"
-                       r".*in module 'stages.0.blocks.0.layer_scale1' \(Scale\).*shape '\[64, 1, 1\]'.*ignored_layers"):
+    with pytest.raises(
+        errors.PrunerError,
+        match=r"(?s)Torch-Pruning produced a MetaFormer that cannot run its forward"
+        r".*in module 'stages.0.blocks.0.layer_scale1' \(Scale\).*shape '\[64, 1, 1\]'.*ignored_layers",
+    ):
         pruner.step()
     assert handle.reports == []
 
@@ -264,22 +290,40 @@ def test_full_size_torchvision_models(name):
 def _hf_llama(heads: int = 4) -> nn.Module:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=heads,
-                                      num_key_value_heads=heads, intermediate_size=64, use_cache=False)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        intermediate_size=64,
+        use_cache=False,
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
 def _hf_vit() -> nn.Module:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                    image_size=16, patch_size=8, num_labels=10)
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=8,
+        num_labels=10,
+    )
     return transformers.ViTForImageClassification(config).eval()
 
 
 def _hf_heads(model: nn.Module) -> dict:
-    return {getattr(m, p): m.config.num_attention_heads for m in model.modules() if hasattr(m, "q_proj")
-            for p in ("q_proj", "k_proj", "v_proj")}
+    return {
+        getattr(m, p): m.config.num_attention_heads
+        for m in model.modules()
+        if hasattr(m, "q_proj")
+        for p in ("q_proj", "k_proj", "v_proj")
+    }
 
 
 def _tokens(n: int) -> torch.Tensor:
@@ -289,8 +333,15 @@ def _tokens(n: int) -> torch.Tensor:
 def _hf_step(dense: nn.Module, x: torch.Tensor, **kwargs) -> tuple[nn.Module, Attachment]:
     model = copy.deepcopy(dense)
     keep = [m for m in model.modules() if isinstance(m, nn.Embedding)] + [list(model.modules())[-1]]
-    pruner = tp.pruner.MetaPruner(model, x[:1], importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
-                                  ignored_layers=keep, num_heads=_hf_heads(model), **kwargs)
+    pruner = tp.pruner.MetaPruner(
+        model,
+        x[:1],
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=0.5,
+        ignored_layers=keep,
+        num_heads=_hf_heads(model),
+        **kwargs,
+    )
     config = starfish.HealConfig(epochs=5, batch_size=len(x), lr=1e-3, quiet=True, diagnostic_samples=len(x))
     handle = starfish.attach(pruner, dense, x, config)
     pruner.step()
@@ -323,7 +374,10 @@ def test_hf_llama_whole_heads_pruned_heals():
 def test_hf_llama_head_dims_pruned_is_refused_with_the_rotary_fix():
     dense = _hf_llama(heads=2)
     saved = state_copy(dense)
-    with pytest.raises(errors.PrunerError, match=r"(?s)LlamaForCausalLM that cannot run its forward.*self_attn.*"
-                       r"rotary position embeddings.*prune_num_heads=True, prune_head_dims=False"):
+    with pytest.raises(
+        errors.PrunerError,
+        match=r"(?s)LlamaForCausalLM that cannot run its forward.*self_attn.*"
+        r"rotary position embeddings.*prune_num_heads=True, prune_head_dims=False",
+    ):
         _hf_step(dense, _tokens(4))
     assert_state_equal(dense, saved)

@@ -7,14 +7,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_state_equal, l1_prune_, prunable_linears, state_copy
 from torch import nn
 from torch.nn.utils import prune
 
 import starfish_plugin as starfish
 from starfish_plugin import errors
-from starfish_plugin.warm_start import row_norm_warm_start_
-
-from conftest import assert_state_equal, l1_prune_, prunable_linears, state_copy
+from starfish_plugin.core.warm_start import row_norm_warm_start_
 
 
 def _row_norms(model: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -42,7 +41,7 @@ def test_row_norms_match_the_dense_model_and_the_mask_holds(dense, images):
     assert result["median_gain"] > 1.5  # at 0.9 the outputs had collapsed
     pruned(images[:1])  # refresh the prune hooks' effective weights
     # the dense model's inputs to each layer, pruned weights: norms now equal the dense ones
-    for name, module in prunable_linears(dense):
+    for name, _ in prunable_linears(dense):
         swapped = copy.deepcopy(dense)
         dict(swapped.named_modules())[name].weight.data = dict(pruned.named_modules())[name].weight.detach().clone()
         expected = _row_norms(dense, images, name)

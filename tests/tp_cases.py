@@ -50,15 +50,39 @@ def cnn(head_attr):
 
 CASES = {
     # name: (builder, input size, pruner kwargs)
-    "timm_deit_tiny_mlp": (lambda: timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=10), 32, deit_mlp),
-    "timm_deit_tiny_heads": (lambda: timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=10), 32, deit_heads),
-    "timm_deit_tiny_embed": (lambda: timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=10), 32, deit_embed),
+    "timm_deit_tiny_mlp": (
+        lambda: timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=10),
+        32,
+        deit_mlp,
+    ),
+    "timm_deit_tiny_heads": (
+        lambda: timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=10),
+        32,
+        deit_heads,
+    ),
+    "timm_deit_tiny_embed": (
+        lambda: timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=10),
+        32,
+        deit_embed,
+    ),
     "timm_resnet18": (lambda: timm.create_model("resnet18", num_classes=10), 32, cnn("fc")),
     "timm_mobilenetv1": (lambda: timm.create_model("mobilenetv1_100", num_classes=10), 32, cnn("classifier")),
     "tv_resnet18": (lambda: torchvision.models.resnet18(weights=None, num_classes=10), 32, cnn("fc")),
     "tv_mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(weights=None, num_classes=10), 32, cnn("classifier.1")),
-    "tv_mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(weights=None, num_classes=10), 32, cnn("classifier.3")),
-    "tv_efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(weights=None, num_classes=10), 32, cnn("classifier.1")),
-    "tv_convnext_tiny": (lambda: torchvision.models.convnext_tiny(weights=None, num_classes=10), 32, cnn("classifier.2")),
+    "tv_mobilenet_v3_small": (
+        lambda: torchvision.models.mobilenet_v3_small(weights=None, num_classes=10),
+        32,
+        cnn("classifier.3"),
+    ),
+    "tv_efficientnet_b0": (
+        lambda: torchvision.models.efficientnet_b0(weights=None, num_classes=10),
+        32,
+        cnn("classifier.1"),
+    ),
+    "tv_convnext_tiny": (
+        lambda: torchvision.models.convnext_tiny(weights=None, num_classes=10),
+        32,
+        cnn("classifier.2"),
+    ),
     "tv_vit_b_16": (lambda: torchvision.models.vit_b_16(weights=None, image_size=32, num_classes=10), 32, tv_vit_heads),
 }

@@ -1,0 +1,343 @@
+"""``starfish`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from starfish_plugin.errors import ConfigError, StarfishError
+from starfish_plugin.io.model_files import PRUNED_FORMATS
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from starfish_plugin.demo.run import format_table, run_demo, save
+
+    result = run_demo(args.dataset, args.sparsity, args.epochs, args.calibration, args.seed, args.quiet)
+    print(format_table(result))
+    if args.json:
+        save(result, args.json)
+        print(f"\nsaved {args.json}")
+    return 0
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from starfish_plugin.plugins.manager import plugin_manager
+
+    pm = plugin_manager()
+    for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
+        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+        print(f"{name}: {', '.join(hooks)}")
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, help="architecture: timm:<name>, torchvision:<name> or starfish:<shipped model>"
+    )
+    p.add_argument("--num-classes", type=int, help="classifier width, if not the architecture's default")
+    p.add_argument(
+        "--unsafe-pickle",
+        action="store_true",
+        help="allow checkpoints that need full unpickling (can run arbitrary code: trusted files only)",
+    )
+
+
+def _image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-size", type=int, help="resize (shorter side) and center-crop images to this size")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=3)
+    p.add_argument(
+        "--normalize",
+        choices=["imagenet", "inception", "none"],
+        default="imagenet",
+        help="mean/std preset applied after scaling pixels to [0, 1]",
+    )
+    p.add_argument("--mean", type=float, nargs="+", help="per-channel mean (overrides --normalize; with --std)")
+    p.add_argument("--std", type=float, nargs="+", help="per-channel std (overrides --normalize; with --mean)")
+    p.add_argument("--hf-config", help="configuration name of a hf:<dataset> (if it has several)")
+    p.add_argument("--image-column", help="image column of a hf:<dataset> (default: its Image feature)")
+    p.add_argument("--label-column", help="label column of a hf:<dataset> (default: its ClassLabel feature)")
+
+
+def _normalization(args: argparse.Namespace):
+    if (args.mean is None) != (args.std is None):
+        raise ConfigError("pass --mean and --std together")
+    return args.normalize if args.mean is None else (tuple(args.mean), tuple(args.std))
+
+
+def _load_dense(args: argparse.Namespace):
+    from starfish_plugin.io.model_files import build_model, load_file, load_weights_, state_dict_of
+
+    dense = build_model(args.model, args.num_classes)
+    load_weights_(dense, state_dict_of(load_file(args.dense, args.unsafe_pickle), args.dense), args.dense, "dense")
+    return dense
+
+
+def _images(
+    args: argparse.Namespace,
+    source: str,
+    split: str,
+    labeled: bool,
+    limit: int | None = None,
+    batch_size: int | None = None,
+):
+    """Images (and labels) from an image folder or a ``hf:<dataset>``, as ``(x, y)``; with
+    ``batch_size``, ``x`` is an iterator of lazily decoded batches."""
+    from starfish_plugin.cli.hub_images import is_hub_source, load_hub_images
+    from starfish_plugin.cli.image_folders import load_image_folder
+
+    seed = args.seed if getattr(args, "seed", None) is not None else 0
+    if is_hub_source(source):
+        x, y, _ = load_hub_images(
+            source,
+            split,
+            args.image_size,
+            args.channels,
+            _normalization(args),
+            limit,
+            labeled,
+            seed,
+            args.hf_config,
+            args.image_column,
+            args.label_column,
+            batch_size,
+        )
+    else:
+        x, y, _ = load_image_folder(
+            source, args.image_size, args.channels, _normalization(args), limit, labeled, seed, batch_size
+        )
+    return x, y
+
+
+def _eval_set(args: argparse.Namespace, source: str, split: str = "test"):
+    x, y = _images(args, source, split, labeled=True)
+    return list(zip(x.split(256), y.split(256)))
+
+
+def _heal(args: argparse.Namespace) -> int:
+    import json
+
+    from starfish_plugin.core.evaluate import evaluate
+    from starfish_plugin.core.heal import heal
+    from starfish_plugin.io.model_files import load_pruned, save_pruned
+
+    dense = _load_dense(args)
+    pruned, fmt = load_pruned(dense, args.pruned, args.pruned_format, args.unsafe_pickle)
+    stream = args.inputs == "disk"  # decoded batch by batch straight into heal's file
+    images, _ = _images(
+        args,
+        args.calibration,
+        args.calibration_split,
+        labeled=False,
+        limit=args.calibration_size,
+        batch_size=256 if stream else None,
+    )
+    what = "streamed to a file as they are decoded" if stream else f"{len(images)}, {tuple(images.shape[1:])}"
+    print(f"starfish: {args.model}, pruned checkpoint read as '{fmt}', calibration images: {what}", flush=True)
+    evaluation = _eval_set(args, args.eval, args.eval_split) if args.eval else None
+    figures = {}
+    if evaluation:
+        figures["dense_top1"], figures["pruned_top1"] = evaluate(dense, evaluation), evaluate(pruned, evaluation)
+    overrides = {
+        k: v
+        for k, v in {
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "loss": args.loss,
+            "targets": args.targets,
+            "inputs": args.inputs,
+            "cache_dir": args.cache_dir,
+            "checkpoint_dir": args.checkpoint_dir,
+            "warm_start": args.warm_start,
+            "device": args.device,
+            "seed": args.seed,
+            "quiet": args.quiet,
+            "precision": args.precision,
+            "compile": args.compile,
+            "compile_backend": args.compile_backend,
+        }.items()
+        if v is not None
+    }
+    if args.device:
+        dense.to(args.device)
+        pruned.to(args.device)
+    report = heal(pruned, dense, images, **overrides)
+    pruned.to("cpu")
+    if evaluation:
+        figures["healed_top1"] = evaluate(pruned, evaluation)
+    out_format = fmt if args.out_format == "same" else args.out_format
+    save_pruned(pruned, out_format, args.out)
+    out = {
+        "model": args.model,
+        "pruned_format": fmt,
+        "out_format": out_format,
+        "healed_checkpoint": str(args.out),
+        **figures,
+        "report": json.loads(report.to_json()),
+    }
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps(out, indent=2))
+    line = ", ".join(f"{k} {v:.2f} %" for k, v in figures.items())
+    print(
+        f"starfish: healed in {report.seconds:.1f} s; mask unchanged: {report.mask_unchanged}"
+        + (f"; {line}" if line else "")
+        + f"; saved {args.out}"
+        + (f" and {args.report}" if args.report else "")
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from starfish_plugin.core.evaluate import evaluate
+    from starfish_plugin.io.model_files import build_model, load_pruned
+
+    model = build_model(args.model, args.num_classes)
+    if args.dense:
+        model = _load_dense(args)
+    model, fmt = load_pruned(model, args.weights, args.format, args.unsafe_pickle, dense_has_weights=bool(args.dense))
+    print(f"top-1 {evaluate(model, _eval_set(args, args.data, args.split)):.2f} % ({args.weights}, read as '{fmt}')")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from starfish_plugin.cli.latency import compare_latency
+    from starfish_plugin.io.model_files import load_pruned
+
+    dense = _load_dense(args)
+    pruned, fmt = load_pruned(dense, args.weights, args.format, args.unsafe_pickle)
+    result = compare_latency(dense, pruned, args.batch_size, args.image_size, args.channels, args.repeats, args.device)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="starfish", description="Heal pruned PyTorch models with STARFISH.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser(
+        "demo",
+        help="prune a shipped ViT at 0.8 with torch.nn.utils.prune, heal it, print the accuracy table",
+        description="Offline demo on real images: Fashion-MNIST if installed (apt-get install "
+        "dataset-fashion-mnist), scikit-learn's digits otherwise.",
+    )
+    demo.add_argument("--dataset", choices=["auto", "fashion-mnist", "digits"], default="auto")
+    demo.add_argument("--sparsity", type=float, default=0.8, help="fraction of qkv/proj/fc1/fc2 weights pruned")
+    demo.add_argument("--epochs", type=int, default=10)
+    demo.add_argument("--calibration", type=int, default=1000, help="unlabeled calibration images")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--json", help="also save the figures to this JSON file")
+    demo.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    demo.set_defaults(func=_demo)
+    heal = sub.add_parser(
+        "heal",
+        help="heal a pruned checkpoint on an image folder or hf:<dataset> and save it",
+        description="Heal a pruned checkpoint with STARFISH. The pruned file may be a torch.nn.utils.prune "
+        "state dict (weight_orig/weight_mask), a Torch-Pruning state dict (tp.state_dict, a pickle: needs "
+        "--unsafe-pickle), starfish's weights-only structured file (--out-format structured), a dictionary "
+        "{parameter name: bool mask} applied to the dense weights, or plain weights holding N:M zeros. "
+        "Exit codes: 0 healed, 2 bad input (nothing written), 1 unexpected failure, 130 interrupted.",
+    )
+    _model_args(heal)
+    heal.add_argument("--dense", required=True, help="dense weights (state dict file)")
+    heal.add_argument("--pruned", required=True, help="pruned checkpoint (see above)")
+    heal.add_argument("--pruned-format", default="auto", choices=list(PRUNED_FORMATS))
+    heal.add_argument(
+        "--calibration",
+        required=True,
+        help="folder of unlabeled images (subfolders allowed), or hf:<dataset name or local dataset dir>",
+    )
+    heal.add_argument("--calibration-split", default="train", help="split of a hf:<dataset> calibration set")
+    heal.add_argument(
+        "--calibration-size",
+        type=int,
+        default=1000,
+        help="images drawn at random (from a hf:<dataset>: streamed through a 10,000-row shuffle buffer)",
+    )
+    heal.add_argument(
+        "--eval", help="labeled images for top-1 before/after: a folder with one subfolder per class, or hf:<dataset>"
+    )
+    heal.add_argument("--eval-split", default="test", help="split of a hf:<dataset> eval set")
+    heal.add_argument("--out", required=True, help="where the healed checkpoint goes")
+    heal.add_argument(
+        "--out-format",
+        default="same",
+        choices=["same", "structured", "weights"],
+        help="same: the form --pruned was read in; structured: weights-only file with the pruned "
+        "shapes (and kept-channel record), readable without --unsafe-pickle; weights: a plain state dict "
+        "with masks folded in as zeros",
+    )
+    heal.add_argument("--report", help="write the heal report and accuracies to this JSON file")
+    _image_args(heal)
+    for flag, kind in (("--epochs", int), ("--lr", float), ("--batch-size", int), ("--seed", int)):
+        heal.add_argument(flag, type=kind)
+    heal.add_argument("--loss", help="cosine (default), mse, kl, ce or a mixture such as cosine+kl")
+    heal.add_argument("--targets", choices=["auto", "memory", "disk", "online"])
+    heal.add_argument(
+        "--inputs",
+        choices=["memory", "disk"],
+        help="disk: calibration images decoded batch by batch into a file, not held in RAM",
+    )
+    heal.add_argument("--cache-dir", help="directory of the disk cache of dense targets (reused when it matches)")
+    heal.add_argument("--checkpoint-dir", help="save state each epoch; rerun the same command to resume")
+    heal.add_argument("--warm-start", choices=["none", "row_norm"])
+    heal.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on CUDA, fp32 elsewhere"
+    )
+    heal.add_argument(
+        "--compile",
+        choices=["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile mode for the pruned model's training forward (default: none)",
+    )
+    heal.add_argument("--compile-backend", help="torch.compile backend (default: inductor)")
+    heal.add_argument("--device", help="e.g. cuda:0 (default: cpu)")
+    heal.add_argument("--quiet", action="store_true", default=None)
+    heal.set_defaults(func=_heal)
+
+    ev = sub.add_parser("eval", help="top-1 of a checkpoint on a labeled image folder or hf:<dataset>")
+    _model_args(ev)
+    ev.add_argument("--weights", required=True, help="checkpoint to evaluate (any format heal reads)")
+    ev.add_argument("--format", default="auto", choices=list(PRUNED_FORMATS))
+    ev.add_argument("--dense", help="dense weights (needed when --weights is a mask dictionary)")
+    ev.add_argument("--data", required=True, help="labeled image folder, one subfolder per class, or hf:<dataset>")
+    ev.add_argument("--split", default="test", help="split of a hf:<dataset>")
+    _image_args(ev)
+    ev.set_defaults(func=_eval)
+
+    bench = sub.add_parser("bench", help="forward latency of a pruned checkpoint against its dense model")
+    _model_args(bench)
+    bench.add_argument("--dense", required=True)
+    bench.add_argument("--weights", required=True, help="pruned or healed checkpoint")
+    bench.add_argument("--format", default="auto", choices=list(PRUNED_FORMATS))
+    bench.add_argument("--batch-size", type=int, default=1)
+    bench.add_argument("--image-size", type=int, default=224)
+    bench.add_argument("--channels", type=int, choices=[1, 3], default=3)
+    bench.add_argument("--repeats", type=int, default=30)
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--json", help="also save the figures to this JSON file")
+    bench.set_defaults(func=_bench)
+
+    plugins = sub.add_parser("plugins", help="list registered plugins and the hooks they implement")
+    plugins.set_defaults(func=_plugins)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 success, 2 bad input or usage, 1 unexpected failure, 130 interrupted."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (StarfishError, FileNotFoundError) as exc:
+        print(f"starfish: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("starfish: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,478 @@
+"""The STARFISH recovery loop: masks fixed, surviving weights trained to align block outputs."""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from starfish_plugin.config import HealConfig
+from starfish_plugin.core.alignment import channel_index, select_channels
+from starfish_plugin.core.blocks import OUTPUT_BLOCK, BlockChoice, capture_outputs, resolve_blocks
+from starfish_plugin.core.loop import Checkpointing, train_loop
+from starfish_plugin.core.losses import HealLoss, cosine_distance
+from starfish_plugin.core.masks import find_masks
+from starfish_plugin.core.model_io import Inputs, call_model, describe_inputs
+from starfish_plugin.core.modes import eval_mode
+from starfish_plugin.core.plan import SparsityPlan
+from starfish_plugin.core.validation import (
+    check_architecture,
+    check_input_dtype,
+    check_models,
+    probe_forward,
+    resolve_device,
+)
+from starfish_plugin.core.warm_start import row_norm_warm_start_
+from starfish_plugin.data.calibration import CalibrationData, load_calibration
+from starfish_plugin.data.targets import LOGITS, DenseTargets, check_finite, dense_outputs, plan_targets
+from starfish_plugin.errors import (
+    AdapterError,
+    BlockError,
+    CalibrationError,
+    ConfigError,
+    HealingWarning,
+    ModelMismatchError,
+)
+from starfish_plugin.plugins.manager import plugin_manager
+from starfish_plugin.report import HealReport
+from starfish_plugin.runtime.distributed import DistContext, dist_context
+from starfish_plugin.runtime.fingerprint import model_fingerprint
+from starfish_plugin.runtime.resume import checkpoint_path, settings_of
+
+
+def resolve_config(config: HealConfig | None, overrides: dict[str, Any]) -> HealConfig:
+    """``config`` (or the defaults) with ``overrides`` applied and validated."""
+    if config is None:
+        config = HealConfig()
+    elif not isinstance(config, HealConfig):
+        raise TypeError(f"config must be a starfish.HealConfig, got {type(config).__name__}")
+    if overrides:
+        return config.replace(**overrides)
+    config.validate()  # a config edited after construction is checked too
+    return config
+
+
+@contextmanager
+def trainable_only(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+    """Freeze every parameter of ``model`` except ``params``; restore the flags on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    keep = {id(p) for p in params}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in keep)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@torch.no_grad()
+def block_cosines(
+    model: nn.Module, plan: SparsityPlan, targets: DenseTargets, data: CalibrationData, samples: int,
+    batch_size: int, reduction: str,
+) -> dict[str, float]:
+    """Mean cosine similarity of each block's output to its dense target on the first ``samples``."""
+    if samples <= 0:
+        return {}
+    sums = {b: 0.0 for b in targets.blocks}
+    seen = 0
+    with eval_mode(model), capture_outputs(model, targets.blocks) as outputs:
+        for idx, x, _ in data.batches(batch_size):
+            if seen >= samples:
+                break
+            x = x.to(targets.device)
+            plan.refresh()
+            call_model(model, x)
+            dense = targets.get(idx, x)
+            for b in targets.blocks:
+                sums[b] += (1.0 - cosine_distance(outputs[b].float(), dense[b], reduction).item()) * len(idx)
+            seen += len(idx)
+    return {b: s / seen for b, s in sums.items()}
+
+
+def probe_structural(
+    pruned: nn.Module, blocks: list[str], x: Inputs, plan: SparsityPlan
+) -> tuple[dict, list[str]]:
+    """Block outputs of a structurally pruned model on one input and the order in which its
+    modules finished, or a clear error if it cannot run."""
+    order: list[str] = []
+    handles = [
+        module.register_forward_hook(lambda _m, _a, _o, name=name: order.append(name))
+        for name, module in pruned.named_modules()
+        if name in plan.kept_out_channels
+    ]
+    try:
+        return dense_outputs(pruned, blocks, x, False, label="pruned"), order
+    except (RuntimeError, ValueError, IndexError, AssertionError) as exc:
+        raise ModelMismatchError(
+            f"the pruned {type(pruned).__name__} fails a forward on a calibration input of "
+            f"{describe_inputs(x)}: {exc}. If attention heads or widths were pruned, its attention modules' "
+            f"num_heads / head_dim must match the new shapes. {plan.hint}"
+        ) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def check_logits(logits: object, data: CalibrationData, config: HealConfig) -> None:
+    """The ``kl`` and ``ce`` losses need ``[B, classes]`` logits, and ``ce`` labels below ``classes``."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ConfigError(
+            f"loss {config.loss!r} needs a classifier returning logits [B, classes], but the model returns "
+            f"{shape}; use loss='cosine' or 'mse'"
+        )
+    if "ce" in config.loss_terms() and data.labels is not None:
+        low, high = int(data.labels.min()), int(data.labels.max())
+        if low < 0 or high >= logits.shape[1]:
+            raise CalibrationError(
+                f"calibration labels span {low}..{high} but the model has {logits.shape[1]} classes; "
+                "labels must be class indices in [0, classes)"
+            )
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+
+
+def heal(
+    pruned: nn.Module,
+    dense: nn.Module,
+    calibration: object,
+    config: HealConfig | None = None,
+    **overrides: Any,
+) -> HealReport:
+    """Heal ``pruned`` in place with STARFISH and return a ``HealReport``.
+
+    With every mask held fixed, the surviving entries of the pruned tensors are trained with
+    AdamW so that each block's output points the way the dense model's does (cosine similarity),
+    on unlabeled calibration inputs. Everything else stays frozen; ``dense`` is never modified.
+
+    Args:
+        pruned: the pruned model, healed in place and left in its toolkit's form.
+        dense: the model it was pruned from; never modified.
+        calibration: a ``Dataset``, ``DataLoader``, ``Tensor`` of inputs or iterable of batches;
+            labels in ``(inputs, labels)`` pairs are used only by ``loss="ce"``.
+        config: a ``HealConfig``; ``overrides`` replace single fields (``epochs=5``).
+
+    Example:
+        >>> report = starfish.heal(pruned, dense, calib_images, epochs=10)
+        >>> report.mask_unchanged
+        True
+    """
+    start = time.perf_counter()
+    config = resolve_config(config, overrides)
+    pm = plugin_manager()
+    check_models(pruned, dense)
+    device = resolve_device(pruned, dense, config.device)
+    plan = find_masks(pruned, dense)
+    check_architecture(pruned, dense, plan)
+    choice = resolve_blocks(dense, pruned, config.blocks)
+    loss_fn = HealLoss(
+        config.loss_terms(), choice.names, config.cosine_reduction, config.kl_temperature, config.block_weighting
+    )
+    dist = dist_context()
+    shard = (dist.rank, dist.world) if dist.active else None  # on disk, each rank writes its own rows only
+    loaded = load_calibration(calibration, config.inputs == "disk", config.cache_dir, shard, model=dense)
+    try:
+        return _heal_loaded(pruned, dense, loaded, config, pm, device, plan, choice, loss_fn, start, dist)
+    finally:
+        loaded.close()
+
+
+def _heal_loaded(
+    pruned: nn.Module, dense: nn.Module, data: CalibrationData, config: HealConfig, pm, device: torch.device,
+    plan: SparsityPlan, choice: BlockChoice, loss_fn: HealLoss, start: float, dist: DistContext,
+) -> HealReport:
+    """``heal`` once the models are checked and the calibration set is loaded."""
+    if loss_fn.needs_labels and data.labels is None:
+        raise CalibrationError("loss 'ce' needs labels; pass (inputs, labels) batches or a labeled Dataset")
+    check_input_dtype(data, dense)
+    n_total = data.total if data.total is not None else len(data)
+    notes: list[str] = []
+    if dist.active:
+        if n_total // dist.world < dist.steps_per_epoch(n_total, config.batch_size):
+            raise CalibrationError(
+                f"{n_total} calibration samples are too few for {dist.world} ranks at batch_size "
+                f"{config.batch_size}: some rank would get an empty step; pass more samples or a larger batch_size"
+            )
+        data = dist.shard(data)
+        notes.append(dist.describe(len(data), n_total, config.batch_size))
+    if data.labels is not None:
+        data.labels = data.labels.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    mask_snapshot = plan.snapshot()
+    with ExitStack() as stack, eval_mode(dense), eval_mode(pruned):
+        probe_x = data.head(config.batch_size).to(device)
+        dense_logits = probe_forward(dense, probe_x, "dense")
+        if loss_fn.needs_labels or loss_fn.needs_logits:
+            check_logits(dense_logits, data, config)
+        blocks = list(choice.names)
+        candidate = loss_fn.needs_blocks and OUTPUT_BLOCK not in blocks and config.align_output != "never"
+        probe_blocks = blocks + [OUTPUT_BLOCK] if candidate else blocks
+        probe_out = dense_outputs(dense, probe_blocks, probe_x, loss_fn.needs_logits)
+        check_finite(probe_out)
+        index, alignment = {}, {b: "direct" for b in probe_blocks}
+        if plan.structural:  # e.g. Torch-Pruning: widths may differ from the dense model
+            pruned_out, order = probe_structural(pruned, probe_blocks, probe_x[:1], plan)
+            if candidate and pruned_out[OUTPUT_BLOCK].shape[1:] != probe_out[OUTPUT_BLOCK].shape[1:]:
+                candidate, probe_blocks = False, blocks  # the output itself was narrowed: not comparable
+            index, alignment = channel_index(plan, pruned, probe_blocks, probe_out, pruned_out, order)
+            select_channels(probe_out, index)
+        if loss_fn.needs_blocks:
+            blocks, loss_fn.detach_at = _choose_output_alignment(
+                pruned, plan, blocks, candidate, probe_x, probe_out, config, notes
+            )
+            loss_fn.blocks = blocks
+        for name in set(probe_out) - set(blocks) - {LOGITS}:
+            del probe_out[name]
+        alignment = {b: alignment[b] for b in blocks if b in alignment}
+        cache_dir = config.cache_dir
+        if cache_dir is not None and dist.active:  # each rank caches its own shard
+            cache_dir = str(Path(cache_dir) / f"rank{dist.rank}-of-{dist.world}")
+        target_plan = plan_targets(probe_out, len(data), config.targets, config.target_memory_budget, cache_dir)
+        targets = DenseTargets(
+            dense, blocks, data, target_plan, device, loss_fn.needs_logits, config.batch_size, index
+        )
+        stack.callback(targets.close)
+        before = block_cosines(
+            pruned, plan, targets, data, config.diagnostic_samples, config.batch_size, config.cosine_reduction
+        )
+
+        if dist.active:
+            steps_per_epoch = dist.steps_per_epoch(n_total, config.batch_size)
+        else:
+            steps_per_epoch = math.ceil(len(data) / config.batch_size)
+        total_steps = steps_per_epoch * config.epochs
+        pm.hook.starfish_heal_started(model=pruned, plan=plan, config=config, total_steps=total_steps)
+        params = trainable_parameters(pruned, plan, config.trainable)
+        checkpointing = None
+        if config.checkpoint_dir is not None:
+            checkpointing = Checkpointing(
+                checkpoint_path(config.checkpoint_dir, dist.rank, dist.world),
+                settings_of(config.to_dict()) | {"world_size": dist.world},
+                {
+                    "dense model": model_fingerprint(dense),
+                    "pruned model": model_fingerprint(pruned, skip=params),
+                    "calibration set": data.fingerprint(),
+                },
+            )
+        backup = [p.detach().clone() for p in params] if config.restore_on_error else None
+        train_start = time.perf_counter()
+        try:
+            if config.warm_start == "row_norm":
+                notes.append(_warm_start(plan, dense, data, config, device))
+            with trainable_only(pruned, params), eval_mode(pruned, config.train_mode):
+                epoch_losses, epochs_run = train_loop(
+                    pruned,
+                    plan,
+                    params,
+                    targets,
+                    data,
+                    loss_fn,
+                    config,
+                    device,
+                    pm,
+                    dist,
+                    checkpointing,
+                    notes,
+                    n_total,
+                    steps_per_epoch,
+                )
+        except BaseException as exc:
+            if backup is not None:
+                with torch.no_grad():
+                    for p, saved in zip(params, backup):
+                        p.copy_(saved)
+            pm.hook.starfish_write_back(model=pruned, plan=plan)  # refresh derived attributes
+            pm.hook.starfish_heal_failed(model=pruned, error=exc, config=config)
+            raise
+        finally:
+            for p in params:
+                p.grad = None
+        train_seconds = time.perf_counter() - train_start
+        after = block_cosines(
+            pruned, plan, targets, data, config.diagnostic_samples, config.batch_size, config.cosine_reduction
+        )
+        if loss_fn.needs_blocks:  # kl / ce do not aim at block alignment
+            _warn_if_worse(before, after, config, choice, notes)
+
+    if pm.hook.starfish_write_back(model=pruned, plan=plan) is None:
+        raise AdapterError(
+            f"no adapter wrote the healed model back for the plan read by '{plan.adapter}': its "
+            "starfish_write_back must return True for its own plans (the weights are healed in place)"
+        )
+    reread = find_masks(pruned, dense)
+    peak, peak_kind = _peak_memory(device)
+    in_plan = {id(e.parameter) for e in plan}
+    trainable = sum(int(e.mask.sum()) for e in plan) + sum(p.numel() for p in params if id(p) not in in_plan)
+    report = HealReport(
+        loss=config.loss if isinstance(config.loss, str) else "+".join(f"{w}*{n}" for n, w in config.loss.items()),
+        blocks=blocks,
+        block_rule=choice.rule,
+        epoch_losses=epoch_losses,
+        block_cosine_before=before,
+        block_cosine_after=after,
+        seconds=time.perf_counter() - start,
+        train_seconds=train_seconds,
+        samples_per_second=len(data) * epochs_run / train_seconds if train_seconds > 0 else float("inf"),
+        steps=total_steps,
+        n_samples=len(data),
+        peak_memory_bytes=peak,
+        peak_memory_kind=peak_kind,
+        targets_mode=target_plan.mode,
+        targets_reason=target_plan.reason,
+        target_cache_bytes=targets.cache_bytes,
+        target_cache_estimate_bytes=target_plan.estimate_bytes,
+        mask_unchanged=reread.same_pattern(mask_snapshot),
+        masked_weights_zero=reread.masked_weights_are_zero(),
+        sparsity=plan.sparsity,
+        adapter=plan.adapter,
+        trainable_parameters=trainable,
+        frozen_parameters=sum(p.numel() for p in pruned.parameters()) - trainable,
+        device=str(device),
+        target_alignment=alignment,
+        notes=list(plan.notes)
+        + [f"calibration from a {data.source}"]
+        + notes
+        + ([targets.note] if targets.note else [])
+        + ([f"blocks kept in fp32 (outside fp16 range): {targets.fp32_blocks}"] if targets.fp32_blocks else []),
+        config=config.to_dict(),
+    )
+    pm.hook.starfish_heal_finished(model=pruned, report=report, config=config)
+    return report
+
+
+def _warm_start(
+    plan: SparsityPlan, dense: nn.Module, data: CalibrationData, config: HealConfig, device: torch.device
+) -> str:
+    """Run the row-norm warm start on the first ``warm_start_samples`` images; return a report note."""
+    n = min(config.warm_start_samples, len(data))
+    result = row_norm_warm_start_(plan, dense, (x.to(device) for x in data.head(n).split(config.batch_size)))
+    note = (
+        f"warm start row_norm on {n} images: {len(result['rescaled'])} tensors rescaled, "
+        f"median gain {result['median_gain']:.2f}"
+    )
+    if result["skipped"]:
+        note += f"; not rescaled (not a same-shape Linear/Conv weight): {result['skipped']}"
+    return note
+
+
+def params_without_signal(
+    model: nn.Module,
+    plan: SparsityPlan,
+    params: list[nn.Parameter],
+    blocks: list[str],
+    x: Inputs,
+    targets: dict[str, torch.Tensor],
+    reduction: str,
+) -> tuple[list[nn.Parameter], list[str]]:
+    """The tensors of ``params`` that no block's output depends on (no gradient reaches them) on
+    the batch ``x``, and the blocks in the order they ran; ``targets`` holds the dense outputs of
+    ``blocks`` on ``x``."""
+    with trainable_only(model, params), torch.enable_grad(), capture_outputs(model, blocks) as outputs:
+        plan.refresh()
+        call_model(model, x)
+        order = list(outputs)
+        loss = sum(cosine_distance(outputs[b].float(), targets[b], reduction) for b in blocks)
+        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+            return list(params), order
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [p for p, g in zip(params, grads) if g is None], order
+
+
+def _names_of(plan: SparsityPlan, params: list[nn.Parameter]) -> list[str]:
+    ids = {id(p) for p in params}
+    return [e.name for e in plan if id(e.parameter) in ids]
+
+
+def _choose_output_alignment(
+    pruned: nn.Module,
+    plan: SparsityPlan,
+    blocks: list[str],
+    candidate: bool,
+    probe_x: Inputs,
+    probe_out: dict[str, torch.Tensor],
+    config: HealConfig,
+    notes: list[str],
+) -> tuple[list[str], str | None]:
+    """``blocks``, with the model's final output added when pruned weights would otherwise get no
+    training signal (``align_output="auto"``) or when asked (``"always"``); and the block whose
+    output is detached on its way to the rest of the model, so that the output's loss trains only
+    the weights after the blocks and leaves the block alignment to the blocks' own losses.
+
+    Raises:
+        BlockError: no pruned weight gets any training signal from the chosen blocks.
+    """
+    params = plan.parameters()
+    detach_at = None
+    x = probe_x[: min(8, len(probe_x))]
+    targets = {name: out[: len(x)] for name, out in probe_out.items()}
+    silent, order = params_without_signal(pruned, plan, params, blocks, x, targets, config.cosine_reduction)
+    if candidate and (config.align_output == "always" or silent):
+        why = (
+            "asked (align_output='always')"
+            if not silent
+            else (
+                f"{len(silent)} pruned tensor(s) outside every block get no signal from the blocks: "
+                f"{_names_of(plan, silent)[:5]}"
+            )
+        )
+        last = order[-1] if order else None
+        notes.append(
+            f"the model's final output is aligned as one more block {OUTPUT_BLOCK!r}: {why}; its loss "
+            f"trains only the weights after the last block ({last})"
+        )
+        blocks = blocks + [OUTPUT_BLOCK]
+        silent, _ = params_without_signal(pruned, plan, params, blocks, x, targets, config.cosine_reduction)
+        detach_at = last
+    if silent and len(silent) == len(params):
+        raise BlockError(
+            f"none of the {len(params)} pruned tensors of {type(pruned).__name__} gets a training signal from the "
+            f"blocks {blocks[:6]}: no block output depends on them (e.g. {_names_of(plan, silent)[:3]}). Choose "
+            f"blocks that contain or follow the pruned layers (HealConfig.blocks), or align the final output "
+            f"(align_output='auto' or 'always')"
+        )
+    if silent:
+        notes.append(
+            f"{len(silent)} pruned tensor(s) get no training signal and stay as pruned: {_names_of(plan, silent)[:5]}"
+        )
+    return blocks, detach_at
+
+
+def _warn_if_worse(
+    before: dict[str, float], after: dict[str, float], config: HealConfig, choice: BlockChoice, notes: list[str]
+) -> None:
+    """Warn (and note) when healing lowered the mean block cosine."""
+    if not before or not after:
+        return
+    mean_before, mean_after = sum(before.values()) / len(before), sum(after.values()) / len(after)
+    if mean_after < mean_before - 1e-6:
+        message = (
+            f"healing lowered the mean block cosine from {mean_before:.4f} to {mean_after:.4f}. Likely causes: "
+            f"a learning rate too high for this model (lr={config.lr}; try lr={config.lr / 4:g}), or blocks that "
+            f"do not suit it (chosen by: {choice.rule}; pass HealConfig.blocks=[...])"
+        )
+        warnings.warn(message, HealingWarning, stacklevel=4)
+        notes.append(message)
+
+
+def trainable_parameters(model: nn.Module, plan: SparsityPlan, which: str) -> list[nn.Parameter]:
+    """The plan's tensors (``"pruned"``), or every floating parameter of ``model`` (``"all"``)."""
+    params = plan.parameters()
+    if which == "all":
+        seen = {id(p) for p in params}
+        params += [p for p in model.parameters() if p.is_floating_point() and id(p) not in seen]
+    return params

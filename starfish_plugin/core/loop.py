@@ -1,0 +1,200 @@
+"""The optimizer loop of a heal: masks held fixed, per-epoch checkpoints, one or several ranks."""
+
+from __future__ import annotations
+
+import math
+import time
+import types
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from starfish_plugin.config import HealConfig
+from starfish_plugin.core.blocks import capture_outputs
+from starfish_plugin.core.losses import HealLoss
+from starfish_plugin.core.model_io import Inputs, call_model, main_output
+from starfish_plugin.core.plan import SparsityPlan
+from starfish_plugin.data.calibration import CalibrationData
+from starfish_plugin.data.targets import DenseTargets
+from starfish_plugin.errors import CompileError, NonFiniteError
+from starfish_plugin.runtime.distributed import DistContext
+from starfish_plugin.runtime.resume import HealState, load_state, save_state
+
+
+class MaskKeeper:
+    """Keeps the mask fixed: masks gradients, and re-applies the mask after every step."""
+
+    def __init__(self, plan: SparsityPlan, weight_decay: float) -> None:
+        sparse = [e for e in plan if not bool(e.mask.all())]  # all-ones masks need no keeping
+        self.params = [e.parameter for e in sparse]
+        self.grad_masks = [e.mask.to(e.parameter.dtype) for e in sparse]
+        self.zero = [(e.parameter, m) for e, m in zip(sparse, self.grad_masks) if e.masked_entries == "zero"]
+        # With weight decay, AdamW also shrinks masked entries that the toolkit keeps; restore them.
+        self.keep = [
+            (e.parameter, e.mask, e.parameter.detach().clone())
+            for e in sparse
+            if e.masked_entries == "keep" and weight_decay > 0
+        ]
+
+    def mask_grads(self) -> None:
+        pairs = [(p.grad, m) for p, m in zip(self.params, self.grad_masks) if p.grad is not None]
+        if pairs:
+            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+
+    @torch.no_grad()
+    def reapply(self) -> None:
+        if self.zero:
+            torch._foreach_mul_([p for p, _ in self.zero], [m for _, m in self.zero])
+        for p, mask, original in self.keep:
+            p.copy_(torch.where(mask, p, original))
+
+
+def bf16(config: HealConfig, device: torch.device) -> bool:
+    """Whether the pruned forward runs under bf16 autocast: ``precision="bf16"``, or ``"auto"`` on a
+    CUDA device that supports bf16 (the recovery benchmark found bf16 heals as well as fp32)."""
+    if config.precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return config.precision == "bf16"
+
+
+def training_forward(forward: nn.Module, config: HealConfig, use_bf16: bool, device: torch.device):
+    """The pruned model's forward for training: under bf16 autocast if asked, and compiled with
+    ``torch.compile`` unless ``config.compile == "none"`` (hooks and autocast are traced with it)."""
+
+    def run(x: Inputs):
+        with torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext():
+            return main_output(call_model(forward, x))
+
+    if config.compile == "none":
+        return run
+    from torch._dynamo.exc import TorchDynamoException
+
+    mode = None if config.compile == "default" else config.compile
+    backend = getattr(config.compile_backend, "__name__", config.compile_backend)
+    # Dynamo caches compiled frames per code object and stops compiling one after
+    # ``recompile_limit`` variants; a fresh code object per heal keeps each heal's cache its own
+    # (many heals in one process, e.g. attach over iterative steps, all compile) and frees it after.
+    run = types.FunctionType(run.__code__.replace(), run.__globals__, run.__name__, None, run.__closure__)
+    compiled = torch.compile(run, mode=mode, backend=config.compile_backend)
+
+    def guarded(x: Inputs):
+        try:
+            return compiled(x)
+        except TorchDynamoException as exc:  # BackendCompilerFailed among them
+            cause = getattr(exc, "inner_exception", None) or exc  # the backend's own error
+            first_line = next((line for line in str(cause).splitlines() if line.strip()), "")
+            raise CompileError(
+                f"torch.compile (mode={config.compile!r}, backend={backend!r}) failed on the "
+                f"pruned model's training forward: {type(cause).__name__}: {first_line}. "
+                "Heal without it (HealConfig.compile='none'), or try compile_backend='aot_eager' (no C++ "
+                "compiler needed); the weights were restored unless restore_on_error=False"
+            ) from exc
+
+    return guarded
+
+
+@dataclass
+class Checkpointing:
+    """Where the heal's state is saved after each epoch, and what it must match to be resumed."""
+
+    path: Path
+    settings: dict[str, Any]
+    fingerprint: dict[str, str]
+
+
+def train_loop(
+    model: nn.Module,
+    plan: SparsityPlan,
+    params: list[nn.Parameter],
+    targets: DenseTargets,
+    data: CalibrationData,
+    loss_fn: HealLoss,
+    config: HealConfig,
+    device: torch.device,
+    pm,
+    dist: DistContext,
+    checkpointing: Checkpointing | None,
+    notes: list[str],
+    n_total: int,
+    steps_per_epoch: int,
+) -> tuple[list[float], int]:
+    """The optimizer loop; returns the mean loss of each epoch (over every rank's samples, resumed
+    epochs included) and the number of epochs this call trained."""
+    batch_size = dist.batch_size(config.batch_size)
+    n_batches = steps_per_epoch if dist.active else None  # ranks split their shards into equal step counts
+    total_steps = steps_per_epoch * config.epochs
+    keeper = MaskKeeper(plan, config.weight_decay)
+    fused = device.type == "cuda" and all(p.is_cuda for p in params)  # one kernel for the whole update
+    optimizer = torch.optim.AdamW(
+        params, lr=config.lr, weight_decay=config.weight_decay, **({"fused": True} if fused else {"foreach": True})
+    )
+    use_bf16 = bf16(config, device)
+    if use_bf16:
+        notes.append(f"pruned forward under bf16 autocast (precision={config.precision!r})")
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=config.min_lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    block_names = loss_fn.blocks if loss_fn.needs_blocks else []
+    losses: list[float] = []
+    first_epoch = 0
+    if checkpointing is not None:
+        state = load_state(checkpointing.path, checkpointing.settings, checkpointing.fingerprint)
+        if state is not None:
+            with torch.no_grad():
+                for p, saved in zip(params, state.params, strict=True):
+                    p.copy_(saved)
+            optimizer.load_state_dict(state.optimizer)
+            schedule.load_state_dict(state.scheduler)
+            generator.set_state(state.generator)
+            first_epoch, losses = state.epoch, list(state.epoch_losses)
+            notes.append(f"resumed from {checkpointing.path} after epoch {first_epoch} of {config.epochs}")
+    forward = training_forward(dist.wrap(model, device), config, use_bf16, device)
+    if config.compile != "none":
+        backend = getattr(config.compile_backend, "__name__", config.compile_backend)
+        notes.append(f"training forward compiled (torch.compile mode={config.compile!r}, backend={backend!r})")
+    step = first_epoch * steps_per_epoch
+    with capture_outputs(model, block_names, detach=loss_fn.detach_at) as outputs:
+        for epoch in range(first_epoch, config.epochs):
+            epoch_start = time.perf_counter()
+            running = torch.zeros((), device=device)
+            for idx, x, y in data.batches(batch_size, generator, n_batches):
+                x = x.to(device, non_blocking=True)
+                dense = targets.get(idx, x)
+                plan.refresh()  # weights read without calling their module's prune hook
+                logits = forward(x)
+                loss = loss_fn(outputs, logits, dense, y)  # in fp32 (the losses upcast)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                keeper.mask_grads()
+                optimizer.step()
+                schedule.step()
+                keeper.reapply()
+                running += loss.detach() * len(idx)
+                step += 1
+                pm.hook.starfish_step_ended(step=step, total_steps=total_steps, config=config)
+            mean = (dist.sum(running) / n_total).item()
+            if not math.isfinite(mean):
+                state_word = "restored" if config.restore_on_error else "left as they were (restore_on_error=False)"
+                raise NonFiniteError(
+                    f"the healing loss became {mean} in epoch {epoch + 1}; the weights were {state_word}. "
+                    f"Lower HealConfig.lr (now {config.lr}), or check that the dense model's outputs are finite "
+                    "on every calibration input (with targets='online' only the first batch is checked up front)"
+                )
+            losses.append(mean)
+            if checkpointing is not None:
+                save_state(checkpointing.path, HealState(
+                    epoch + 1, losses, list(params), optimizer.state_dict(), schedule.state_dict(),
+                    generator.get_state(), checkpointing.settings, checkpointing.fingerprint,
+                ))
+            pm.hook.starfish_epoch_ended(
+                epoch=epoch + 1,
+                epochs=config.epochs,
+                loss=mean,
+                lr=schedule.get_last_lr()[0],
+                seconds=time.perf_counter() - epoch_start,
+                config=config,
+            )
+    return losses, config.epochs - first_epoch

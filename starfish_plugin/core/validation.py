@@ -1,0 +1,120 @@
+"""Checks run before healing touches anything; each failure names the problem and the fix."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from starfish_plugin.core.model_io import Inputs, call_model, describe_inputs, main_output
+from starfish_plugin.core.plan import SparsityPlan
+from starfish_plugin.data.calibration import CalibrationData
+from starfish_plugin.errors import CalibrationError, CalibrationTypeError, ConfigError, ModelMismatchError
+
+
+def check_models(pruned: object, dense: object) -> None:
+    """Both are modules, distinct, and share no parameter storage."""
+    for label, model in (("pruned", pruned), ("dense", dense)):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"the {label} model must be an nn.Module, got {type(model).__name__}")
+    if pruned is dense:
+        raise ModelMismatchError(
+            "pruned and dense are the same object; keep an untouched copy "
+            "(dense = copy.deepcopy(model)) before pruning"
+        )
+    dense_ptrs = {p.data_ptr(): n for n, p in dense.named_parameters() if p.numel() > 0}
+    for name, p in pruned.named_parameters():
+        if p.numel() > 0 and p.data_ptr() in dense_ptrs:
+            raise ModelMismatchError(
+                f"pruned parameter {name!r} shares storage with dense parameter {dense_ptrs[p.data_ptr()]!r}; "
+                "healing would change the dense model. Pass dense = copy.deepcopy(model) taken before pruning"
+            )
+
+
+def _devices(model: nn.Module) -> set[torch.device]:
+    return {t.device for t in list(model.parameters()) + list(model.buffers())}
+
+
+def resolve_device(pruned: nn.Module, dense: nn.Module, requested: str | torch.device | None) -> torch.device:
+    """The single device both models live on; it must match ``requested`` when one is given."""
+    found = {}
+    for label, model in (("pruned", pruned), ("dense", dense)):
+        devices = _devices(model)
+        if len(devices) != 1:
+            raise ModelMismatchError(
+                f"the {label} model has tensors on several devices {sorted(map(str, devices))}; "
+                f"move it to one device with .to(device)"
+            )
+        found[label] = devices.pop()
+    if found["pruned"] != found["dense"]:
+        raise ModelMismatchError(
+            f"the pruned model is on {found['pruned']} but the dense model on {found['dense']}; "
+            "move both to the same device with .to(device)"
+        )
+    device = found["pruned"]
+    if requested is not None and torch.device(requested) != device:
+        want = torch.device(requested)
+        if not (want.type == device.type and want.index is None):
+            raise ConfigError(
+                f"HealConfig.device is {want} but the models are on {device}; move both models with "
+                f".to('{want}') or leave device=None"
+            )
+    return device
+
+
+def check_architecture(pruned: nn.Module, dense: nn.Module, plan: SparsityPlan) -> None:
+    """The pruned model, read through its plan, has the dense model's parameter names and shapes."""
+    trained = {id(e.parameter): e for e in plan}
+    canonical: dict[str, tuple[int, ...]] = {}
+    for name, p in pruned.named_parameters():
+        entry = trained.get(id(p))
+        canonical[entry.name if entry else name] = tuple(p.shape)
+    reference = {name: tuple(p.shape) for name, p in dense.named_parameters()}
+    missing = sorted(set(reference) - set(canonical))
+    extra = sorted(set(canonical) - set(reference))
+    if missing or extra:
+        raise ModelMismatchError(
+            f"the pruned {type(pruned).__name__} and dense {type(dense).__name__} are different architectures: "
+            f"parameters only in dense: {missing[:5]}, only in pruned: {extra[:5]}. "
+            "Pass the dense model the pruned one was made from"
+        )
+    if not plan.structural:
+        for name, shape in reference.items():
+            if canonical[name] != shape:
+                raise ModelMismatchError(
+                    f"parameter {name!r} has shape {canonical[name]} in the pruned model but {shape} in the "
+                    "dense one; pass the dense model the pruned one was made from"
+                )
+
+
+def check_input_dtype(data: CalibrationData, dense: nn.Module) -> None:
+    """Calibration inputs have the floating dtype of the model's parameters."""
+    dtypes = {p.dtype for p in dense.parameters() if p.is_floating_point()}
+    if data.dtype is None or not data.dtype.is_floating_point:
+        return  # integer token ids: the model's embedding turns them into its dtype
+    if len(dtypes) == 1:
+        dtype = dtypes.pop()
+        if data.dtype != dtype:
+            raise CalibrationTypeError(
+                f"calibration inputs are {data.dtype} but the model's parameters are {dtype}; "
+                f"convert the inputs with .to({dtype})"
+            )
+
+
+def probe_forward(model: nn.Module, x: Inputs, label: str) -> object:
+    """One forward on a calibration batch, turning a shape error into a clear ``CalibrationError``;
+    returns the model's main output (the logits of a ``ModelOutput``)."""
+    try:
+        with torch.no_grad():
+            return main_output(call_model(model, x))
+    except (RuntimeError, ValueError, TypeError, AssertionError, IndexError, KeyError) as exc:
+        hint = "Give inputs shaped as the model expects"
+        if isinstance(x, torch.Tensor) and not x.is_floating_point() and x.dtype != torch.long:
+            hint = ("If these are images, convert them to the model's floating dtype (e.g. images.float() / 255, "
+                    "normalized as in training); token ids should be torch.long")
+        elif isinstance(x, torch.Tensor) and not x.is_floating_point():
+            hint = ("Integer inputs are passed as token ids; if these are images, convert them to the model's "
+                    "floating dtype (e.g. images.float() / 255, normalized as in training)")
+        raise CalibrationError(
+            f"the {label} {type(model).__name__} cannot take calibration batches of {describe_inputs(x)}: "
+            f"{type(exc).__name__}: {exc}. {hint}"
+        ) from exc

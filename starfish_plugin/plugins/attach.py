@@ -1,0 +1,181 @@
+"""``attach``: heal after every ``pruner.step()`` through the ``starfish_after_prune`` hook."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from starfish_plugin.config import HealConfig
+from starfish_plugin.core.validation import check_models
+from starfish_plugin.plugins.manager import plugin_manager
+from starfish_plugin.report import HealReport
+
+
+class Attachment:
+    """The handle ``attach`` returns: what healing did so far, and ``detach()``.
+
+    Attributes:
+        reports: one ``HealReport`` per pruning step.
+        results: every hook result of every step (your own implementations' included).
+        stop_requested: ``True`` once any ``starfish_after_prune`` implementation returned ``False``.
+    """
+
+    def __init__(self, pruner: Any, model: nn.Module, dense: nn.Module, calibration: object, config) -> None:
+        self.pruner, self.model, self.dense = pruner, model, dense
+        self.calibration, self.config = calibration, config
+        self.steps = 0
+        self.reports: list[HealReport] = []
+        self.results: list[list[Any]] = []
+        self.stop_requested = False
+        self._instance_step = pruner.__dict__.get("step")  # a step set on the instance, if any
+        # an adapter may take over running each step (e.g. to record which channels survive)
+        self._runner = plugin_manager().hook.starfish_prepare_pruner(pruner=pruner, model=model, dense=dense)
+        self._use_example(pruner, model, calibration)
+        self._wrapper = self._wrap(pruner.step)
+        pruner.step = self._wrapper
+
+    @staticmethod
+    def _use_example(pruner: Any, model: nn.Module, calibration: object) -> None:
+        """Torch-Pruning: trace the model on one calibration input before it is pruned, so kept channels
+        are known at every module's output (concatenations, pooling) and a model the pruner breaks is
+        reported as such after the step."""
+        from starfish_plugin.adapters import tp_graph
+
+        if not tp_graph.is_torch_pruning_pruner(pruner):
+            return
+        record = tp_graph._RECORDS.get(model)
+        example = _first_input(calibration)
+        if record is not None and record.example is None and example is not None:
+            tp_graph.use_example(model, example)
+
+    def _after_step(self) -> None:
+        self.steps += 1
+        results = plugin_manager().hook.starfish_after_prune(
+            pruner=self.pruner,
+            model=self.model,
+            dense=self.dense,
+            calibration=self.calibration,
+            config=self.config,
+            step=self.steps,
+        )
+        self.results.append(results)
+        self.reports += [r for r in results if isinstance(r, HealReport)]
+        self.stop_requested = self.stop_requested or any(r is False for r in results)
+
+    def _wrap(self, step):
+        @functools.wraps(step)
+        def wrapped(*args: Any, **kwargs: Any):
+            result = self._runner(step, *args, **kwargs) if self._runner else step(*args, **kwargs)
+            if inspect.isgenerator(result):  # interactive pruning: heal once the groups are applied
+                return self._heal_after(result)
+            self._after_step()
+            return result
+
+        return wrapped
+
+    def _heal_after(self, groups):
+        try:
+            yield from groups
+        except GeneratorExit:  # the caller stopped iterating early: heal what was pruned
+            self._after_step()
+            raise
+        else:  # not after an error of the pruner's: nothing to heal, and its error is the one to see
+            self._after_step()
+
+    @property
+    def attached(self) -> bool:
+        return self.pruner.__dict__.get("step") is self._wrapper
+
+    def detach(self) -> None:
+        """Restore the pruner's own ``step``; healing no longer follows it.
+
+        Raises:
+            ValueError: another ``attach`` wrapped the pruner after this one; detach that one first.
+        """
+        current = self.pruner.__dict__.get("step")
+        if current is not self._wrapper:
+            if current is not None and current is not self._instance_step:
+                raise ValueError("another attach() wrapped this pruner after this one; detach that handle first")
+            return  # already detached
+        if self._instance_step is None:
+            del self.pruner.__dict__["step"]
+        else:
+            self.pruner.step = self._instance_step
+
+
+def attach(pruner: Any, dense: nn.Module, calibration: object, config: HealConfig | None = None) -> Attachment:
+    """Heal ``pruner.model`` after every ``pruner.step()``.
+
+    Each step fires ``starfish_after_prune``; the built-in implementation runs ``heal`` with
+    ``config``, and your own ``@starfish.hookimpl`` implementations run beside it.
+
+    Args:
+        pruner: an object with ``.model`` and ``.step()`` (a ``torch.ao.pruning`` sparsifier,
+            a Torch-Pruning pruner).
+        dense: the model before pruning; never modified.
+        calibration: calibration data, as for ``heal``.
+        config: a ``HealConfig`` for every heal.
+
+    Returns:
+        An ``Attachment``; call ``.detach()`` to stop healing after steps.
+
+    With a Torch-Pruning pruner, one calibration input is run through the model before it is pruned:
+    kept channels are then known at the output of every module (concatenations such as DenseNet's,
+    pooling layers of a plain ``Sequential``), and ``pruner.step()`` raises
+    ``starfish_plugin.errors.PrunerError``, before any healing, when Torch-Pruning fails or leaves a
+    model that no longer runs that input; the message says how to set the pruner up.
+
+    Example:
+        >>> handle = starfish.attach(sparsifier, dense, images)
+        >>> sparsifier.step()          # prunes, then heals
+        >>> handle.reports[-1].mask_unchanged
+        True
+    """
+    if not callable(getattr(pruner, "step", None)):
+        raise TypeError(f"attach() needs a pruner with a step() method, got {type(pruner).__name__}")
+    model = getattr(pruner, "model", None)
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"{type(pruner).__name__} has no .model to heal; for a torch.ao sparsifier call "
+            "sparsifier.prepare(model, config) before attach()"
+        )
+    check_models(model, dense)
+    if config is not None:
+        if not isinstance(config, HealConfig):
+            raise TypeError(f"config must be a starfish.HealConfig, got {type(config).__name__}")
+        config.validate()
+    return Attachment(pruner, model, dense, calibration, config)
+
+
+def _first_input(calibration: object) -> Any:
+    """One calibration input as the model takes it (a batch of one), or ``None`` when it cannot be
+    taken without consuming the data (a generator) or is of a form not recognised here."""
+
+    def inputs_of(item: object, batched: bool) -> Any:
+        if isinstance(item, (tuple, list)) and item:
+            item = item[0]  # (inputs, labels)
+        if isinstance(item, Mapping):
+            item = {k: v for k, v in item.items() if k not in ("labels", "label")}
+            if all(isinstance(v, torch.Tensor) for v in item.values()) and item:
+                return {k: v[:1] if batched else v.unsqueeze(0) for k, v in item.items()}
+            return None
+        if isinstance(item, torch.Tensor) and item.dim() >= 1:
+            return item[:1] if batched else item.unsqueeze(0)
+        return None
+
+    try:
+        if isinstance(calibration, (torch.Tensor, Mapping)):
+            return inputs_of(calibration, True)
+        if isinstance(calibration, Dataset) and not isinstance(calibration, IterableDataset):
+            return inputs_of(calibration[0], False) if len(calibration) else None  # type: ignore[arg-type]
+        if isinstance(calibration, DataLoader) or isinstance(calibration, (list, tuple)):
+            return inputs_of(next(iter(calibration)), True)
+    except Exception:  # noqa: BLE001 - the heal itself reports unusable calibration data
+        return None
+    return None  # generators and other one-pass iterables are left for the heal to read

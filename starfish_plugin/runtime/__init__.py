@@ -1,0 +1,1 @@
+"""How a heal runs: resume checkpoints, fingerprints of inputs and models, torchrun."""
