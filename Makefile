@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.starfish-installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: setup data demo test bench bench-structured bench-recovery bench-targets bench-inputs bench-compile bench-gpu clean
+.PHONY: setup data demo test test-fast lint bench bench-structured bench-recovery bench-targets bench-inputs bench-compile bench-gpu clean
 
 setup: $(STAMP)
 
@@ -28,8 +28,16 @@ data:
 demo: setup data
 	$(BIN)/starfish demo
 
-test: setup data
+test: setup data lint
 	$(BIN)/python -m pytest -q
+
+# The quick loop while editing: lint, types, and every test not marked slow.
+test-fast: setup lint
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: setup data
 	cd benchmarks && ../$(BIN)/python heal_speed.py

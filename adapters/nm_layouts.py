@@ -16,6 +16,7 @@ patterns survive healing exactly either way. ``starfish_plugin.core.nm_pattern.c
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ def _zero_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     return found
 
 
-def detect_pattern(weights: dict[str, torch.Tensor]) -> tuple[int, int] | None:
+def detect_pattern(weights: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
     """The single N:M pattern every tensor follows, or ``None``."""
     for n, m in PATTERNS:
         if weights and all(nm_violation(w, n, m) is None for w in weights.values()):

@@ -9,6 +9,8 @@ afterwards exactly as before.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize, prune
@@ -62,8 +64,9 @@ def _parametrization_entries(module_name: str, module: nn.Module) -> list[Masked
     if not parametrize.is_parametrized(module):
         return []
     entries = []
-    for tensor_name, plist in module.parametrizations.items():
-        masks = [p.mask for p in plist if isinstance(getattr(p, "mask", None), torch.Tensor)]
+    for tensor_name, plist in cast(nn.ModuleDict, module.parametrizations).items():
+        steps = cast(parametrize.ParametrizationList, plist)
+        masks = [m for p in steps if isinstance(m := getattr(p, "mask", None), torch.Tensor)]
         if not masks:
             continue
         mask = masks[0] != 0
@@ -76,7 +79,7 @@ def _parametrization_entries(module_name: str, module: nn.Module) -> list[Masked
         entries.append(
             MaskedTensor(
                 name=_join(module_name, tensor_name),
-                parameter=plist.original,
+                parameter=cast(nn.Parameter, steps.original),
                 mask=mask,
                 form="parametrization",
                 masked_entries="keep",

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -184,10 +184,11 @@ class KeptChannels:
         not a prunable layer's own (pooling, activations, concatenations such as DenseNet's, whole
         blocks), from which prunable layers' output channels its output channels come. Keeps the
         input for ``check_forward``. Returns ``False`` (and records nothing) if the forward fails."""
-        self.derived = _trace_channels(model, args, kwargs, self)
-        if self.derived is None:
+        derived = _trace_channels(model, args, kwargs, self)
+        if derived is None:
             self.derived = {}
             return False
+        self.derived = derived
         self.example = (args, kwargs)
         return True
 
@@ -203,21 +204,30 @@ class KeptChannels:
         return {name for (name, _), kept in self.kept.items() if len(kept) < self.original[(name, _)]}
 
 
+def _set_plain(module: nn.Module, name: str, value: int) -> None:
+    """``module.<name> = value`` for a plain int attribute (``nn.Module.__setattr__`` is typed for
+    tensors and modules only)."""
+    setattr(module, name, value)
+
+
 def sync_attention(model: nn.Module, pruner: Any | None = None) -> None:
     """Update attention bookkeeping after qkv / head / embedding pruning so forward still works."""
     heads = getattr(pruner, "num_heads", None) or {}
     for module in model.modules():
         qkv = getattr(module, "qkv", None)
         if isinstance(qkv, nn.Linear) and hasattr(module, "num_heads") and hasattr(module, "head_dim"):
-            if qkv.out_features == 3 * module.num_heads * module.head_dim:
+            num_heads, head_dim = cast(int, module.num_heads), cast(int, module.head_dim)
+            if qkv.out_features == 3 * num_heads * head_dim:
                 continue  # qkv untouched (e.g. an interactive caller skipped its group)
-            module.num_heads = int(heads.get(qkv, module.num_heads))
-            module.head_dim = qkv.out_features // (3 * module.num_heads)
+            num_heads = int(heads.get(qkv, num_heads))
+            head_dim = qkv.out_features // (3 * num_heads)
+            _set_plain(module, "num_heads", num_heads)
+            _set_plain(module, "head_dim", head_dim)
             if hasattr(module, "attn_dim"):
-                module.attn_dim = module.num_heads * module.head_dim
+                _set_plain(module, "attn_dim", num_heads * head_dim)
         conv_proj = getattr(module, "conv_proj", None)
         if isinstance(conv_proj, nn.Conv2d) and hasattr(module, "hidden_dim"):
-            module.hidden_dim = conv_proj.out_channels  # torchvision VisionTransformer
+            _set_plain(module, "hidden_dim", conv_proj.out_channels)  # torchvision VisionTransformer
         _sync_split_attention(module, heads)
 
 
@@ -248,7 +258,7 @@ def _sync_split_attention(module: nn.Module, heads: Mapping[nn.Module, int]) -> 
     for q_name, k_name, v_name in _SPLIT_PROJECTIONS:
         q, k = getattr(module, q_name, None), getattr(module, k_name, None)
         v = getattr(module, v_name, None)
-        if not all(isinstance(p, nn.Linear) for p in (q, k, v)):
+        if not (isinstance(q, nn.Linear) and isinstance(k, nn.Linear) and isinstance(v, nn.Linear)):
             continue
         size_name = next((n for n in _HEAD_SIZE_NAMES if isinstance(getattr(module, n, None), int)), None)
         q_heads, kv_heads = _head_count(module, q, heads, kv=False), _head_count(module, k, heads, kv=True)
@@ -258,11 +268,11 @@ def _sync_split_attention(module: nn.Module, heads: Mapping[nn.Module, int]) -> 
             return  # uneven: left for the forward check to report
         setattr(module, size_name, q.out_features // q_heads)
         if isinstance(getattr(module, "num_attention_heads", None), int):
-            module.num_attention_heads = q_heads
+            _set_plain(module, "num_attention_heads", q_heads)
         if isinstance(getattr(module, "all_head_size", None), int):
-            module.all_head_size = q.out_features
+            _set_plain(module, "all_head_size", q.out_features)
         if isinstance(getattr(module, "num_key_value_groups", None), int) and q_heads % kv_heads == 0:
-            module.num_key_value_groups = q_heads // kv_heads
+            _set_plain(module, "num_key_value_groups", q_heads // kv_heads)
         return
 
 
@@ -295,7 +305,7 @@ class _EvalMode:
 
 
 def _device_of(model: nn.Module) -> torch.device | None:
-    tensor = next(model.parameters(), None)
+    tensor: torch.Tensor | None = next(model.parameters(), None)
     if tensor is None:
         tensor = next(model.buffers(), None)
     return None if tensor is None else tensor.device
@@ -352,7 +362,7 @@ def _trace_channels(model: nn.Module, args: tuple, kwargs: dict, record: KeptCha
         if isinstance(module, NORMS + TRAINED) and id(fn) not in sources:  # innermost module first
             count = channel_count(module, "out")
             dim = _source_dim(module, shape, count) if count else None
-            if dim is not None:
+            if count and dim is not None:  # (dim is None unless count is set)
                 sources[id(fn)] = ["src", name, dim, len(shape)]
                 record.widths[name] = record.original.get((name, "out"), count)
         if name:
@@ -385,9 +395,10 @@ def _trace_channels(model: nn.Module, args: tuple, kwargs: dict, record: KeptCha
         result = None
         name = fn.name()
         if name.startswith("CatBackward"):
-            parts = [resolve(f, depth + 1) for f, _ in fn.next_functions]
+            found = [resolve(f, depth + 1) for f, _ in fn.next_functions]
+            parts = [p for p in found if p is not None]
             dim = _saved_dim(fn)
-            if parts and dim is not None and all(p is not None for p in parts):
+            if parts and dim is not None and len(parts) == len(found):
                 channel, ndim = parts[0][2], parts[0][3]
                 if all(p[2] == channel and p[3] == ndim for p in parts):
                     if (dim + ndim if dim < 0 else dim) == channel:
@@ -487,7 +498,7 @@ def _broken_model_error(model: nn.Module, where: str, exc: Exception) -> PrunerE
                 "size cannot shrink: prune whole heads instead with prune_num_heads=True, "
                 "prune_head_dims=False (and head_pruning_ratio)"
             )
-    elif isinstance(heads, int):
+    elif isinstance(heads, int) and module is not None:  # (heads is None when module is)
         linears = [f"{where}.{n}" for n, m in module.named_children() if isinstance(m, nn.Linear)]
         advice += (
             f". {where!r} is an attention module (num_heads={heads}): Torch-Pruning needs num_heads="
@@ -577,7 +588,7 @@ class _Diagnosed:
     def __enter__(self) -> _Diagnosed:
         return self
 
-    def __exit__(self, kind: Any, exc: BaseException | None, _tb: Any) -> bool:
+    def __exit__(self, kind: Any, exc: BaseException | None, _tb: Any) -> Literal[False]:
         if isinstance(exc, Exception) and not isinstance(exc, StarfishError):
             raise _pruner_error(self.pruner, self.record, exc, self.shapes) from exc
         return False
@@ -668,6 +679,7 @@ def use_example(model: nn.Module, example_inputs: Any) -> bool:
     record = _RECORDS.get(model)
     if record is None:
         raise ValueError("use_example needs a tracked model: call tp_graph.track(pruner) or starfish.attach first")
+    args: tuple[Any, ...]
     if isinstance(example_inputs, Mapping):
         args, kwargs = (), dict(example_inputs)
     elif isinstance(example_inputs, (tuple, list)):

@@ -6,48 +6,13 @@ import copy
 
 import pytest
 import torch
+from helpers import l1_prune_, tiny_vit
 from torch import nn
-from torch.nn.utils import prune
 
 import starfish_plugin as starfish
 from starfish_plugin.plugins.manager import reset_plugin_manager
 
 torch.set_num_threads(2)
-
-
-def tiny_vit(depth: int = 2, seed: int = 0) -> nn.Module:
-    """A two-block timm ViT on 8x8 one-channel images (patch 4, dim 32)."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(seed)
-    return VisionTransformer(
-        img_size=8, patch_size=4, in_chans=1, num_classes=5, embed_dim=32, depth=depth, num_heads=2, mlp_ratio=2.0
-    ).eval()
-
-
-def prunable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    return [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in ("qkv", "proj", "fc1", "fc2")
-    ]
-
-
-def l1_prune_(model: nn.Module, amount: float = 0.7) -> nn.Module:
-    for _, module in prunable_linears(model):
-        prune.l1_unstructured(module, "weight", amount=amount)
-    return model
-
-
-def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_state_equal(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    current = model.state_dict()
-    assert set(current) == set(saved)
-    for key, value in saved.items():
-        assert torch.equal(current[key], value), f"{key} changed"
 
 
 @pytest.fixture(autouse=True)

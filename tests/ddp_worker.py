@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import l1_prune_, tiny_vit  # noqa: E402
+from helpers import l1_prune_, tiny_vit  # noqa: E402
 
 import starfish_plugin as starfish  # noqa: E402
 from starfish_plugin.runtime.fingerprint import model_fingerprint  # noqa: E402

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torchvision
-from conftest import assert_state_equal, l1_prune_, state_copy
+from helpers import assert_state_equal, l1_prune_, state_copy
 from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader, Dataset

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_state_equal, l1_prune_, state_copy, tiny_vit
+from helpers import assert_state_equal, l1_prune_, state_copy, tiny_vit
 from torch import nn
 
 import starfish_plugin as starfish
@@ -162,7 +162,7 @@ def test_models_on_different_devices(pruned, dense, images, fast, guard):
 def test_bad_config_values(pruned, dense, images, guard, field, value):
     with pytest.raises(errors.ConfigError, match=field if field != "loss" else "unknown loss term"):
         starfish.heal(pruned, dense, images, **{field: value})
-    with pytest.raises(errors.ConfigError):
+    with pytest.raises(errors.ConfigError, match=field if field != "loss" else "unknown loss term"):
         starfish.HealConfig(**{field: value})
 
 

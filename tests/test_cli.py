@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from starfish_plugin.cli.main import main
 
 
@@ -23,8 +25,7 @@ def test_demo_on_digits_prints_the_table(tmp_path, capsys):
 
 
 def test_bad_dataset_is_a_clean_error(capsys):
-    try:
+    with pytest.raises(SystemExit) as exc:
         main(["demo", "--dataset", "cifar"])
-    except SystemExit as exc:
-        assert exc.code == 2
+    assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err

@@ -42,6 +42,7 @@ def files(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_heal_end_to_end_then_eval(files, tmp_path, capsys):
     out, report = tmp_path / "healed.pt", tmp_path / "report.json"
     code = main(["heal", *MODEL, "--dense", str(files / "dense.pt"), "--pruned", str(files / "pruned.pt"),
@@ -165,6 +166,7 @@ def _write_hub_dataset(root, splits):
     return root
 
 
+@pytest.mark.slow
 def test_heal_from_a_dataset_by_name(files, tmp_path, capsys):
     """``hf:<dir>`` goes through ``datasets.load_dataset(name, streaming=True)``, the call a Hub name
     takes (no network here, so the Hub itself is not reached)."""
@@ -188,6 +190,7 @@ def test_heal_from_a_dataset_by_name(files, tmp_path, capsys):
     assert healed in from_hub and healed in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bad_datasets_by_name_exit_2(files, tmp_path, capsys):
     import subprocess
     import sys

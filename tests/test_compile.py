@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_state_equal, l1_prune_, state_copy, tiny_vit
+from helpers import assert_state_equal, l1_prune_, state_copy, tiny_vit
 from torch.ao.pruning import WeightNormSparsifier
 
 import starfish_plugin as starfish
@@ -70,6 +70,7 @@ def test_compiled_heal_matches_eager(prune_):
 @pytest.mark.skipif(
     not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="inductor on CPU needs a C++ compiler"
 )
+@pytest.mark.slow
 def test_inductor_heal_on_cpu():
     """The default backend, as users get it."""
     torch._dynamo.reset()

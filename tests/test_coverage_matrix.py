@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_state_equal, state_copy
+from helpers import assert_state_equal, state_copy
 from matrix_cases import ARCHS, TOOLKITS, Arch, run_case
 
 from starfish_plugin.errors import StarfishError

@@ -10,7 +10,7 @@ import signal
 
 import pytest
 import torch
-from conftest import assert_state_equal, l1_prune_, state_copy
+from helpers import assert_state_equal, l1_prune_, state_copy
 
 import starfish_plugin as starfish
 from starfish_plugin import errors

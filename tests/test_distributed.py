@@ -9,8 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
-from conftest import l1_prune_
+from helpers import l1_prune_
 
 import starfish_plugin as starfish
 
@@ -28,6 +29,7 @@ def _ranks(out: Path) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
+@pytest.mark.slow
 def test_two_ranks_heal_like_one_process(dense, tmp_path):
     done = _torchrun(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -56,6 +58,7 @@ def test_two_ranks_heal_like_one_process(dense, tmp_path):
     assert mean_after > sum(ranks[0]["cosine_before"].values()) / len(ranks[0]["cosine_before"]) + 0.01
 
 
+@pytest.mark.slow
 def test_two_ranks_with_a_compiled_forward_and_inputs_on_disk(dense, tmp_path):
     """DDP wrapped by torch.compile (aot_eager: no C++ compiler needed), each rank reading its
     shard from its own inputs file; the batches are dicts passed as keyword arguments."""
@@ -76,6 +79,7 @@ def test_two_ranks_with_a_compiled_forward_and_inputs_on_disk(dense, tmp_path):
         assert abs(a - b) <= 0.05 * b, (ranks[0]["epoch_losses"], single.epoch_losses)
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_is_recovered_by_resuming(tmp_path):
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
     assert _torchrun(clean).returncode == 0

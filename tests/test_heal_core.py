@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_state_equal, l1_prune_, prunable_linears, state_copy, tiny_vit
+from helpers import assert_state_equal, l1_prune_, prunable_linears, state_copy, tiny_vit
 from torch.utils.data import DataLoader, TensorDataset
 
 import starfish_plugin as starfish

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import l1_prune_
+from helpers import l1_prune_
 
 import starfish_plugin as starfish
 from starfish_plugin.core.masks import MaskedTensor, SparsityPlan

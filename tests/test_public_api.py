@@ -10,8 +10,22 @@ CONTRACT = {
 
 def test_all_resolves_and_matches_the_contract():
     assert set(starfish.__all__) == CONTRACT
-    for name in starfish.__all__:
-        assert getattr(starfish, name) is not None
+    assert callable(starfish.heal) and callable(starfish.find_masks) and callable(starfish.find_blocks)
+    assert callable(starfish.evaluate) and callable(starfish.attach) and callable(starfish.plugin_manager)
+    assert isinstance(starfish.HealConfig(), starfish.HealConfig) and starfish.HealReport.__dataclass_fields__
+    assert "entries" in starfish.SparsityPlan.__dataclass_fields__
+    assert callable(starfish.hookimpl) and starfish.hookimpl.project_name == "starfish"
+
+
+def test_every_error_is_a_starfish_error_exported_from_errors():
+    import starfish_plugin.errors as errors
+
+    classes = [c for c in vars(errors).values()
+               if isinstance(c, type) and issubclass(c, Exception) and not issubclass(c, Warning)]
+    assert len(classes) >= 15
+    for cls in classes:
+        assert issubclass(cls, errors.StarfishError) or cls is errors.StarfishError, cls
+        assert cls is errors.StarfishError or issubclass(cls, (ValueError, TypeError, OSError)), cls
 
 
 def test_heal_signature_matches_design():

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import prunable_linears
+from helpers import prunable_linears
 from torch import nn
 from torch.nn.utils import parametrize, prune
 

@@ -7,15 +7,19 @@ import pytest
 import timm
 import torch
 import torch_pruning as tp
-from conftest import assert_state_equal, state_copy, tiny_vit
+from helpers import assert_state_equal, state_copy, tiny_vit
 from torch import nn
 from tp_cases import CASES
 
 import starfish_plugin as starfish
+import starfish_plugin.errors as starfish_errors
 from starfish_plugin import errors
 from starfish_plugin.adapters import tp_graph
 
 warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+
+
+SLOW_CASES = {"tv_vit_b_16", "tv_convnext_tiny", "tv_efficientnet_b0"}  # full-size models: seconds each
 
 
 def _heads(model):
@@ -61,6 +65,29 @@ def test_attach_iterative_embedding_heads_and_mlp(dense4, images, cfg):
     assert attn.attn_dim == attn.num_heads * attn.head_dim
     model(images[:2]).sum().backward()  # forward and backward after head pruning
     handle.detach()
+
+
+def test_pruned_residual_stream_heals_with_targets_on_disk(dense4, images, cfg, tmp_path):
+    """Dense targets indexed by kept channels, cached on disk: the cache's fingerprint hashes the
+    kept-channel index (it used to crash on the index's (dim, channels) pairs)."""
+    model = copy.deepcopy(dense4)
+    pruner = vit_pruner(model, images[:1])
+    handle = starfish.attach(pruner, dense4, images, cfg, targets="disk", cache_dir=str(tmp_path))
+    pruner.step()
+    report = handle.reports[-1]
+    assert report.targets_mode == "disk"
+    assert report.target_alignment["blocks.0"].startswith("kept channels of blocks.0")
+    assert report.mean_cosine_after > report.mean_cosine_before
+
+
+def test_attach_takes_overrides_like_heal(dense4, images):
+    model = copy.deepcopy(dense4)
+    pruner = vit_pruner(model, images[:1])
+    with pytest.raises(starfish_errors.ConfigError, match="epoch"):
+        starfish.attach(pruner, dense4, images, epoch=1)
+    handle = starfish.attach(pruner, dense4, images, epochs=1, batch_size=32, quiet=True)
+    pruner.step()
+    assert len(handle.reports[-1].epoch_losses) == 1
 
 
 def test_kept_channels_are_the_original_indices(dense4, images):
@@ -222,7 +249,9 @@ def test_state_dict_round_trip(dense4, images, cfg, tmp_path):
     assert fresh.blocks[0].attn.num_heads == model.blocks[0].attn.num_heads
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW_CASES else []) for n in CASES]
+)
 def test_coverage_matrix(name):
     build, size, setup = CASES[name]
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ import timm
 import torch
 import torch_pruning as tp
 import torchvision
-from conftest import assert_state_equal, state_copy
+from helpers import assert_state_equal, state_copy
 from timm.models.metaformer import GroupNorm1, MetaFormer
 from timm.models.mlp_mixer import MlpMixer
 from torch import nn
@@ -122,6 +122,7 @@ def _small_densenet() -> nn.Module:
     return DenseNet(growth_rate=8, block_config=(2, 3, 2), num_init_features=16, bn_size=2, num_classes=10).eval()
 
 
+@pytest.mark.slow
 def test_vgg_plain_sequential_heals():
     """Blocks are parameter-free layers (the MaxPools of a plain Sequential): their kept channels are
     followed back through ReLU and BatchNorm to the convolution that made them."""
@@ -134,6 +135,7 @@ def test_vgg_plain_sequential_heals():
     assert report.block_cosine_before["features.3"] > 0.9999
 
 
+@pytest.mark.slow
 def test_densenet_concatenation_heals():
     """A dense block outputs the concatenation of its input and every layer's new features: its kept
     channels are the kept channels of each part, shifted by the original widths of the parts before."""
@@ -228,6 +230,7 @@ def _broken(dense: nn.Module, head: str, size: int) -> tuple:
     return model, pruner, handle
 
 
+@pytest.mark.slow
 def test_pvt_broken_by_the_pruner_is_reported_as_such():
     dense = timm.create_model("pvt_v2_b0", num_classes=10).eval()
     saved = state_copy(dense)
@@ -243,6 +246,7 @@ def test_pvt_broken_by_the_pruner_is_reported_as_such():
     assert_state_equal(dense, saved)
 
 
+@pytest.mark.slow
 def test_pvt_with_attention_and_residual_stream_ignored_heals():
     """The set-up the error asks for: the attention modules and the layers writing the residual stream
     (patch embeddings, attention proj, MLP fc2) in ignored_layers."""
@@ -255,6 +259,7 @@ def test_pvt_with_attention_and_residual_stream_ignored_heals():
     _heal(dense, "head", _images(8, 64), [f"stages.{i}" for i in range(4)], extra_ignored=keep)
 
 
+@pytest.mark.slow
 def test_poolformer_broken_by_the_pruner_is_reported_as_such():
     dense = timm.create_model("poolformer_s12", num_classes=10).eval()
     model, pruner, handle = _broken(dense, "head.fc", 32)
@@ -267,6 +272,7 @@ def test_poolformer_broken_by_the_pruner_is_reported_as_such():
     assert handle.reports == []
 
 
+@pytest.mark.slow
 def test_poolformer_with_its_residual_stream_ignored_heals():
     """The set-up the error asks for: the layers writing the residual stream (stem, downsampling, MLP
     fc2) in ignored_layers, so that only the MLP hidden units are pruned."""

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_state_equal, l1_prune_, prunable_linears, state_copy
+from helpers import assert_state_equal, l1_prune_, prunable_linears, state_copy
 from torch import nn
 from torch.nn.utils import prune
 
@@ -32,6 +32,7 @@ def _row_norms(model: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
     return y.transpose(0, 1).reshape(module.weight.shape[0], -1).pow(2).sum(1).sqrt()
 
 
+@pytest.mark.slow
 def test_row_norms_match_the_dense_model_and_the_mask_holds(dense, images):
     pruned = l1_prune_(copy.deepcopy(dense), 0.9)
     plan = starfish.find_masks(pruned, dense)
@@ -71,6 +72,7 @@ def test_conv_rows_are_rescaled_per_output_channel():
         torch.testing.assert_close(_row_norms(swapped, x, i), _row_norms(dense, x, i), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_heal_with_warm_start_reports_it_and_keeps_the_mask(dense, images, fast):
     pruned = l1_prune_(copy.deepcopy(dense), 0.9)
     dense_state = state_copy(dense)
@@ -111,6 +113,6 @@ def test_bad_warm_start_is_refused_before_anything_changes(pruned, dense, images
 
 def test_divergence_after_warm_start_restores_the_original_weights(pruned, dense, images):
     saved = state_copy(pruned)
-    with pytest.raises(errors.NonFiniteError):
+    with pytest.raises(errors.NonFiniteError, match="the healing loss became"):
         starfish.heal(pruned, dense, images, lr=1e30, min_lr=1e29, epochs=1, quiet=True, warm_start="row_norm")
     assert_state_equal(pruned, saved)

@@ -138,8 +138,11 @@ def load_hub_images(
         )
     taken = list(_rows(ds, limit, where))
     images = images_to_tensor(items(taken), image_size, channels, normalize, advice)
-    labels = torch.tensor([int(row[label_column]) for row in taken]) if labeled else None
+    labels: torch.Tensor | None = None
     names: list[str] = []
-    if labeled and features is not None and isinstance(features.get(label_column), datasets.ClassLabel):
-        names = list(features[label_column].names)
+    if labeled:
+        assert label_column is not None  # found or named when labeled (checked above)
+        labels = torch.tensor([int(row[label_column]) for row in taken])
+        if features is not None and isinstance(features.get(label_column), datasets.ClassLabel):
+            names = list(features[label_column].names)
     return images, labels, names

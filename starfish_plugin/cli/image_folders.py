@@ -39,7 +39,7 @@ def _open(source: str | bytes, name: str, mode: str, size: int | None, advice: s
             if size is not None:
                 scale = size / min(image.size)
                 w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-                image = image.resize((w, h), Image.BILINEAR)
+                image = image.resize((w, h), Image.Resampling.BILINEAR)
                 left, top = (w - size) // 2, (h - size) // 2
                 image = image.crop((left, top, left + size, top + size))
             return image

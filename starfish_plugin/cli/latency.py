@@ -6,6 +6,7 @@ import copy
 import platform
 import statistics
 import time
+from typing import cast
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ def materialize(model: nn.Module) -> nn.Module:
             if isinstance(hook, prune.BasePruningMethod):
                 prune.remove(module, hook._tensor_name)
         if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations):
+            for name in list(cast(nn.ModuleDict, module.parametrizations)):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     return model
 

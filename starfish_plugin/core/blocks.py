@@ -55,9 +55,8 @@ def _expand(prefix: str, container: nn.Module) -> list[str]:
     for child_name, child in container.named_children():
         path = f"{prefix}.{child_name}"
         if _is_stage(child):
-            inner = (
-                child.blocks if isinstance(getattr(child, "blocks", None), (nn.Sequential, nn.ModuleList)) else child
-            )
+            blocks = getattr(child, "blocks", None)
+            inner = blocks if isinstance(blocks, (nn.Sequential, nn.ModuleList)) else child
             inner_prefix = f"{path}.blocks" if inner is not child else path
             names += [f"{inner_prefix}.{n}" for n, _ in inner.named_children()]
         elif not _is_leaf(child):  # a single layer (conv, norm, pool) is never a block
@@ -159,7 +158,7 @@ def _weight_layers(module: nn.Module) -> int:
     return sum(
         1
         for m in module.modules()
-        if _is_leaf(m) and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2
+        if _is_leaf(m) and isinstance(weight := getattr(m, "weight", None), torch.Tensor) and weight.dim() >= 2
     )
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from starfish_plugin.config import HealConfig
-from starfish_plugin.core.alignment import channel_index, select_channels
+from starfish_plugin.core.alignment import ChannelIndex, channel_index, select_channels
 from starfish_plugin.core.blocks import OUTPUT_BLOCK, BlockChoice, capture_outputs, resolve_blocks
 from starfish_plugin.core.loop import Checkpointing, train_loop
 from starfish_plugin.core.losses import HealLoss, cosine_distance
@@ -224,7 +224,8 @@ def _heal_loaded(
         probe_blocks = blocks + [OUTPUT_BLOCK] if candidate else blocks
         probe_out = dense_outputs(dense, probe_blocks, probe_x, loss_fn.needs_logits)
         check_finite(probe_out)
-        index, alignment = {}, {b: "direct" for b in probe_blocks}
+        index: ChannelIndex = {}
+        alignment = {b: "direct" for b in probe_blocks}
         if plan.structural:  # e.g. Torch-Pruning: widths may differ from the dense model
             pruned_out, order = probe_structural(pruned, probe_blocks, probe_x[:1], plan)
             if candidate and pruned_out[OUTPUT_BLOCK].shape[1:] != probe_out[OUTPUT_BLOCK].shape[1:]:

@@ -129,8 +129,12 @@ def train_loop(
     total_steps = steps_per_epoch * config.epochs
     keeper = MaskKeeper(plan, config.weight_decay)
     fused = device.type == "cuda" and all(p.is_cuda for p in params)  # one kernel for the whole update
-    optimizer = torch.optim.AdamW(
-        params, lr=config.lr, weight_decay=config.weight_decay, **({"fused": True} if fused else {"foreach": True})
+    optimizer = torch.optim.AdamW(  # the kernel not chosen is left at AdamW's default (None)
+        params,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        fused=True if fused else None,
+        foreach=None if fused else True,
     )
     use_bf16 = bf16(config, device)
     if use_bf16:

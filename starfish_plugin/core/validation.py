@@ -16,6 +16,7 @@ def check_models(pruned: object, dense: object) -> None:
     for label, model in (("pruned", pruned), ("dense", dense)):
         if not isinstance(model, nn.Module):
             raise TypeError(f"the {label} model must be an nn.Module, got {type(model).__name__}")
+    assert isinstance(pruned, nn.Module) and isinstance(dense, nn.Module)  # checked just above
     if pruned is dense:
         raise ModelMismatchError(
             "pruned and dense are the same object; keep an untouched copy "

@@ -11,6 +11,7 @@ The mask is untouched (zeros stay zero) and the cost is two extra matmuls per la
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +21,18 @@ from starfish_plugin.core.model_io import call_model
 from starfish_plugin.core.plan import MaskedTensor, SparsityPlan
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_Layer = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
 
 
-def _layer_output(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+class WarmStartResult(TypedDict):
+    """What ``row_norm_warm_start_`` returns (a plain dict)."""
+
+    rescaled: list[str]
+    skipped: list[str]
+    median_gain: float
+
+
+def _layer_output(module: _Layer, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``module``'s output on ``x`` with ``weight`` and no bias, channels first: ``[C, ...]``."""
     if isinstance(module, nn.Linear):
         return F.linear(x, weight).reshape(-1, weight.shape[0]).T
@@ -36,7 +46,7 @@ def _layer_output(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> t
     return y.transpose(0, 1).reshape(weight.shape[0], -1)
 
 
-def _eligible(entry: MaskedTensor, dense_modules: dict[str, nn.Module]) -> nn.Module | None:
+def _eligible(entry: MaskedTensor, dense_modules: dict[str, nn.Module]) -> _Layer | None:
     """The dense layer of a pruned ``weight`` of the same shape, or ``None`` if it cannot be rescaled."""
     if not entry.name.endswith(".weight"):
         return None
@@ -51,7 +61,7 @@ def _eligible(entry: MaskedTensor, dense_modules: dict[str, nn.Module]) -> nn.Mo
 @torch.no_grad()
 def row_norm_warm_start_(
     plan: SparsityPlan, dense: nn.Module, inputs: Iterable, max_gain: float = 10.0
-) -> dict[str, object]:
+) -> WarmStartResult:
     """Scale each output row of every eligible pruned weight so its output norm matches the dense row's.
 
     Args:
@@ -71,7 +81,7 @@ def row_norm_warm_start_(
     sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     pruned_weights = {name: e.effective_weight().detach() for name, (e, _) in eligible.items()}
 
-    def accumulate(name: str, module: nn.Module, x: torch.Tensor) -> None:
+    def accumulate(name: str, module: _Layer, x: torch.Tensor) -> None:
         dense_y = _layer_output(module, x, module.weight).float()
         pruned_y = _layer_output(module, x, pruned_weights[name].to(x.dtype)).float()
         dense_sq, pruned_sq = dense_y.pow(2).sum(1), pruned_y.pow(2).sum(1)

@@ -87,7 +87,7 @@ class CalibrationData:
 
     def batches(
         self, batch_size: int, generator: torch.Generator | None = None, n_batches: int | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | ModelInputs, torch.Tensor | None]]:
         """Yield ``(indices, inputs, labels)``; shuffled when a generator is given.
 
         With ``n_batches`` (distributed healing: every rank must step equally often) the samples
@@ -267,6 +267,7 @@ class _Gathered:
         if len(set(rows.values())) != 1:
             raise CalibrationError(f"{where} has inputs with different numbers of rows {rows}; one row per sample")
         n_rows = next(iter(rows.values()))
+        assert n_rows is not None  # every input has a batch dimension (checked above)
         y = self._labels(y, n_rows, where, single, plain)
         if (y is None) != (not self.labels) and self.n > 0 and self.dropped_labels is None:
             raise CalibrationError(f"{where} {'lacks' if y is None else 'has'} labels unlike earlier batches")
@@ -334,6 +335,7 @@ class _Gathered:
             )
         if label_tensor is not None:
             label_tensor = label_tensor.long()
+        values: dict[str, torch.Tensor | DiskInputs]
         if self.to_disk:
             for d in self.disk.values():
                 d.finish()

@@ -50,7 +50,7 @@ class DiskInputs:
         """Append the rows of one validated batch."""
         if self.dtype is None:
             self.row_shape, self.dtype = tuple(x.shape[1:]), x.dtype
-        raw = memoryview(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        raw = x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data  # a memoryview of the bytes
         try:
             while len(raw):  # unbuffered: a failed write raises here, not later at close
                 raw = raw[self._writer.write(raw):]
@@ -88,7 +88,7 @@ class DiskInputs:
             fd = self._shared["fd"] = os.open(self.path, os.O_RDONLY)
         out = torch.empty((len(rows), *self.row_shape), dtype=self.dtype)
         size = out[0].numel() * out.element_size() if len(rows) else 0
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        view = out.reshape(-1).view(torch.uint8).numpy().data  # a memoryview of out's bytes
         for j, i in enumerate(rows.tolist()):
             if os.preadv(fd, [view[j * size : (j + 1) * size]], i * size) != size:
                 raise CalibrationError(f"the calibration input file {self.path} was truncated while healing")

@@ -15,6 +15,7 @@ import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -90,7 +91,7 @@ class DiskTargetCache:
         self.clear()
         self.entries = {}
         self.directory.mkdir(parents=True, exist_ok=True)
-        handles: dict[str, object] = {}
+        handles: dict[str, BinaryIO] = {}
         written = 0
         try:
             for outputs in batches:
@@ -131,7 +132,7 @@ class DiskTargetCache:
         return {"file": _file(index), "shape": list(out.shape[1:]), "dtype": "float32" if wide else "float16",
                 "row_bytes": int(np.prod(out.shape[1:], dtype=np.int64)) * width}
 
-    def _widen(self, name: str, handle, rows: int):
+    def _widen(self, name: str, handle: BinaryIO, rows: int) -> BinaryIO:
         """Rewrite ``name``'s file as fp32 when a later batch leaves the fp16 range."""
         handle.close()
         path = self.directory / self.entries[name]["file"]
@@ -173,7 +174,7 @@ class DiskTargetCache:
             dtype = np.float16 if entry["dtype"] == "float16" else np.float32
             buf = np.empty((len(rows), *entry["shape"]), dtype=dtype)
             size = entry["row_bytes"]
-            view = memoryview(buf.reshape(-1).view(np.uint8))
+            view = buf.reshape(-1).view(np.uint8).data  # a memoryview of buf's bytes
             for j, i in enumerate(rows):
                 if os.preadv(fd, [view[j * size : (j + 1) * size]], i * size) != size:
                     raise TargetCacheError(

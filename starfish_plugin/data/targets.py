@@ -168,12 +168,12 @@ class DenseTargets:
             directory = Path(tempfile.mkdtemp(prefix="starfish-targets-", dir=self.plan.directory))
         else:
             directory = Path(self.plan.directory)
+        # the channel index holds (dim, kept channels) per block: the dim goes into the hashed name
+        kept = [(f"{name}|{dim}", channels) for name, (dim, channels) in sorted(self.index.items())]
         fingerprint = {
             "dense model": model_fingerprint(dense),
             "calibration set": data.fingerprint(),
-            "block selection": text_fingerprint(
-                self.blocks, self.need_logits, hash_tensors(sorted((k, v) for k, v in self.index.items()))
-            ),
+            "block selection": text_fingerprint(self.blocks, self.need_logits, hash_tensors(kept)),
         }
         self.disk = DiskTargetCache(directory, fingerprint, len(data))
         stale = self.disk.stale_reason()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -93,7 +94,9 @@ class SmallResNet(nn.Module):
 
     def block_names(self) -> list[str]:
         """Names of every residual block of every stage, in forward order."""
-        return [f"stages.{i}.{j}" for i, stage in enumerate(self.stages) for j in range(len(stage))]
+        return [
+            f"stages.{i}.{j}" for i, stage in enumerate(self.stages) for j in range(len(cast(nn.Sequential, stage)))
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))
@@ -103,7 +106,11 @@ class SmallResNet(nn.Module):
 FASHION_VIT = TinyViTSpec(img_size=28, patch_size=7, embed_dim=96, depth=6, num_heads=4)
 DIGITS_VIT = TinyViTSpec(img_size=8, patch_size=2, embed_dim=64, depth=4, num_heads=4)
 FASHION_RESNET = SmallResNetSpec(in_chans=1, num_classes=10, widths=(32, 64, 128), depth=2, stem_stride=2)
-SPECS = {"vit_fmnist": FASHION_VIT, "vit_digits": DIGITS_VIT, "resnet_fmnist": FASHION_RESNET}
+SPECS: dict[str, TinyViTSpec | SmallResNetSpec] = {
+    "vit_fmnist": FASHION_VIT,
+    "vit_digits": DIGITS_VIT,
+    "resnet_fmnist": FASHION_RESNET,
+}
 
 
 def build(spec: TinyViTSpec | SmallResNetSpec) -> nn.Module:

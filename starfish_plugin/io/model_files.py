@@ -30,7 +30,7 @@ def build_model(spec: str, num_classes: int | None = None) -> nn.Module:
     """``timm:<name>``, ``torchvision:<name>`` or ``starfish:<shipped model>``, untrained (weights
     come from a file)."""
     source, _, name = spec.partition(":")
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     if source == "starfish":
         import dataclasses
 

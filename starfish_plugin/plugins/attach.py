@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from starfish_plugin.config import HealConfig
+from starfish_plugin.core.heal import resolve_config
 from starfish_plugin.core.validation import check_models
 from starfish_plugin.plugins.manager import plugin_manager
 from starfish_plugin.report import HealReport
@@ -109,7 +110,9 @@ class Attachment:
             self.pruner.step = self._instance_step
 
 
-def attach(pruner: Any, dense: nn.Module, calibration: object, config: HealConfig | None = None) -> Attachment:
+def attach(
+    pruner: Any, dense: nn.Module, calibration: object, config: HealConfig | None = None, **overrides: Any
+) -> Attachment:
     """Heal ``pruner.model`` after every ``pruner.step()``.
 
     Each step fires ``starfish_after_prune``; the built-in implementation runs ``heal`` with
@@ -120,7 +123,8 @@ def attach(pruner: Any, dense: nn.Module, calibration: object, config: HealConfi
             a Torch-Pruning pruner).
         dense: the model before pruning; never modified.
         calibration: calibration data, as for ``heal``.
-        config: a ``HealConfig`` for every heal.
+        config: a ``HealConfig`` for every heal; ``overrides`` replace single fields
+            (``epochs=3``), as in ``heal``.
 
     Returns:
         An ``Attachment``; call ``.detach()`` to stop healing after steps.
@@ -146,10 +150,8 @@ def attach(pruner: Any, dense: nn.Module, calibration: object, config: HealConfi
             "sparsifier.prepare(model, config) before attach()"
         )
     check_models(model, dense)
-    if config is not None:
-        if not isinstance(config, HealConfig):
-            raise TypeError(f"config must be a starfish.HealConfig, got {type(config).__name__}")
-        config.validate()
+    if config is not None or overrides:
+        config = resolve_config(config, overrides)
     return Attachment(pruner, model, dense, calibration, config)
 
 

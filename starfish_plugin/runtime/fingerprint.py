@@ -25,7 +25,7 @@ def hash_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     return digest.hexdigest()
 
 
-def hash_chunks(name: str, dtype: torch.dtype, shape: tuple[int, ...], chunks: Iterable[torch.Tensor]) -> str:
+def hash_chunks(name: str, dtype: torch.dtype | None, shape: tuple[int, ...], chunks: Iterable[torch.Tensor]) -> str:
     """``hash_tensors([(name, t)])`` of the tensor ``t`` whose rows ``chunks`` yields in order,
     without holding ``t`` whole."""
     digest = hashlib.sha256()
