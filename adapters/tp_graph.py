@@ -26,13 +26,21 @@ from __future__ import annotations
 import re
 import weakref
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
 from torch import nn
 
 from starfish_plugin.core.plan import MaskedTensor, SparsityPlan
-from starfish_plugin.errors import MaskNotFoundError, ModelMismatchError, PrunerError, StarfishError
+from starfish_plugin.errors import (
+    CheckpointFileError,
+    MaskNotFoundError,
+    ModelMismatchError,
+    PrunerError,
+    StarfishError,
+    StructuredCheckpointError,
+)
 from starfish_plugin.plugins.hookspecs import hookimpl
 
 NAME = "torch_pruning"
@@ -782,20 +790,84 @@ def _finish_step(pruner: Any, record: KeptChannels) -> None:
 
 
 @hookimpl
-def starfish_prepare_pruner(pruner, model, dense):
+def starfish_prepare_pruner(pruner: Any, model: nn.Module, dense: nn.Module, example: Any) -> Callable[..., Any] | None:
     if not is_torch_pruning_pruner(pruner):
         return None
     if getattr(pruner, "current_step", 0) == 0:
         _check_dense(model, dense)
     record = _RECORDS.get(model)
     if record is not None and record.runner_installed:
-        return lambda step, *args, **kwargs: step(*args, **kwargs)  # track() already records
-    _start(pruner).runner_installed = True
+        runner: Callable[..., Any] = lambda step, *args, **kwargs: step(*args, **kwargs)  # noqa: E731 - track() records
+    else:
+        record = _start(pruner)
+        record.runner_installed = True
 
-    def runner(step, *args, **kwargs):
-        return run_step(pruner, step, *args, **kwargs)
+        def runner(step: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            return run_step(pruner, step, *args, **kwargs)
 
+    if record.example is None and example is not None:
+        # kept channels at every module's output (concatenations, pooling), and a model the pruner
+        # breaks reported as such after the step
+        use_example(model, example)
     return runner
+
+
+# --- files: Torch-Pruning's own format, and the kept-channel record in structured files ---------
+
+FILE_FORMAT = "torch-pruning"
+
+
+@hookimpl
+def starfish_file_formats() -> list[str]:
+    return [FILE_FORMAT]
+
+
+@hookimpl
+def starfish_detect_format(obj: Any) -> str | None:
+    if isinstance(obj, dict) and "full_state_dict" in obj and "attributions" in obj:
+        return FILE_FORMAT
+    return None
+
+
+@hookimpl
+def starfish_load_pruned(model: nn.Module, obj: Any, fmt: str, source: str) -> nn.Module | None:
+    if fmt != FILE_FORMAT:
+        return None
+    import torch_pruning as tp
+
+    try:
+        tp.load_state_dict(model, state_dict=obj)
+    except Exception as exc:  # noqa: BLE001 - any failure means the file does not fit this model
+        raise CheckpointFileError(f"{source} is not a Torch-Pruning state dict for this model ({exc})") from exc
+    return model
+
+
+@hookimpl
+def starfish_save_pruned(model: nn.Module, fmt: str, path: Path) -> bool | None:
+    if fmt != FILE_FORMAT:
+        return None
+    import torch_pruning as tp
+
+    torch.save(tp.state_dict(model), path)
+    return True
+
+
+@hookimpl
+def starfish_export_state(model: nn.Module) -> dict[str, Any]:
+    return {"kept_channels": export_record(model)}
+
+
+@hookimpl
+def starfish_import_state(model: nn.Module, state: dict[str, Any], source: str) -> None:
+    data = state.get("kept_channels")
+    if not data:
+        return
+    try:
+        if not isinstance(data, dict):
+            raise TypeError(f"a {type(data).__name__}, not a dict")
+        import_record(model, data)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise StructuredCheckpointError(f"the kept-channel record in {source} is malformed ({exc!r})") from exc
 
 
 def _trained_entries(model: nn.Module, names: set[str]) -> list[MaskedTensor]:

@@ -8,7 +8,11 @@ from starfish_plugin.cli.main import main
 def test_plugins_command_lists_builtins(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
-    assert "torch_masks: starfish_find_masks" in out and "progress:" in out and "pipeline:" in out
+    lines = dict(line.split(": ", 1) for line in out.strip().splitlines())
+    assert {"torch_masks", "tp_graph", "nm_layouts", "progress", "pipeline"} <= set(lines)
+    torch_masks = set(lines["torch_masks"].split(", "))
+    assert {"starfish_find_masks", "starfish_load_pruned", "starfish_fold_masks"} <= torch_masks
+    assert "starfish_export_state" in lines["tp_graph"] and lines["pipeline"] == "starfish_after_prune"
 
 
 def test_demo_on_digits_prints_the_table(tmp_path, capsys):

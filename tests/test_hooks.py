@@ -25,6 +25,14 @@ HOOK_TESTS = {
     "starfish_heal_finished": "test_progress_hooks_fire_in_order",
     "starfish_heal_failed": "test_heal_failed_fires_after_the_weights_are_restored",
     "starfish_prepare_pruner": "test_prepare_pruner_hook_runs_each_step",
+    "starfish_file_formats": "test_file_format_hooks_from_a_registered_plugin",
+    "starfish_detect_format": "test_file_format_hooks_from_a_registered_plugin",
+    "starfish_load_pruned": "test_file_format_hooks_from_a_registered_plugin",
+    "starfish_save_pruned": "test_file_format_hooks_from_a_registered_plugin",
+    "starfish_fold_masks": "test_state_hooks_from_a_registered_plugin",
+    "starfish_remove_masks": "test_state_hooks_from_a_registered_plugin",
+    "starfish_export_state": "test_state_hooks_from_a_registered_plugin",
+    "starfish_import_state": "test_state_hooks_from_a_registered_plugin",
 }
 
 
@@ -313,3 +321,83 @@ def test_attach_rejects_objects_without_step_or_model(dense, images):
 
     with pytest.raises(TypeError, match="no .model"):
         starfish.attach(NoModel(), dense, images)
+
+
+class ToyFormat:
+    """A third-party file format: ``{"toy": 1, "weights": state_dict}``, read and written by hooks."""
+
+    def __init__(self):
+        self.loaded = self.saved = 0
+
+    @starfish.hookimpl
+    def starfish_file_formats(self):
+        return ["toy"]
+
+    @starfish.hookimpl
+    def starfish_detect_format(self, obj):
+        return "toy" if isinstance(obj, dict) and obj.get("toy") == 1 else None
+
+    @starfish.hookimpl
+    def starfish_load_pruned(self, model, obj, fmt, source):
+        if fmt != "toy":
+            return None
+        self.loaded += 1
+        model.load_state_dict(obj["weights"])
+        return model
+
+    @starfish.hookimpl
+    def starfish_save_pruned(self, model, fmt, path):
+        if fmt != "toy":
+            return None
+        self.saved += 1
+        torch.save({"toy": 1, "weights": model.state_dict()}, path)
+        return True
+
+
+def test_file_format_hooks_from_a_registered_plugin(dense, tmp_path):
+    from starfish_plugin.io.model_files import load_pruned, pruned_formats, save_pruned
+
+    plugin = ToyFormat()
+    starfish.plugin_manager().register(plugin)
+    model = copy.deepcopy(dense)
+    with torch.no_grad():
+        model.head.weight.zero_()
+    save_pruned(model, "toy", tmp_path / "m.pt")
+    loaded, fmt = load_pruned(dense, tmp_path / "m.pt")  # format detected by the plugin
+    assert "toy" in pruned_formats() and fmt == "toy" and (plugin.saved, plugin.loaded) == (1, 1)
+    assert torch.equal(loaded.head.weight, torch.zeros_like(dense.head.weight))
+    assert not torch.equal(dense.head.weight, loaded.head.weight)  # built on a copy
+
+
+class ToyState:
+    @starfish.hookimpl
+    def starfish_fold_masks(self, model, state):
+        state["head.weight"] = state["head.weight"] * 0.5
+
+    @starfish.hookimpl
+    def starfish_remove_masks(self, model):
+        model.removed = True
+
+    @starfish.hookimpl
+    def starfish_export_state(self, model):
+        return {"toy_state": {"tag": getattr(model, "toy_tag", None)}}
+
+    @starfish.hookimpl
+    def starfish_import_state(self, model, state, source):
+        model.toy_tag = state["toy_state"]["tag"]
+
+
+def test_state_hooks_from_a_registered_plugin(dense):
+    from starfish_plugin.cli.latency import materialize
+    from starfish_plugin.io.structured import load_structured_, plain_state_dict, structured_state
+
+    starfish.plugin_manager().register(ToyState())
+    dense.toy_tag = "kept"
+    folded = plain_state_dict(dense)
+    assert torch.equal(folded["head.weight"], dense.head.weight.detach() * 0.5)
+    saved = structured_state(dense)
+    assert saved["toy_state"] == {"tag": "kept"}
+    restored = load_structured_(copy.deepcopy(dense), saved)
+    assert restored.toy_tag == "kept"
+    deployed = materialize(dense)
+    assert deployed.removed and not hasattr(dense, "removed")  # on a copy

@@ -6,28 +6,29 @@ import copy
 import platform
 import statistics
 import time
-from typing import cast
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize, prune
 
 
 def materialize(model: nn.Module) -> nn.Module:
-    """A copy whose masks are baked into plain weights (prune hooks and parametrizations removed),
-    which is how a pruned model is deployed."""
-    for module in model.modules():  # prune's computed weights are non-leaf tensors, which deepcopy
-        for hook in module._forward_pre_hooks.values():  # refuses; the hook recomputes them anyway
-            if isinstance(hook, prune.BasePruningMethod):
-                setattr(module, hook._tensor_name, getattr(module, hook._tensor_name).detach())
-    model = copy.deepcopy(model)
+    """A copy whose masks are baked into plain weights (prune hooks and parametrizations removed,
+    by the adapters' ``starfish_remove_masks``), which is how a pruned model is deployed."""
+    from starfish_plugin.plugins.manager import plugin_manager
+
+    with torch.no_grad():  # plain tensors hold the masked weights: deepcopy accepts them
+        model = copy.deepcopy(_detached(model))
+    plugin_manager().hook.starfish_remove_masks(model=model)
+    return model
+
+
+def _detached(model: nn.Module) -> nn.Module:
+    """``model`` with every tensor attribute that is not a parameter or buffer (the masked weight a
+    prune hook leaves as a non-leaf tensor, which deepcopy refuses) detached, in place."""
     for module in model.modules():
-        for hook in list(module._forward_pre_hooks.values()):
-            if isinstance(hook, prune.BasePruningMethod):
-                prune.remove(module, hook._tensor_name)
-        if parametrize.is_parametrized(module):
-            for name in list(cast(nn.ModuleDict, module.parametrizations)):
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.grad_fn is not None:
+                setattr(module, name, value.detach())
     return model
 
 

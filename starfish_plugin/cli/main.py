@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from starfish_plugin.errors import ConfigError, StarfishError
-from starfish_plugin.io.model_files import PRUNED_FORMATS
+from starfish_plugin.io.model_files import pruned_formats
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -217,6 +217,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    formats = list(pruned_formats())  # the core's and the adapters' file formats
     parser = argparse.ArgumentParser(prog="starfish", description="Heal pruned PyTorch models with STARFISH.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
@@ -245,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(heal)
     heal.add_argument("--dense", required=True, help="dense weights (state dict file)")
     heal.add_argument("--pruned", required=True, help="pruned checkpoint (see above)")
-    heal.add_argument("--pruned-format", default="auto", choices=list(PRUNED_FORMATS))
+    heal.add_argument("--pruned-format", default="auto", choices=formats)
     heal.add_argument(
         "--calibration",
         required=True,
@@ -301,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="top-1 of a checkpoint on a labeled image folder or hf:<dataset>")
     _model_args(ev)
     ev.add_argument("--weights", required=True, help="checkpoint to evaluate (any format heal reads)")
-    ev.add_argument("--format", default="auto", choices=list(PRUNED_FORMATS))
+    ev.add_argument("--format", default="auto", choices=formats)
     ev.add_argument("--dense", help="dense weights (needed when --weights is a mask dictionary)")
     ev.add_argument("--data", required=True, help="labeled image folder, one subfolder per class, or hf:<dataset>")
     ev.add_argument("--split", default="test", help="split of a hf:<dataset>")
@@ -312,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(bench)
     bench.add_argument("--dense", required=True)
     bench.add_argument("--weights", required=True, help="pruned or healed checkpoint")
-    bench.add_argument("--format", default="auto", choices=list(PRUNED_FORMATS))
+    bench.add_argument("--format", default="auto", choices=formats)
     bench.add_argument("--batch-size", type=int, default=1)
     bench.add_argument("--image-size", type=int, default=224)
     bench.add_argument("--channels", type=int, choices=[1, 3], default=3)

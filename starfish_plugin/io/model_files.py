@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import prune
 
 from starfish_plugin.errors import CheckpointFileError
+from starfish_plugin.io.state_dicts import load_weights_, state_dict_of
 from starfish_plugin.io.structured import (
     StructuredCheckpointError,
     is_structured,
@@ -22,8 +22,6 @@ from starfish_plugin.io.structured import (
     plain_state_dict,
     structured_state,
 )
-
-PRUNED_FORMATS = ("auto", "prune", "masks", "torch-pruning", "structured", "weights")
 
 
 def build_model(spec: str, num_classes: int | None = None) -> nn.Module:
@@ -74,55 +72,25 @@ def load_file(path: str | Path, unsafe: bool = False) -> Any:
                                   f"{type(exc).__name__})") from exc
 
 
-def state_dict_of(obj: Any, path: str | Path) -> dict[str, Any]:
-    """The state dict in a loaded file: a bare one, or under ``state_dict`` / ``model`` / ``module``."""
-    if isinstance(obj, nn.Module):
-        return obj.state_dict()
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "module"):
-            if isinstance(obj.get(key), dict):
-                return obj[key]
-        if obj and all(isinstance(k, str) for k in obj):
-            return obj
-    raise CheckpointFileError(f"{path} holds a {type(obj).__name__}, not a state dict")
+CORE_FORMATS = ("structured", "weights")
 
 
-def load_weights_(model: nn.Module, state: dict[str, Any], path: str | Path, what: str) -> None:
-    """``model.load_state_dict(state)`` with an error that names the mismatch."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [k for k in expected if k in state and hasattr(state[k], "shape")
-              and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or shapes:
-        detail = []
-        if missing:
-            detail.append(f"missing {missing[:3]}")
-        if unexpected:
-            detail.append(f"unexpected {unexpected[:3]}")
-        if shapes:
-            k = shapes[0]
-            detail.append(f"{k} has shape {tuple(state[k].shape)}, the model {tuple(expected[k].shape)}")
-        raise CheckpointFileError(
-            f"the {what} checkpoint {path} is for another architecture than {type(model).__name__} "
-            f"({'; '.join(detail)}); check --model and --num-classes"
-        )
-    model.load_state_dict(state)
+def pruned_formats() -> tuple[str, ...]:
+    """Every pruned-model file format: ``auto``, the core's (``structured``, ``weights``) and the
+    ones plugins read and write (``prune``, ``masks``, ``torch-pruning``, ...)."""
+    from starfish_plugin.plugins.manager import plugin_manager
+
+    plugged = [f for formats in plugin_manager().hook.starfish_file_formats() for f in formats]
+    return ("auto", *dict.fromkeys([*plugged, *CORE_FORMATS]))
 
 
 def detect_format(obj: Any) -> str:
-    """Which of ``PRUNED_FORMATS`` a loaded pruned-model file is."""
-    if isinstance(obj, dict) and "full_state_dict" in obj and "attributions" in obj:
-        return "torch-pruning"
+    """Which of ``pruned_formats()`` a loaded pruned-model file is (``weights`` when nothing else fits)."""
+    from starfish_plugin.plugins.manager import plugin_manager
+
     if is_structured(obj):
         return "structured"
-    state = obj if isinstance(obj, dict) else {}
-    if any(k.endswith("_orig") for k in state) and any(k.endswith("_mask") for k in state):
-        return "prune"
-    tensors = [v for v in state.values() if isinstance(v, torch.Tensor)]
-    if tensors and all(t.dtype == torch.bool for t in tensors):
-        return "masks"
-    return "weights"
+    return plugin_manager().hook.starfish_detect_format(obj=obj) or "weights"
 
 
 def load_pruned(
@@ -133,6 +101,8 @@ def load_pruned(
     ``dense_has_weights=False`` says ``dense`` is an untrained architecture: then a mask
     dictionary (which holds no weights) is refused.
     """
+    from starfish_plugin.plugins.manager import plugin_manager
+
     obj = load_file(path, unsafe)
     fmt = detect_format(obj) if fmt == "auto" else fmt
     if fmt == "masks" and not dense_has_weights:
@@ -140,58 +110,32 @@ def load_pruned(
             f"{path} is a mask dictionary and holds no weights; pass --dense with the dense weights"
         )
     model = copy.deepcopy(dense)
-    if fmt == "torch-pruning":
-        import torch_pruning as tp
-
-        try:
-            tp.load_state_dict(model, state_dict=obj)
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointFileError(f"{path} is not a Torch-Pruning state dict for this model ({exc})") from exc
-        return model.eval(), fmt
     if fmt == "structured":
         try:
             return load_structured_(model, obj, str(path)).eval(), fmt
         except StructuredCheckpointError as exc:
             raise CheckpointFileError(str(exc)) from exc
-    state = state_dict_of(obj, path)
-    if fmt == "prune":
-        modules = dict(model.named_modules())
-        for key in [k for k in state if k.endswith("_mask")]:
-            owner, _, tensor_name = key[: -len("_mask")].rpartition(".")
-            if owner not in modules or not hasattr(modules[owner], tensor_name):
-                raise CheckpointFileError(
-                    f"{path} masks {key[:-5]}, which {type(model).__name__} does not have; check --model"
-                )
-            prune.custom_from_mask(modules[owner], tensor_name, state[key])
-        load_weights_(model, state, path, "pruned")
-    elif fmt == "masks":
-        params = dict(model.named_parameters())
-        modules = dict(model.named_modules())
-        for name, mask in state.items():
-            if name not in params or tuple(params[name].shape) != tuple(mask.shape):
-                raise CheckpointFileError(f"mask {name!r} in {path} matches no parameter of that shape in the model")
-            owner, _, tensor_name = name.rpartition(".")
-            prune.custom_from_mask(modules[owner], tensor_name, mask)
-    elif fmt == "weights":
-        load_weights_(model, state, path, "pruned")
-    else:
-        raise CheckpointFileError(f"unknown pruned format {fmt!r}; choose from {PRUNED_FORMATS}")
-    return model.eval(), fmt
+    if fmt == "weights":
+        load_weights_(model, state_dict_of(obj, path), path, "pruned")
+        return model.eval(), fmt
+    loaded = plugin_manager().hook.starfish_load_pruned(model=model, obj=obj, fmt=fmt, source=str(path))
+    if loaded is None:
+        raise CheckpointFileError(f"unknown pruned format {fmt!r}; choose from {pruned_formats()}")
+    return loaded.eval(), fmt
 
 
 def save_pruned(model: nn.Module, fmt: str, path: str | Path) -> None:
-    """Write the healed model in form ``fmt``: ``torch-pruning`` with ``tp.state_dict`` (a pickle),
-    ``structured`` weights-only with its shapes, ``weights`` a state dict with masks folded in as
-    zeros, anything else as the model's state dict (``weight_orig`` + ``weight_mask`` stay)."""
+    """Write the healed model in form ``fmt``: ``structured`` weights-only with its shapes,
+    ``weights`` a state dict with masks folded in as zeros, a plugin's format by that plugin
+    (``torch-pruning``: ``tp.state_dict``, a pickle; ``prune``: ``weight_orig`` + ``weight_mask``);
+    anything else as the model's state dict."""
+    from starfish_plugin.plugins.manager import plugin_manager
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "torch-pruning":
-        import torch_pruning as tp
-
-        torch.save(tp.state_dict(model), path)
-    elif fmt == "structured":
+    if fmt == "structured":
         torch.save(structured_state(model), path)
     elif fmt == "weights":
         torch.save(plain_state_dict(model), path)
-    else:
+    elif not plugin_manager().hook.starfish_save_pruned(model=model, fmt=fmt, path=path):
         torch.save(model.state_dict(), path)

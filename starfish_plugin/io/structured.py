@@ -3,7 +3,7 @@
 ``tp.state_dict`` pickles every module's ``__dict__``, so reading it needs full unpickling, which
 can run arbitrary code. This format holds only what ``torch.load(..., weights_only=True)``
 accepts: the state dict, each module's plain attributes (``out_features``, ``num_heads``, ...)
-and the kept-channel record of ``starfish_plugin.adapters.tp_graph`` if the model has one. It is
+and the entries adapters export (Torch-Pruning's kept-channel record) through hooks. It is
 read onto a freshly built dense architecture: attributes that differ are set, tensors resized.
 
 Example:
@@ -38,21 +38,10 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model``'s state dict with mask reparametrizations folded in: ``weight`` holding zeros
     instead of ``weight_orig`` + ``weight_mask`` (torch.nn.utils.prune) or parametrizations
     (torch.ao.pruning). The model itself is not changed."""
-    from torch.nn.utils import parametrize, prune
+    from starfish_plugin.plugins.manager import plugin_manager
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, prune.BasePruningMethod):
-                tensor = hook._tensor_name
-                state[prefix + tensor] = state.pop(prefix + tensor + "_orig") * state.pop(prefix + tensor + "_mask")
-        if parametrize.is_parametrized(module):
-            for tensor in list(module.parametrizations):
-                with torch.no_grad():
-                    state[prefix + tensor] = getattr(module, tensor).detach().cpu()
-                for key in [k for k in state if k.startswith(f"{prefix}parametrizations.{tensor}.")]:
-                    del state[key]
+    plugin_manager().hook.starfish_fold_masks(model=model, state=state)
     return state
 
 
@@ -63,32 +52,33 @@ def is_structured(obj: Any) -> bool:
 def structured_state(model: nn.Module) -> dict[str, Any]:
     """``model`` as a weights-only dictionary: tensors (masks folded in as zeros), plain module
     attributes, kept-channel record."""
-    from starfish_plugin.adapters.tp_graph import export_record
+    from starfish_plugin.plugins.manager import plugin_manager
 
     attributes = {
         name: {k: _to_plain(v) for k, v in vars(module).items() if not k.startswith("_") and _plain(v)}
         for name, module in model.named_modules()
         if "parametrizations" not in name.split(".")  # folded into plain weights above
     }
-    return {
+    state: dict[str, Any] = {
         "format": FORMAT,
         "architecture": type(model).__name__,
         "state_dict": plain_state_dict(model),
         "attributes": attributes,
-        "kept_channels": export_record(model),
     }
+    for entries in plugin_manager().hook.starfish_export_state(model=model):  # e.g. kept_channels
+        state.update(entries or {})
+    return state
 
 
 def load_structured_(model: nn.Module, obj: dict[str, Any], source: str = "the checkpoint") -> nn.Module:
     """Reshape ``model`` (the dense architecture) to the pruned one in ``obj`` and load its weights."""
-    from starfish_plugin.adapters.tp_graph import import_record
+    from starfish_plugin.plugins.manager import plugin_manager
 
     if (not is_structured(obj) or not isinstance(obj.get("state_dict"), dict)
             or not isinstance(obj.get("attributes"), dict)
-            or not all(isinstance(a, dict) for a in obj["attributes"].values())
-            or not isinstance(obj.get("kept_channels") or {}, dict)):
-        raise StructuredCheckpointError(f"{source} is not a complete {FORMAT} file (state_dict, attributes, "
-                                        "kept_channels); write it again with structured_state(model)")
+            or not all(isinstance(a, dict) for a in obj["attributes"].values())):
+        raise StructuredCheckpointError(f"{source} is not a complete {FORMAT} file (state_dict, attributes); "
+                                        "write it again with structured_state(model)")
     if obj.get("architecture") != type(model).__name__:
         raise StructuredCheckpointError(
             f"{source} holds a pruned {obj.get('architecture')}, not a {type(model).__name__}; check --model"
@@ -107,11 +97,9 @@ def load_structured_(model: nn.Module, obj: dict[str, Any], source: str = "the c
             f"{source} and the {type(model).__name__} have different tensors (unexpected {unknown[:3]}, missing "
             f"{sorted(set(current) - set(state))[:3]}); check --model and --num-classes"
         )
-    if obj.get("kept_channels"):  # read before anything changes: a malformed record leaves the model as it was
-        try:
-            import_record(model, obj["kept_channels"])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise StructuredCheckpointError(f"the kept-channel record in {source} is malformed ({exc!r})") from exc
+    # adapters' bookkeeping (Torch-Pruning's kept channels) is read before anything changes: a
+    # malformed entry leaves the model as it was
+    plugin_manager().hook.starfish_import_state(model=model, state=obj, source=source)
     for name, attrs in obj["attributes"].items():
         module = modules[name]
         for key, value in attrs.items():

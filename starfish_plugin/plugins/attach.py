@@ -36,24 +36,11 @@ class Attachment:
         self.stop_requested = False
         self._instance_step = pruner.__dict__.get("step")  # a step set on the instance, if any
         # an adapter may take over running each step (e.g. to record which channels survive)
-        self._runner = plugin_manager().hook.starfish_prepare_pruner(pruner=pruner, model=model, dense=dense)
-        self._use_example(pruner, model, calibration)
+        self._runner = plugin_manager().hook.starfish_prepare_pruner(
+            pruner=pruner, model=model, dense=dense, example=_first_input(calibration)
+        )
         self._wrapper = self._wrap(pruner.step)
         pruner.step = self._wrapper
-
-    @staticmethod
-    def _use_example(pruner: Any, model: nn.Module, calibration: object) -> None:
-        """Torch-Pruning: trace the model on one calibration input before it is pruned, so kept channels
-        are known at every module's output (concatenations, pooling) and a model the pruner breaks is
-        reported as such after the step."""
-        from starfish_plugin.adapters import tp_graph
-
-        if not tp_graph.is_torch_pruning_pruner(pruner):
-            return
-        record = tp_graph._RECORDS.get(model)
-        example = _first_input(calibration)
-        if record is not None and record.example is None and example is not None:
-            tp_graph.use_example(model, example)
 
     def _after_step(self) -> None:
         self.steps += 1

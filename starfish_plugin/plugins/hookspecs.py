@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import pluggy
+from torch import nn
+
+if TYPE_CHECKING:
+    from starfish_plugin.config import HealConfig
+    from starfish_plugin.core.plan import SparsityPlan
+    from starfish_plugin.report import HealReport
 
 hookspec = pluggy.HookspecMarker("starfish")
 hookimpl = pluggy.HookimplMarker("starfish")
@@ -12,7 +22,7 @@ hookimpl = pluggy.HookimplMarker("starfish")
 
 
 @hookspec(firstresult=True)
-def starfish_find_masks(model, dense):
+def starfish_find_masks(model: nn.Module, dense: nn.Module | None) -> SparsityPlan | None:
     """Fires when a model's sparsity must be read (``find_masks``, the start of ``heal``).
 
     :param model: the pruned ``nn.Module``.
@@ -24,7 +34,7 @@ def starfish_find_masks(model, dense):
 
 
 @hookspec
-def starfish_supported_forms():
+def starfish_supported_forms() -> list[str]:
     """Fires when no adapter recognised a model, to list what is supported in the error.
 
     Return a list of short descriptions of the forms this adapter reads.
@@ -33,7 +43,7 @@ def starfish_supported_forms():
 
 
 @hookspec(firstresult=True)
-def starfish_write_back(model, plan):
+def starfish_write_back(model: nn.Module, plan: SparsityPlan) -> bool | None:
     """Fires after healing, to leave the healed model in its toolkit's own form.
 
     :param model: the healed ``nn.Module``.
@@ -45,12 +55,17 @@ def starfish_write_back(model, plan):
 
 
 @hookspec(firstresult=True)
-def starfish_prepare_pruner(pruner, model, dense):
+def starfish_prepare_pruner(
+    pruner: Any, model: nn.Module, dense: nn.Module, example: Any
+) -> Callable[..., Any] | None:
     """Fires when ``starfish.attach`` wraps a pruner, before its first step.
 
     :param pruner: the pruner being attached.
     :param model: ``pruner.model``.
     :param dense: the dense model given to ``attach``.
+    :param example: one calibration input as the model takes it (a batch of one), or ``None``;
+        an adapter may run it through the model before the first step (Torch-Pruning: to follow
+        kept channels through every module, and to tell a model the pruner broke).
 
     Return a callable ``run(step, *args, **kwargs)`` that performs one pruning step by calling
     ``step`` (the pruner's own method) and records what the adapter needs, or ``None`` if this
@@ -58,11 +73,97 @@ def starfish_prepare_pruner(pruner, model, dense):
     """
 
 
+# --- model-file hooks: the toolkit-specific parts of saving and loading ------------------------
+
+
+@hookspec
+def starfish_file_formats() -> list[str]:
+    """Fires when the CLI lists the pruned-model file formats it can read and write.
+
+    Return the names of the formats this plugin reads (``starfish_load_pruned``) and writes
+    (``starfish_save_pruned``). All implementations are called; the lists are concatenated.
+    """
+
+
+@hookspec(firstresult=True)
+def starfish_detect_format(obj: Any) -> str | None:
+    """Fires when a loaded pruned-model file's format must be guessed (``--pruned-format auto``).
+
+    :param obj: what ``torch.load`` returned.
+
+    Return this plugin's format name if ``obj`` is in it, else ``None``. Stops at the first
+    non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def starfish_load_pruned(model: nn.Module, obj: Any, fmt: str, source: str) -> nn.Module | None:
+    """Fires to build a pruned model from a loaded file in format ``fmt``.
+
+    :param model: a copy of the dense model (the architecture), to be pruned in place.
+    :param obj: what ``torch.load`` returned.
+    :param fmt: the format name.
+    :param source: where ``obj`` came from, for error messages.
+
+    Return the pruned model if ``fmt`` is this plugin's (raise a ``StarfishError`` naming the
+    problem if ``obj`` does not fit ``model``), else ``None``. Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def starfish_save_pruned(model: nn.Module, fmt: str, path: Path) -> bool | None:
+    """Fires to write a (healed) pruned model to ``path`` in format ``fmt``.
+
+    Return ``True`` once written if ``fmt`` is this plugin's, else ``None``. Stops at the first
+    non-None result.
+    """
+
+
+@hookspec
+def starfish_fold_masks(model: nn.Module, state: dict[str, Any]) -> None:
+    """Fires when a weights-only copy of ``model`` is made (``plain_state_dict``).
+
+    :param model: the model, not to be changed.
+    :param state: its state dict (CPU tensors), to edit in place: replace this toolkit's mask
+        reparametrizations (``weight_orig`` + ``weight_mask``, parametrizations) by the plain
+        tensor with the pruned entries zero.
+
+    Return value ignored. All implementations are called.
+    """
+
+
+@hookspec
+def starfish_remove_masks(model: nn.Module) -> None:
+    """Fires to make ``model``'s masks permanent in place (deployment, latency measurements):
+    remove this toolkit's prune hooks or parametrizations, keeping the masked weights.
+
+    Return value ignored. All implementations are called.
+    """
+
+
+@hookspec
+def starfish_export_state(model: nn.Module) -> dict[str, Any] | None:
+    """Fires when a structured (weights-only) file is written: return the entries this adapter
+    needs to restore its bookkeeping (plain types and tensors only), or ``None``. All
+    implementations are called; the entries are merged into the file.
+    """
+
+
+@hookspec
+def starfish_import_state(model: nn.Module, state: dict[str, Any], source: str) -> None:
+    """Fires when a structured file has been loaded onto ``model``: restore this adapter's
+    bookkeeping from its entries in ``state`` (the whole file), raising a ``StarfishError`` if
+    they are malformed. Return value ignored. All implementations are called.
+    """
+
+
 # --- pipeline hook --------------------------------------------------------------------------
 
 
 @hookspec
-def starfish_after_prune(pruner, model, dense, calibration, config, step):
+def starfish_after_prune(
+    pruner: Any, model: nn.Module, dense: nn.Module, calibration: object, config: HealConfig | None, step: int
+) -> Any:
     """Fires after a pruner integration (``starfish.attach``) finishes a pruning step.
 
     :param pruner: the pruner that just stepped.
@@ -82,7 +183,7 @@ def starfish_after_prune(pruner, model, dense, calibration, config, step):
 
 
 @hookspec
-def starfish_heal_started(model, plan, config, total_steps):
+def starfish_heal_started(model: nn.Module, plan: SparsityPlan, config: HealConfig, total_steps: int) -> None:
     """Fires once the inputs are validated and the dense targets are ready, before step one.
 
     :param model: the pruned model about to be healed.
@@ -95,7 +196,7 @@ def starfish_heal_started(model, plan, config, total_steps):
 
 
 @hookspec
-def starfish_step_ended(step, total_steps, config):
+def starfish_step_ended(step: int, total_steps: int, config: HealConfig) -> None:
     """Fires after every optimizer step (keep implementations cheap; no host sync is done).
 
     :param step: steps done so far (1-based).
@@ -107,7 +208,9 @@ def starfish_step_ended(step, total_steps, config):
 
 
 @hookspec
-def starfish_epoch_ended(epoch, epochs, loss, lr, seconds, config):
+def starfish_epoch_ended(
+    epoch: int, epochs: int, loss: float, lr: float, seconds: float, config: HealConfig
+) -> None:
     """Fires after every epoch.
 
     :param epoch: epochs done so far (1-based).
@@ -122,7 +225,7 @@ def starfish_epoch_ended(epoch, epochs, loss, lr, seconds, config):
 
 
 @hookspec
-def starfish_heal_failed(model, error, config):
+def starfish_heal_failed(model: nn.Module, error: BaseException, config: HealConfig) -> None:
     """Fires when healing stops with an exception after it started (after ``starfish_heal_started``).
 
     :param model: the pruned model; its trained tensors are already restored when
@@ -135,7 +238,7 @@ def starfish_heal_failed(model, error, config):
 
 
 @hookspec
-def starfish_heal_finished(model, report, config):
+def starfish_heal_finished(model: nn.Module, report: HealReport, config: HealConfig) -> None:
     """Fires when a heal has finished and the model is back in its toolkit's form.
 
     :param model: the healed model.
