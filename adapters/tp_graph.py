@@ -349,6 +349,20 @@ def _saved_dim(fn: Any) -> int | None:
     return dim - 2**64 if dim >= 2**63 else dim  # negative dims come back as unsigned
 
 
+def _cat_expression(found: list[list | None], dim: int | None) -> list | None:
+    """The channels of a concatenation of ``found`` along ``dim``: ``["cat", parts, dim, ndim]``
+    when it joins channels, the common part when it joins along another dimension, else ``None``."""
+    parts = [p for p in found if p is not None]
+    if not parts or dim is None or len(parts) != len(found):
+        return None
+    channel, ndim = parts[0][2], parts[0][3]
+    if not all(p[2] == channel and p[3] == ndim for p in parts):
+        return None
+    if (dim + ndim if dim < 0 else dim) == channel:
+        return ["cat", parts, channel, ndim]
+    return parts[0] if all(p == parts[0] for p in parts) else None
+
+
 def _trace_channels(model: nn.Module, args: tuple, kwargs: dict, record: KeptChannels) -> dict[str, list] | None:
     """Module name -> where its output channels come from, as nested lists of plain types:
     ``["src", layer, dim, ndim]`` (a prunable layer's own output channels) or
@@ -403,16 +417,7 @@ def _trace_channels(model: nn.Module, args: tuple, kwargs: dict, record: KeptCha
         result = None
         name = fn.name()
         if name.startswith("CatBackward"):
-            found = [resolve(f, depth + 1) for f, _ in fn.next_functions]
-            parts = [p for p in found if p is not None]
-            dim = _saved_dim(fn)
-            if parts and dim is not None and len(parts) == len(found):
-                channel, ndim = parts[0][2], parts[0][3]
-                if all(p[2] == channel and p[3] == ndim for p in parts):
-                    if (dim + ndim if dim < 0 else dim) == channel:
-                        result = ["cat", parts, channel, ndim]
-                    elif all(p == parts[0] for p in parts):  # joined along another dimension
-                        result = parts[0]
+            result = _cat_expression([resolve(f, depth + 1) for f, _ in fn.next_functions], _saved_dim(fn))
         elif _PASS_THROUGH.fullmatch(name):
             # a residual add's operands share their channels; of a broadcast product (x * scale) the
             # widest operand is the one whose channels go through

@@ -5,11 +5,10 @@ Example:
     >>> report = starfish.heal(pruned, dense, calibration_images)
 """
 
+from starfish_plugin.api import find_masks, heal
 from starfish_plugin.config import HealConfig
 from starfish_plugin.core.blocks import find_blocks
 from starfish_plugin.core.evaluate import evaluate
-from starfish_plugin.core.heal import heal
-from starfish_plugin.core.masks import find_masks
 from starfish_plugin.core.plan import SparsityPlan
 from starfish_plugin.plugins.attach import attach
 from starfish_plugin.plugins.hookspecs import hookimpl

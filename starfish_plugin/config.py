@@ -216,3 +216,15 @@ class HealConfig:
         out["checkpoint_dir"] = None if self.checkpoint_dir is None else str(self.checkpoint_dir)
         out["loss"] = self.loss if isinstance(self.loss, str) else dict(self.loss)
         return out
+
+
+def resolve_config(config: HealConfig | None, overrides: dict[str, Any]) -> HealConfig:
+    """``config`` (or the defaults) with ``overrides`` applied and validated."""
+    if config is None:
+        config = HealConfig()
+    elif not isinstance(config, HealConfig):
+        raise TypeError(f"config must be a starfish.HealConfig, got {type(config).__name__}")
+    if overrides:
+        return config.replace(**overrides)
+    config.validate()  # a config edited after construction is checked too
+    return config

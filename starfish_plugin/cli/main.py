@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from starfish_plugin.errors import ConfigError, StarfishError
 from starfish_plugin.io.model_files import pruned_formats
@@ -117,8 +118,8 @@ def _eval_set(args: argparse.Namespace, source: str, split: str = "test"):
 def _heal(args: argparse.Namespace) -> int:
     import json
 
+    from starfish_plugin.api import heal
     from starfish_plugin.core.evaluate import evaluate
-    from starfish_plugin.core.heal import heal
     from starfish_plugin.io.model_files import load_pruned, save_pruned
 
     dense = _load_dense(args)
@@ -220,6 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     formats = list(pruned_formats())  # the core's and the adapters' file formats
     parser = argparse.ArgumentParser(prog="starfish", description="Heal pruned PyTorch models with STARFISH.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
+    heal = _add_heal(sub, formats)
+    _add_heal_recipe(heal)
+    _add_eval(sub, formats)
+    _add_bench(sub, formats)
+    plugins = sub.add_parser("plugins", help="list registered plugins and the hooks they implement")
+    plugins.set_defaults(func=_plugins)
+    return parser
+
+
+def _add_demo(sub: Any) -> None:
     demo = sub.add_parser(
         "demo",
         help="prune a shipped ViT at 0.8 with torch.nn.utils.prune, heal it, print the accuracy table",
@@ -234,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", help="also save the figures to this JSON file")
     demo.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     demo.set_defaults(func=_demo)
+
+
+def _add_heal(sub: Any, formats: list[str]) -> argparse.ArgumentParser:
+    """``starfish heal``: its files, data and output."""
     heal = sub.add_parser(
         "heal",
         help="heal a pruned checkpoint on an image folder or hf:<dataset> and save it",
@@ -273,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
         "with masks folded in as zeros",
     )
     heal.add_argument("--report", help="write the heal report and accuracies to this JSON file")
+    return heal
+
+
+def _add_heal_recipe(heal: argparse.ArgumentParser) -> None:
+    """``starfish heal``: image handling and the healing recipe (``HealConfig`` overrides)."""
     _image_args(heal)
     for flag, kind in (("--epochs", int), ("--lr", float), ("--batch-size", int), ("--seed", int)):
         heal.add_argument(flag, type=kind)
@@ -299,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     heal.add_argument("--quiet", action="store_true", default=None)
     heal.set_defaults(func=_heal)
 
+
+def _add_eval(sub: Any, formats: list[str]) -> None:
     ev = sub.add_parser("eval", help="top-1 of a checkpoint on a labeled image folder or hf:<dataset>")
     _model_args(ev)
     ev.add_argument("--weights", required=True, help="checkpoint to evaluate (any format heal reads)")
@@ -309,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     _image_args(ev)
     ev.set_defaults(func=_eval)
 
+
+def _add_bench(sub: Any, formats: list[str]) -> None:
     bench = sub.add_parser("bench", help="forward latency of a pruned checkpoint against its dense model")
     _model_args(bench)
     bench.add_argument("--dense", required=True)
@@ -321,10 +346,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--json", help="also save the figures to this JSON file")
     bench.set_defaults(func=_bench)
-
-    plugins = sub.add_parser("plugins", help="list registered plugins and the hooks they implement")
-    plugins.set_defaults(func=_plugins)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""The STARFISH recovery loop: masks fixed, surviving weights trained to align block outputs."""
+"""A STARFISH heal in phases (``HealRun``): masks fixed, surviving weights trained to align block
+outputs. The plugin hooks come in as an argument: the core never imports the plugin manager."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,9 @@ from torch import nn
 from starfish_plugin.config import HealConfig
 from starfish_plugin.core.alignment import ChannelIndex, channel_index, select_channels
 from starfish_plugin.core.blocks import OUTPUT_BLOCK, BlockChoice, capture_outputs, resolve_blocks
-from starfish_plugin.core.loop import Checkpointing, train_loop
+from starfish_plugin.core.loop import Checkpointing, TrainLoop, TrainSetup
 from starfish_plugin.core.losses import HealLoss, cosine_distance
-from starfish_plugin.core.masks import find_masks
+from starfish_plugin.core.masks import read_masks
 from starfish_plugin.core.model_io import Inputs, call_model, describe_inputs
 from starfish_plugin.core.modes import eval_mode
 from starfish_plugin.core.plan import SparsityPlan
@@ -41,23 +43,10 @@ from starfish_plugin.errors import (
     HealingWarning,
     ModelMismatchError,
 )
-from starfish_plugin.plugins.manager import plugin_manager
 from starfish_plugin.report import HealReport
 from starfish_plugin.runtime.distributed import DistContext, dist_context
 from starfish_plugin.runtime.fingerprint import model_fingerprint
 from starfish_plugin.runtime.resume import checkpoint_path, settings_of
-
-
-def resolve_config(config: HealConfig | None, overrides: dict[str, Any]) -> HealConfig:
-    """``config`` (or the defaults) with ``overrides`` applied and validated."""
-    if config is None:
-        config = HealConfig()
-    elif not isinstance(config, HealConfig):
-        raise TypeError(f"config must be a starfish.HealConfig, got {type(config).__name__}")
-    if overrides:
-        return config.replace(**overrides)
-    config.validate()  # a config edited after construction is checked too
-    return config
 
 
 @contextmanager
@@ -145,84 +134,110 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
 
 
-def heal(
-    pruned: nn.Module,
-    dense: nn.Module,
-    calibration: object,
-    config: HealConfig | None = None,
-    **overrides: Any,
+def heal_with(
+    hooks: Any, pruned: nn.Module, dense: nn.Module, calibration: object, config: HealConfig
 ) -> HealReport:
-    """Heal ``pruned`` in place with STARFISH and return a ``HealReport``.
-
-    With every mask held fixed, the surviving entries of the pruned tensors are trained with
-    AdamW so that each block's output points the way the dense model's does (cosine similarity),
-    on unlabeled calibration inputs. Everything else stays frozen; ``dense`` is never modified.
-
-    Args:
-        pruned: the pruned model, healed in place and left in its toolkit's form.
-        dense: the model it was pruned from; never modified.
-        calibration: a ``Dataset``, ``DataLoader``, ``Tensor`` of inputs or iterable of batches;
-            labels in ``(inputs, labels)`` pairs are used only by ``loss="ce"``.
-        config: a ``HealConfig``; ``overrides`` replace single fields (``epochs=5``).
-
-    Example:
-        >>> report = starfish.heal(pruned, dense, calib_images, epochs=10)
-        >>> report.mask_unchanged
-        True
-    """
-    start = time.perf_counter()
-    config = resolve_config(config, overrides)
-    pm = plugin_manager()
-    check_models(pruned, dense)
-    device = resolve_device(pruned, dense, config.device)
-    plan = find_masks(pruned, dense)
-    check_architecture(pruned, dense, plan)
-    choice = resolve_blocks(dense, pruned, config.blocks)
-    loss_fn = HealLoss(
-        config.loss_terms(), choice.names, config.cosine_reduction, config.kl_temperature, config.block_weighting
-    )
-    dist = dist_context()
-    shard = (dist.rank, dist.world) if dist.active else None  # on disk, each rank writes its own rows only
-    loaded = load_calibration(calibration, config.inputs == "disk", config.cache_dir, shard, model=dense)
+    """``starfish.heal`` with the plugin hooks given (``plugin_manager().hook``): the core never
+    reaches for the plugin manager itself."""
+    run = HealRun.prepare(hooks, pruned, dense, calibration, config)
     try:
-        return _heal_loaded(pruned, dense, loaded, config, pm, device, plan, choice, loss_fn, start, dist)
+        return run.run()
     finally:
-        loaded.close()
+        run.data.close()
 
 
-def _heal_loaded(
-    pruned: nn.Module, dense: nn.Module, data: CalibrationData, config: HealConfig, pm, device: torch.device,
-    plan: SparsityPlan, choice: BlockChoice, loss_fn: HealLoss, start: float, dist: DistContext,
-) -> HealReport:
-    """``heal`` once the models are checked and the calibration set is loaded."""
-    if loss_fn.needs_labels and data.labels is None:
-        raise CalibrationError("loss 'ce' needs labels; pass (inputs, labels) batches or a labeled Dataset")
-    check_input_dtype(data, dense)
-    n_total = data.total if data.total is not None else len(data)
-    notes: list[str] = []
-    if dist.active:
-        if n_total // dist.world < dist.steps_per_epoch(n_total, config.batch_size):
-            raise CalibrationError(
-                f"{n_total} calibration samples are too few for {dist.world} ranks at batch_size "
-                f"{config.batch_size}: some rank would get an empty step; pass more samples or a larger batch_size"
-            )
-        data = dist.shard(data)
-        notes.append(dist.describe(len(data), n_total, config.batch_size))
-    if data.labels is not None:
-        data.labels = data.labels.to(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+@dataclass
+class HealRun:
+    """One heal, in phases: ``prepare`` (models checked, masks read, blocks chosen, calibration
+    loaded), ``prepare_targets`` (probe, channel alignment, output block, dense targets),
+    ``train``, ``write_back`` and ``build_report``. Nothing is modified before ``train``."""
 
-    mask_snapshot = plan.snapshot()
-    with ExitStack() as stack, eval_mode(dense), eval_mode(pruned):
-        probe_x = data.head(config.batch_size).to(device)
-        dense_logits = probe_forward(dense, probe_x, "dense")
+    hooks: Any
+    pruned: nn.Module
+    dense: nn.Module
+    config: HealConfig
+    device: torch.device
+    plan: SparsityPlan
+    choice: BlockChoice
+    loss_fn: HealLoss
+    dist: DistContext
+    data: CalibrationData
+    start: float
+    n_total: int = 0
+    notes: list[str] = field(default_factory=list)
+    blocks: list[str] = field(default_factory=list)
+    alignment: dict[str, str] = field(default_factory=dict)
+    before: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)
+    epoch_losses: list[float] = field(default_factory=list)
+    epochs_run: int = 0
+    train_seconds: float = 0.0
+    steps_per_epoch: int = 0
+    params: list[nn.Parameter] = field(default_factory=list)
+
+    @classmethod
+    def prepare(
+        cls, hooks: Any, pruned: nn.Module, dense: nn.Module, calibration: object, config: HealConfig
+    ) -> HealRun:
+        start = time.perf_counter()
+        check_models(pruned, dense)
+        device = resolve_device(pruned, dense, config.device)
+        plan = read_masks(hooks, pruned, dense)
+        check_architecture(pruned, dense, plan)
+        choice = resolve_blocks(dense, pruned, config.blocks)
+        loss_fn = HealLoss(
+            config.loss_terms(), choice.names, config.cosine_reduction, config.kl_temperature,
+            config.block_weighting,
+        )
+        dist = dist_context()
+        shard = (dist.rank, dist.world) if dist.active else None  # on disk, each rank writes its own rows only
+        data = load_calibration(calibration, config.inputs == "disk", config.cache_dir, shard, model=dense)
+        return cls(hooks, pruned, dense, config, device, plan, choice, loss_fn, dist, data, start)
+
+    def run(self) -> HealReport:
+        self._check_data()
+        mask_snapshot = self.plan.snapshot()
+        with ExitStack() as stack, eval_mode(self.dense), eval_mode(self.pruned):
+            targets, target_plan = self.prepare_targets(stack)
+            self.train(targets)
+        reread = self.write_back()
+        report = self.build_report(targets, target_plan, reread, mask_snapshot)
+        self.hooks.starfish_heal_finished(model=self.pruned, report=report, config=self.config)
+        return report
+
+    def _check_data(self) -> None:
+        """Labels present when a loss needs them, inputs the model takes, the shard of this rank."""
+        config, dist = self.config, self.dist
+        if self.loss_fn.needs_labels and self.data.labels is None:
+            raise CalibrationError("loss 'ce' needs labels; pass (inputs, labels) batches or a labeled Dataset")
+        check_input_dtype(self.data, self.dense)
+        self.n_total = self.data.total if self.data.total is not None else len(self.data)
+        if dist.active:
+            if self.n_total // dist.world < dist.steps_per_epoch(self.n_total, config.batch_size):
+                raise CalibrationError(
+                    f"{self.n_total} calibration samples are too few for {dist.world} ranks at batch_size "
+                    f"{config.batch_size}: some rank would get an empty step; pass more samples or a larger "
+                    "batch_size"
+                )
+            self.data = dist.shard(self.data)
+            self.notes.append(dist.describe(len(self.data), self.n_total, config.batch_size))
+        if self.data.labels is not None:
+            self.data.labels = self.data.labels.to(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def prepare_targets(self, stack: ExitStack) -> tuple[DenseTargets, Any]:
+        """Probe both models on one batch, decide what each block is compared with (kept channels,
+        the final output as one more block), and build the dense targets and the cosines before."""
+        config, loss_fn, pruned, plan = self.config, self.loss_fn, self.pruned, self.plan
+        probe_x = self.data.head(config.batch_size).to(self.device)
+        dense_logits = probe_forward(self.dense, probe_x, "dense")
         if loss_fn.needs_labels or loss_fn.needs_logits:
-            check_logits(dense_logits, data, config)
-        blocks = list(choice.names)
+            check_logits(dense_logits, self.data, config)
+        blocks = list(self.choice.names)
         candidate = loss_fn.needs_blocks and OUTPUT_BLOCK not in blocks and config.align_output != "never"
         probe_blocks = blocks + [OUTPUT_BLOCK] if candidate else blocks
-        probe_out = dense_outputs(dense, probe_blocks, probe_x, loss_fn.needs_logits)
+        probe_out = dense_outputs(self.dense, probe_blocks, probe_x, loss_fn.needs_logits)
         check_finite(probe_out)
         index: ChannelIndex = {}
         alignment = {b: "direct" for b in probe_blocks}
@@ -234,126 +249,131 @@ def _heal_loaded(
             select_channels(probe_out, index)
         if loss_fn.needs_blocks:
             blocks, loss_fn.detach_at = _choose_output_alignment(
-                pruned, plan, blocks, candidate, probe_x, probe_out, config, notes
+                pruned, plan, blocks, candidate, probe_x, probe_out, config, self.notes
             )
             loss_fn.blocks = blocks
         for name in set(probe_out) - set(blocks) - {LOGITS}:
             del probe_out[name]
-        alignment = {b: alignment[b] for b in blocks if b in alignment}
+        self.blocks = blocks
+        self.alignment = {b: alignment[b] for b in blocks if b in alignment}
         cache_dir = config.cache_dir
-        if cache_dir is not None and dist.active:  # each rank caches its own shard
-            cache_dir = str(Path(cache_dir) / f"rank{dist.rank}-of-{dist.world}")
-        target_plan = plan_targets(probe_out, len(data), config.targets, config.target_memory_budget, cache_dir)
+        if cache_dir is not None and self.dist.active:  # each rank caches its own shard
+            cache_dir = str(Path(cache_dir) / f"rank{self.dist.rank}-of-{self.dist.world}")
+        target_plan = plan_targets(probe_out, len(self.data), config.targets, config.target_memory_budget, cache_dir)
         targets = DenseTargets(
-            dense, blocks, data, target_plan, device, loss_fn.needs_logits, config.batch_size, index
+            self.dense, blocks, self.data, target_plan, self.device, loss_fn.needs_logits, config.batch_size, index
         )
         stack.callback(targets.close)
-        before = block_cosines(
-            pruned, plan, targets, data, config.diagnostic_samples, config.batch_size, config.cosine_reduction
+        self.before = self._cosines(targets)
+        return targets, target_plan
+
+    def _cosines(self, targets: DenseTargets) -> dict[str, float]:
+        c = self.config
+        return block_cosines(self.pruned, self.plan, targets, self.data, c.diagnostic_samples, c.batch_size,
+                             c.cosine_reduction)
+
+    def _checkpointing(self) -> Checkpointing | None:
+        config, dist = self.config, self.dist
+        if config.checkpoint_dir is None:
+            return None
+        return Checkpointing(
+            checkpoint_path(config.checkpoint_dir, dist.rank, dist.world),
+            settings_of(config.to_dict()) | {"world_size": dist.world},
+            {
+                "dense model": model_fingerprint(self.dense),
+                "pruned model": model_fingerprint(self.pruned, skip=self.params),
+                "calibration set": self.data.fingerprint(),
+            },
         )
 
+    def train(self, targets: DenseTargets) -> None:
+        """The optimizer loop (after the warm start, if any); on any failure the trained tensors are
+        restored (``restore_on_error``) and ``starfish_heal_failed`` fires before the error goes on."""
+        config, pruned, plan, dist = self.config, self.pruned, self.plan, self.dist
         if dist.active:
-            steps_per_epoch = dist.steps_per_epoch(n_total, config.batch_size)
+            self.steps_per_epoch = dist.steps_per_epoch(self.n_total, config.batch_size)
         else:
-            steps_per_epoch = math.ceil(len(data) / config.batch_size)
-        total_steps = steps_per_epoch * config.epochs
-        pm.hook.starfish_heal_started(model=pruned, plan=plan, config=config, total_steps=total_steps)
-        params = trainable_parameters(pruned, plan, config.trainable)
-        checkpointing = None
-        if config.checkpoint_dir is not None:
-            checkpointing = Checkpointing(
-                checkpoint_path(config.checkpoint_dir, dist.rank, dist.world),
-                settings_of(config.to_dict()) | {"world_size": dist.world},
-                {
-                    "dense model": model_fingerprint(dense),
-                    "pruned model": model_fingerprint(pruned, skip=params),
-                    "calibration set": data.fingerprint(),
-                },
-            )
+            self.steps_per_epoch = math.ceil(len(self.data) / config.batch_size)
+        total_steps = self.steps_per_epoch * config.epochs
+        self.hooks.starfish_heal_started(model=pruned, plan=plan, config=config, total_steps=total_steps)
+        self.params = params = trainable_parameters(pruned, plan, config.trainable)
+        setup = TrainSetup(pruned, plan, params, targets, self.data, self.loss_fn, config, self.device, self.hooks,
+                           dist, self._checkpointing(), self.n_total, self.steps_per_epoch)
         backup = [p.detach().clone() for p in params] if config.restore_on_error else None
         train_start = time.perf_counter()
         try:
             if config.warm_start == "row_norm":
-                notes.append(_warm_start(plan, dense, data, config, device))
+                self.notes.append(_warm_start(plan, self.dense, self.data, config, self.device))
             with trainable_only(pruned, params), eval_mode(pruned, config.train_mode):
-                epoch_losses, epochs_run = train_loop(
-                    pruned,
-                    plan,
-                    params,
-                    targets,
-                    data,
-                    loss_fn,
-                    config,
-                    device,
-                    pm,
-                    dist,
-                    checkpointing,
-                    notes,
-                    n_total,
-                    steps_per_epoch,
-                )
+                self.epoch_losses, self.epochs_run = TrainLoop(setup, self.notes).run()
         except BaseException as exc:
             if backup is not None:
                 with torch.no_grad():
                     for p, saved in zip(params, backup):
                         p.copy_(saved)
-            pm.hook.starfish_write_back(model=pruned, plan=plan)  # refresh derived attributes
-            pm.hook.starfish_heal_failed(model=pruned, error=exc, config=config)
+            self.hooks.starfish_write_back(model=pruned, plan=plan)  # refresh derived attributes
+            self.hooks.starfish_heal_failed(model=pruned, error=exc, config=config)
             raise
         finally:
             for p in params:
                 p.grad = None
-        train_seconds = time.perf_counter() - train_start
-        after = block_cosines(
-            pruned, plan, targets, data, config.diagnostic_samples, config.batch_size, config.cosine_reduction
-        )
-        if loss_fn.needs_blocks:  # kl / ce do not aim at block alignment
-            _warn_if_worse(before, after, config, choice, notes)
+        self.train_seconds = time.perf_counter() - train_start
+        self.after = self._cosines(targets)
+        if self.loss_fn.needs_blocks:  # kl / ce do not aim at block alignment
+            _warn_if_worse(self.before, self.after, config, self.choice, self.notes)
 
-    if pm.hook.starfish_write_back(model=pruned, plan=plan) is None:
-        raise AdapterError(
-            f"no adapter wrote the healed model back for the plan read by '{plan.adapter}': its "
-            "starfish_write_back must return True for its own plans (the weights are healed in place)"
+    def write_back(self) -> SparsityPlan:
+        """Leave the model in its toolkit's form, then read its masks again (to check them)."""
+        if self.hooks.starfish_write_back(model=self.pruned, plan=self.plan) is None:
+            raise AdapterError(
+                f"no adapter wrote the healed model back for the plan read by '{self.plan.adapter}': its "
+                "starfish_write_back must return True for its own plans (the weights are healed in place)"
+            )
+        return read_masks(self.hooks, self.pruned, self.dense)
+
+    def build_report(
+        self, targets: DenseTargets, target_plan: Any, reread: SparsityPlan, mask_snapshot: dict[str, torch.Tensor]
+    ) -> HealReport:
+        config, plan, data = self.config, self.plan, self.data
+        peak, peak_kind = _peak_memory(self.device)
+        in_plan = {id(e.parameter) for e in plan}
+        trainable = sum(int(e.mask.sum()) for e in plan) + sum(
+            p.numel() for p in self.params if id(p) not in in_plan
         )
-    reread = find_masks(pruned, dense)
-    peak, peak_kind = _peak_memory(device)
-    in_plan = {id(e.parameter) for e in plan}
-    trainable = sum(int(e.mask.sum()) for e in plan) + sum(p.numel() for p in params if id(p) not in in_plan)
-    report = HealReport(
-        loss=config.loss if isinstance(config.loss, str) else "+".join(f"{w}*{n}" for n, w in config.loss.items()),
-        blocks=blocks,
-        block_rule=choice.rule,
-        epoch_losses=epoch_losses,
-        block_cosine_before=before,
-        block_cosine_after=after,
-        seconds=time.perf_counter() - start,
-        train_seconds=train_seconds,
-        samples_per_second=len(data) * epochs_run / train_seconds if train_seconds > 0 else float("inf"),
-        steps=total_steps,
-        n_samples=len(data),
-        peak_memory_bytes=peak,
-        peak_memory_kind=peak_kind,
-        targets_mode=target_plan.mode,
-        targets_reason=target_plan.reason,
-        target_cache_bytes=targets.cache_bytes,
-        target_cache_estimate_bytes=target_plan.estimate_bytes,
-        mask_unchanged=reread.same_pattern(mask_snapshot),
-        masked_weights_zero=reread.masked_weights_are_zero(),
-        sparsity=plan.sparsity,
-        adapter=plan.adapter,
-        trainable_parameters=trainable,
-        frozen_parameters=sum(p.numel() for p in pruned.parameters()) - trainable,
-        device=str(device),
-        target_alignment=alignment,
-        notes=list(plan.notes)
-        + [f"calibration from a {data.source}"]
-        + notes
-        + ([targets.note] if targets.note else [])
-        + ([f"blocks kept in fp32 (outside fp16 range): {targets.fp32_blocks}"] if targets.fp32_blocks else []),
-        config=config.to_dict(),
-    )
-    pm.hook.starfish_heal_finished(model=pruned, report=report, config=config)
-    return report
+        seconds = self.train_seconds
+        return HealReport(
+            loss=config.loss if isinstance(config.loss, str) else "+".join(f"{w}*{n}" for n, w in config.loss.items()),
+            blocks=self.blocks,
+            block_rule=self.choice.rule,
+            epoch_losses=self.epoch_losses,
+            block_cosine_before=self.before,
+            block_cosine_after=self.after,
+            seconds=time.perf_counter() - self.start,
+            train_seconds=seconds,
+            samples_per_second=len(data) * self.epochs_run / seconds if seconds > 0 else float("inf"),
+            steps=self.steps_per_epoch * config.epochs,
+            n_samples=len(data),
+            peak_memory_bytes=peak,
+            peak_memory_kind=peak_kind,
+            targets_mode=target_plan.mode,
+            targets_reason=target_plan.reason,
+            target_cache_bytes=targets.cache_bytes,
+            target_cache_estimate_bytes=target_plan.estimate_bytes,
+            mask_unchanged=reread.same_pattern(mask_snapshot),
+            masked_weights_zero=reread.masked_weights_are_zero(),
+            sparsity=plan.sparsity,
+            adapter=plan.adapter,
+            trainable_parameters=trainable,
+            frozen_parameters=sum(p.numel() for p in self.pruned.parameters()) - trainable,
+            device=str(self.device),
+            target_alignment=self.alignment,
+            notes=list(plan.notes)
+            + [f"calibration from a {data.source}"]
+            + self.notes
+            + ([targets.note] if targets.note else [])
+            + ([f"blocks kept in fp32 (outside fp16 range): {targets.fp32_blocks}"] if targets.fp32_blocks else []),
+            config=config.to_dict(),
+        )
 
 
 def _warm_start(

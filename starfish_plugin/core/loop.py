@@ -106,99 +106,131 @@ class Checkpointing:
     fingerprint: dict[str, str]
 
 
-def train_loop(
-    model: nn.Module,
-    plan: SparsityPlan,
-    params: list[nn.Parameter],
-    targets: DenseTargets,
-    data: CalibrationData,
-    loss_fn: HealLoss,
-    config: HealConfig,
-    device: torch.device,
-    pm,
-    dist: DistContext,
-    checkpointing: Checkpointing | None,
-    notes: list[str],
-    n_total: int,
-    steps_per_epoch: int,
-) -> tuple[list[float], int]:
-    """The optimizer loop; returns the mean loss of each epoch (over every rank's samples, resumed
-    epochs included) and the number of epochs this call trained."""
-    batch_size = dist.batch_size(config.batch_size)
-    n_batches = steps_per_epoch if dist.active else None  # ranks split their shards into equal step counts
-    total_steps = steps_per_epoch * config.epochs
-    keeper = MaskKeeper(plan, config.weight_decay)
-    fused = device.type == "cuda" and all(p.is_cuda for p in params)  # one kernel for the whole update
-    optimizer = torch.optim.AdamW(  # the kernel not chosen is left at AdamW's default (None)
-        params,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        fused=True if fused else None,
-        foreach=None if fused else True,
-    )
-    use_bf16 = bf16(config, device)
-    if use_bf16:
-        notes.append(f"pruned forward under bf16 autocast (precision={config.precision!r})")
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=config.min_lr)
-    generator = torch.Generator().manual_seed(config.seed)
-    block_names = loss_fn.blocks if loss_fn.needs_blocks else []
-    losses: list[float] = []
-    first_epoch = 0
-    if checkpointing is not None:
-        state = load_state(checkpointing.path, checkpointing.settings, checkpointing.fingerprint)
-        if state is not None:
-            with torch.no_grad():
-                for p, saved in zip(params, state.params, strict=True):
-                    p.copy_(saved)
-            optimizer.load_state_dict(state.optimizer)
-            schedule.load_state_dict(state.scheduler)
-            generator.set_state(state.generator)
-            first_epoch, losses = state.epoch, list(state.epoch_losses)
-            notes.append(f"resumed from {checkpointing.path} after epoch {first_epoch} of {config.epochs}")
-    forward = training_forward(dist.wrap(model, device), config, use_bf16, device)
-    if config.compile != "none":
-        backend = getattr(config.compile_backend, "__name__", config.compile_backend)
-        notes.append(f"training forward compiled (torch.compile mode={config.compile!r}, backend={backend!r})")
-    step = first_epoch * steps_per_epoch
-    with capture_outputs(model, block_names, detach=loss_fn.detach_at) as outputs:
-        for epoch in range(first_epoch, config.epochs):
-            epoch_start = time.perf_counter()
-            running = torch.zeros((), device=device)
-            for idx, x, y in data.batches(batch_size, generator, n_batches):
-                x = x.to(device, non_blocking=True)
-                dense = targets.get(idx, x)
-                plan.refresh()  # weights read without calling their module's prune hook
-                logits = forward(x)
-                loss = loss_fn(outputs, logits, dense, y)  # in fp32 (the losses upcast)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                keeper.mask_grads()
-                optimizer.step()
-                schedule.step()
-                keeper.reapply()
-                running += loss.detach() * len(idx)
-                step += 1
-                pm.hook.starfish_step_ended(step=step, total_steps=total_steps, config=config)
-            mean = (dist.sum(running) / n_total).item()
-            if not math.isfinite(mean):
-                state_word = "restored" if config.restore_on_error else "left as they were (restore_on_error=False)"
-                raise NonFiniteError(
-                    f"the healing loss became {mean} in epoch {epoch + 1}; the weights were {state_word}. "
-                    f"Lower HealConfig.lr (now {config.lr}), or check that the dense model's outputs are finite "
-                    "on every calibration input (with targets='online' only the first batch is checked up front)"
-                )
-            losses.append(mean)
-            if checkpointing is not None:
-                save_state(checkpointing.path, HealState(
-                    epoch + 1, losses, list(params), optimizer.state_dict(), schedule.state_dict(),
-                    generator.get_state(), checkpointing.settings, checkpointing.fingerprint,
-                ))
-            pm.hook.starfish_epoch_ended(
-                epoch=epoch + 1,
-                epochs=config.epochs,
-                loss=mean,
-                lr=schedule.get_last_lr()[0],
-                seconds=time.perf_counter() - epoch_start,
-                config=config,
+@dataclass
+class TrainSetup:
+    """What the optimizer loop trains, on what, and whom it tells."""
+
+    model: nn.Module
+    plan: SparsityPlan
+    params: list[nn.Parameter]
+    targets: DenseTargets
+    data: CalibrationData
+    loss_fn: HealLoss
+    config: HealConfig
+    device: torch.device
+    hooks: Any  # the plugin manager's hook relay (progress hooks)
+    dist: DistContext
+    checkpointing: Checkpointing | None
+    n_total: int
+    steps_per_epoch: int
+
+
+class TrainLoop:
+    """The optimizer loop: AdamW with a cosine schedule, the mask held fixed after every step,
+    per-epoch checkpoints (and resuming from them), one or several ranks."""
+
+    def __init__(self, setup: TrainSetup, notes: list[str]) -> None:
+        self.s, self.notes = setup, notes
+        config, device, params = setup.config, setup.device, setup.params
+        self.total_steps = setup.steps_per_epoch * config.epochs
+        self.keeper = MaskKeeper(setup.plan, config.weight_decay)
+        fused = device.type == "cuda" and all(p.is_cuda for p in params)  # one kernel for the whole update
+        self.optimizer = torch.optim.AdamW(  # the kernel not chosen is left at AdamW's default (None)
+            params,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            fused=True if fused else None,
+            foreach=None if fused else True,
+        )
+        self.use_bf16 = bf16(config, device)
+        if self.use_bf16:
+            notes.append(f"pruned forward under bf16 autocast (precision={config.precision!r})")
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=self.total_steps, eta_min=config.min_lr
+        )
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.losses: list[float] = []
+        self.first_epoch = 0
+
+    def run(self) -> tuple[list[float], int]:
+        """Train; returns the mean loss of each epoch (over every rank's samples, resumed epochs
+        included) and the number of epochs this call trained."""
+        s = self.s
+        self._resume()
+        forward = training_forward(s.dist.wrap(s.model, s.device), s.config, self.use_bf16, s.device)
+        if s.config.compile != "none":
+            backend = getattr(s.config.compile_backend, "__name__", s.config.compile_backend)
+            self.notes.append(
+                f"training forward compiled (torch.compile mode={s.config.compile!r}, backend={backend!r})"
             )
-    return losses, config.epochs - first_epoch
+        step = self.first_epoch * s.steps_per_epoch
+        block_names = s.loss_fn.blocks if s.loss_fn.needs_blocks else []
+        with capture_outputs(s.model, block_names, detach=s.loss_fn.detach_at) as outputs:
+            for epoch in range(self.first_epoch, s.config.epochs):
+                epoch_start = time.perf_counter()
+                running, step = self._epoch(forward, outputs, step)
+                self._end_epoch(epoch, (s.dist.sum(running) / s.n_total).item(), epoch_start)
+        return self.losses, s.config.epochs - self.first_epoch
+
+    def _resume(self) -> None:
+        s = self.s
+        if s.checkpointing is None:
+            return
+        state = load_state(s.checkpointing.path, s.checkpointing.settings, s.checkpointing.fingerprint)
+        if state is None:
+            return
+        with torch.no_grad():
+            for p, saved in zip(s.params, state.params, strict=True):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.schedule.load_state_dict(state.scheduler)
+        self.generator.set_state(state.generator)
+        self.first_epoch, self.losses = state.epoch, list(state.epoch_losses)
+        self.notes.append(f"resumed from {s.checkpointing.path} after epoch {self.first_epoch} of {s.config.epochs}")
+
+    def _epoch(self, forward: Any, outputs: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, int]:
+        """One pass over this rank's batches; returns the summed loss (on the device) and the step."""
+        s = self.s
+        batch_size = s.dist.batch_size(s.config.batch_size)
+        n_batches = s.steps_per_epoch if s.dist.active else None  # ranks split shards into equal step counts
+        running = torch.zeros((), device=s.device)
+        for idx, x, y in s.data.batches(batch_size, self.generator, n_batches):
+            x = x.to(s.device, non_blocking=True)
+            dense = s.targets.get(idx, x)
+            s.plan.refresh()  # weights read without calling their module's prune hook
+            logits = forward(x)
+            loss = s.loss_fn(outputs, logits, dense, y)  # in fp32 (the losses upcast)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.keeper.mask_grads()
+            self.optimizer.step()
+            self.schedule.step()
+            self.keeper.reapply()
+            running += loss.detach() * len(idx)
+            step += 1
+            s.hooks.starfish_step_ended(step=step, total_steps=self.total_steps, config=s.config)
+        return running, step
+
+    def _end_epoch(self, epoch: int, mean: float, epoch_start: float) -> None:
+        s, config = self.s, self.s.config
+        if not math.isfinite(mean):
+            state_word = "restored" if config.restore_on_error else "left as they were (restore_on_error=False)"
+            raise NonFiniteError(
+                f"the healing loss became {mean} in epoch {epoch + 1}; the weights were {state_word}. "
+                f"Lower HealConfig.lr (now {config.lr}), or check that the dense model's outputs are finite "
+                "on every calibration input (with targets='online' only the first batch is checked up front)"
+            )
+        self.losses.append(mean)
+        if s.checkpointing is not None:
+            save_state(s.checkpointing.path, HealState(
+                epoch + 1, self.losses, list(s.params), self.optimizer.state_dict(), self.schedule.state_dict(),
+                self.generator.get_state(), s.checkpointing.settings, s.checkpointing.fingerprint,
+            ))
+        s.hooks.starfish_epoch_ended(
+            epoch=epoch + 1,
+            epochs=config.epochs,
+            loss=mean,
+            lr=self.schedule.get_last_lr()[0],
+            seconds=time.perf_counter() - epoch_start,
+            config=config,
+        )

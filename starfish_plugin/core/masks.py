@@ -1,17 +1,20 @@
-"""``find_masks``: ask the registered adapters which tensors of a model are pruned."""
+"""``read_masks``: ask the adapters (through the plugin hooks) which tensors of a model are pruned."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch import nn
 
 from starfish_plugin.core.plan import MaskedTensor, SparsityPlan
 from starfish_plugin.errors import MaskNotFoundError
 
-__all__ = ["MaskedTensor", "SparsityPlan", "find_masks"]
+__all__ = ["MaskedTensor", "SparsityPlan", "read_masks"]
 
 
-def find_masks(model: nn.Module, dense: nn.Module | None = None) -> SparsityPlan:
-    """Ask the registered adapters to read ``model``'s sparsity; the first that recognises it wins.
+def read_masks(hooks: Any, model: nn.Module, dense: nn.Module | None = None) -> SparsityPlan:
+    """Ask the adapters behind ``hooks`` (``plugin_manager().hook``) to read ``model``'s sparsity;
+    the first that recognises it wins. ``starfish.find_masks`` is this with the plugin manager's hooks.
 
     Args:
         model: the pruned model.
@@ -26,14 +29,11 @@ def find_masks(model: nn.Module, dense: nn.Module | None = None) -> SparsityPlan
         >>> plan.sparsity
         0.8
     """
-    from starfish_plugin.plugins.manager import plugin_manager
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"find_masks() needs an nn.Module, got {type(model).__name__}")
-    pm = plugin_manager()
-    plan = pm.hook.starfish_find_masks(model=model, dense=dense)
+    plan = hooks.starfish_find_masks(model=model, dense=dense)
     if plan is None:
-        forms = [form for forms in pm.hook.starfish_supported_forms() for form in forms]
+        forms = [form for forms in hooks.starfish_supported_forms() for form in forms]
         listed = "\n  - ".join(forms) if forms else "(no adapter is registered)"
         raise MaskNotFoundError(
             f"no pruning mask found in {type(model).__name__}. Supported forms:\n  - {listed}\n"

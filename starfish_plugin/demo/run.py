@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from starfish_plugin.api import heal
 from starfish_plugin.core.evaluate import evaluate
-from starfish_plugin.core.heal import heal
 from starfish_plugin.demo.datasets import fashion_mnist_root, load_digits_split, load_fashion_mnist
 from starfish_plugin.demo.zoo import load_checkpoint
 

@@ -11,8 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from starfish_plugin.config import HealConfig
-from starfish_plugin.core.heal import resolve_config
+from starfish_plugin.config import HealConfig, resolve_config
 from starfish_plugin.core.validation import check_models
 from starfish_plugin.plugins.manager import plugin_manager
 from starfish_plugin.report import HealReport

@@ -54,7 +54,9 @@ def build_plugin_manager() -> pluggy.PluginManager:
     for module_name in DEFAULT_PLUGINS:
         short = module_name.rsplit(".", 1)[-1]
         if allowed is None or short in allowed or module_name in allowed:
-            pm.register(importlib.import_module(module_name), name=short)
+            module = importlib.import_module(module_name)
+            factory = getattr(module, "make_plugin", None)  # a plugin that needs the manager's hooks
+            pm.register(factory(pm) if callable(factory) else module, name=short)
     if allowed is None:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     else:
