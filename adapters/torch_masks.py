@@ -66,6 +66,7 @@ def _prune_hook_entries(module_name: str, module: nn.Module) -> list[MaskedTenso
                 masked_entries="keep",
                 effective=effective,
                 refresh=refresh,
+                owner=module,
             )
         )
     return entries

@@ -5,28 +5,61 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 from starfish_plugin.errors import ConfigError
 
 BlockSelector = Sequence[str] | Callable[[str, torch.nn.Module], bool] | None
-LOSS_NAMES = ("cosine", "mse", "kl", "ce")
-TARGET_MODES = ("auto", "memory", "disk", "online")
-INPUT_MODES = ("memory", "disk")
-COSINE_REDUCTIONS = ("auto", "token", "example")
-TRAINABLE = ("pruned", "all")
-BLOCK_WEIGHTINGS = ("uniform", "adaptive")
-WARM_STARTS = ("none", "row_norm")
-PRECISIONS = ("auto", "fp32", "bf16")
-ALIGN_OUTPUT = ("auto", "always", "never")
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+LossName = Literal["cosine", "mse", "kl", "ce"]
+TargetMode = Literal["auto", "memory", "disk", "online"]
+InputMode = Literal["memory", "disk"]
+CosineReduction = Literal["auto", "token", "example"]
+Trainable = Literal["pruned", "all"]
+BlockWeighting = Literal["uniform", "adaptive"]
+WarmStart = Literal["none", "row_norm"]
+Precision = Literal["auto", "fp32", "bf16"]
+AlignOutput = Literal["auto", "always", "never"]
+CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+LOSS_NAMES: tuple[str, ...] = get_args(LossName)
+TARGET_MODES: tuple[str, ...] = get_args(TargetMode)
+INPUT_MODES: tuple[str, ...] = get_args(InputMode)
+COSINE_REDUCTIONS: tuple[str, ...] = get_args(CosineReduction)
+TRAINABLE: tuple[str, ...] = get_args(Trainable)
+BLOCK_WEIGHTINGS: tuple[str, ...] = get_args(BlockWeighting)
+WARM_STARTS: tuple[str, ...] = get_args(WarmStart)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+ALIGN_OUTPUT: tuple[str, ...] = get_args(AlignOutput)
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+
+GROUPS = ("recipe", "storage", "runtime", "reporting")
 
 
-@dataclass
+def _setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    group: str,
+    choices: tuple[str, ...] | None = None,
+    resume_neutral: bool = False,
+    experimental: bool = False,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
+    """A ``HealConfig`` field with what the rest of the package reads about it: its group, the
+    values it takes (validation and the CLI use them), whether a resumed heal may change it
+    (``resume_neutral``), and whether it is experimental."""
+    metadata = {"group": group, "choices": choices, "resume_neutral": resume_neutral, "experimental": experimental}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True, kw_only=True)
 class HealConfig:
-    """Settings of one STARFISH heal. Defaults follow the paper.
+    """Settings of one STARFISH heal. Defaults follow the paper. Frozen: ``replace`` (or
+    ``heal(..., **overrides)``) makes a changed copy, validated. Fields come in four groups
+    (``HealConfig.groups()``): the recipe, where data is kept, how it runs, what it reports.
 
     Args:
         epochs: passes over the calibration set (paper: 10; 5 for large models).
@@ -87,38 +120,60 @@ class HealConfig:
             ``"all"`` trains every parameter (masked entries still held at zero).
     """
 
-    epochs: int = 10
-    lr: float = 6e-4
-    min_lr: float = 1e-6
-    batch_size: int = 32
-    weight_decay: float = 0.0
-    loss: str | Mapping[str, float] = "cosine"
-    blocks: BlockSelector = None
-    targets: str = "auto"
-    inputs: str = "memory"
-    cache_dir: str | None = None
-    checkpoint_dir: str | None = None
-    device: str | torch.device | None = None
-    seed: int = 0
-    cosine_reduction: str = "auto"
-    kl_temperature: float = 1.0
-    target_memory_budget: int = 2 * 1024**3
-    diagnostic_samples: int = 512
-    train_mode: bool = False
-    quiet: bool = False
-    restore_on_error: bool = True
-    trainable: str = "pruned"
-    align_output: str = "auto"
-    block_weighting: str = "uniform"
-    warm_start: str = "none"
-    warm_start_samples: int = 256
-    precision: str = "auto"
-    compile: str = "none"
-    compile_backend: str | Callable[..., Any] = "inductor"
-    extra: dict[str, Any] = field(default_factory=dict)
+    # recipe: what is trained, and how (changing any of these makes a different heal)
+    epochs: int = _setting(10, group="recipe")
+    lr: float = _setting(6e-4, group="recipe")
+    min_lr: float = _setting(1e-6, group="recipe")
+    batch_size: int = _setting(32, group="recipe")
+    weight_decay: float = _setting(0.0, group="recipe")
+    loss: str | Mapping[str, float] = _setting("cosine", group="recipe")
+    blocks: BlockSelector = _setting(None, group="recipe")
+    seed: int = _setting(0, group="recipe")
+    cosine_reduction: CosineReduction = _setting("auto", group="recipe", choices=COSINE_REDUCTIONS)
+    kl_temperature: float = _setting(1.0, group="recipe")
+    trainable: Trainable = _setting("pruned", group="recipe", choices=TRAINABLE)
+    align_output: AlignOutput = _setting("auto", group="recipe", choices=ALIGN_OUTPUT)
+    block_weighting: BlockWeighting = _setting("uniform", group="recipe", choices=BLOCK_WEIGHTINGS, experimental=True)
+    warm_start: WarmStart = _setting("none", group="recipe", choices=WARM_STARTS)
+    warm_start_samples: int = _setting(256, group="recipe")
+    train_mode: bool = _setting(False, group="recipe")
+    precision: Precision = _setting("auto", group="recipe", choices=PRECISIONS)
+    # storage: where calibration inputs, dense targets and checkpoints are kept
+    targets: TargetMode = _setting("auto", group="storage", choices=TARGET_MODES, resume_neutral=True)
+    inputs: InputMode = _setting("memory", group="storage", choices=INPUT_MODES, resume_neutral=True)
+    cache_dir: str | None = _setting(None, group="storage", resume_neutral=True)
+    checkpoint_dir: str | None = _setting(None, group="storage", resume_neutral=True)
+    target_memory_budget: int = _setting(2 * 1024**3, group="storage", resume_neutral=True)
+    # runtime: where and how it runs (the weights it reaches do not depend on these)
+    device: str | torch.device | None = _setting(None, group="runtime", resume_neutral=True)
+    compile: CompileMode = _setting("none", group="runtime", choices=COMPILE_MODES, resume_neutral=True)
+    compile_backend: str | Callable[..., Any] = _setting("inductor", group="runtime", resume_neutral=True)
+    restore_on_error: bool = _setting(True, group="runtime", resume_neutral=True)
+    # reporting: what it measures and prints
+    diagnostic_samples: int = _setting(512, group="reporting", resume_neutral=True)
+    quiet: bool = _setting(False, group="reporting", resume_neutral=True)
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @classmethod
+    def groups(cls) -> dict[str, list[str]]:
+        """Field names by group: ``recipe``, ``storage``, ``runtime``, ``reporting``."""
+        out: dict[str, list[str]] = {g: [] for g in GROUPS}
+        for f in dataclasses.fields(cls):
+            out[f.metadata["group"]].append(f.name)
+        return out
+
+    @classmethod
+    def resume_neutral(cls) -> frozenset[str]:
+        """Fields a resumed heal may change (storage, runtime, reporting): they do not change the
+        weights an uninterrupted heal reaches."""
+        return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata["resume_neutral"])
+
+    @classmethod
+    def choices(cls, name: str) -> tuple[str, ...] | None:
+        """The values field ``name`` takes, if it is a choice."""
+        return next(f.metadata["choices"] for f in dataclasses.fields(cls) if f.name == name)
 
     def replace(self, **overrides: Any) -> HealConfig:
         """Return a copy with ``overrides`` applied; unknown names raise ``ConfigError``."""
@@ -160,20 +215,10 @@ class HealConfig:
             raise ConfigError(f"HealConfig.min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
             raise ConfigError(f"HealConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.targets not in TARGET_MODES:
-            raise ConfigError(f"HealConfig.targets must be one of {TARGET_MODES}, got {self.targets!r}")
-        if self.inputs not in INPUT_MODES:
-            raise ConfigError(f"HealConfig.inputs must be one of {INPUT_MODES}, got {self.inputs!r}")
-        if self.block_weighting not in BLOCK_WEIGHTINGS:
-            raise ConfigError(
-                f"HealConfig.block_weighting must be one of {BLOCK_WEIGHTINGS}, got {self.block_weighting!r}"
-            )
-        if self.warm_start not in WARM_STARTS:
-            raise ConfigError(f"HealConfig.warm_start must be one of {WARM_STARTS}, got {self.warm_start!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"HealConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.compile not in COMPILE_MODES:
-            raise ConfigError(f"HealConfig.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise ConfigError(f"HealConfig.{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
         if self.compile != "none" and not callable(self.compile_backend):
             from torch._dynamo import list_backends
 
@@ -183,14 +228,6 @@ class HealConfig:
                     f"HealConfig.compile_backend {self.compile_backend!r} is not a torch.compile backend; "
                     f"choose from {sorted(backends)}"
                 )
-        if self.align_output not in ALIGN_OUTPUT:
-            raise ConfigError(f"HealConfig.align_output must be one of {ALIGN_OUTPUT}, got {self.align_output!r}")
-        if self.trainable not in TRAINABLE:
-            raise ConfigError(f"HealConfig.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
-        if self.cosine_reduction not in COSINE_REDUCTIONS:
-            raise ConfigError(
-                f"HealConfig.cosine_reduction must be one of {COSINE_REDUCTIONS}, got {self.cosine_reduction!r}"
-            )
         if self.target_memory_budget < 0 or self.diagnostic_samples < 0:
             raise ConfigError("HealConfig.target_memory_budget and diagnostic_samples must be >= 0")
         if self.blocks is not None and not callable(self.blocks):
@@ -226,5 +263,5 @@ def resolve_config(config: HealConfig | None, overrides: dict[str, Any]) -> Heal
         raise TypeError(f"config must be a starfish.HealConfig, got {type(config).__name__}")
     if overrides:
         return config.replace(**overrides)
-    config.validate()  # a config edited after construction is checked too
+    config.validate()  # cheap, and catches a config changed with object.__setattr__
     return config

@@ -239,3 +239,23 @@ def test_healing_that_hurts_warns():
         report = starfish.heal(pruned, dense, tokens(), epochs=1, batch_size=8, lr=1.0, min_lr=0.5, quiet=True)
     assert report.mean_cosine_after < report.mean_cosine_before
     assert any("lowered the mean block cosine" in note for note in report.notes)
+
+
+def test_prune_hook_weights_are_refreshed_only_where_the_forward_skips_the_module():
+    """torchvision Swin reads ``qkv.weight`` without calling ``qkv``: only such weights are
+    recomputed each step; every other prune hook recomputes its own weight in forward."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    from starfish_plugin.core.model_io import modules_called
+
+    torch.manual_seed(0)
+    swin = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[4, 4],
+                           num_classes=10).eval()
+    for module in swin.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.utils.prune.l1_unstructured(module, "weight", amount=0.5)
+    plan = starfish.find_masks(swin)
+    stale = plan.skip_refresh_of_called(modules_called(swin, torch.randn(1, 3, 32, 32)))
+    names = {e.name for e in plan._stale or []}
+    assert stale == len(names) and names and all(n.endswith(("qkv.weight", "proj.weight")) for n in names)
+    assert len(plan) > stale  # the MLP layers and the head are called, so not refreshed

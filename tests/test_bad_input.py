@@ -112,8 +112,12 @@ def test_labels_out_of_range_or_not_indices(pruned, dense, images, fast, guard):
         starfish.heal(pruned, dense, torch.utils.data.TensorDataset(images, one_hot), fast, loss="ce")
 
 
-def test_config_edited_after_construction_is_checked(pruned, dense, images, fast, guard):
-    fast.lr = -1.0
+def test_config_is_frozen_and_a_forced_edit_is_still_checked(pruned, dense, images, fast, guard):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'lr'"):
+        fast.lr = -1.0
+    object.__setattr__(fast, "lr", -1.0)  # forced past the freeze: heal validates again
     with pytest.raises(errors.ConfigError, match="lr must be a finite number > 0"):
         starfish.heal(pruned, dense, images, fast)
 

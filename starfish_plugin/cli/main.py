@@ -139,27 +139,7 @@ def _heal(args: argparse.Namespace) -> int:
     figures = {}
     if evaluation:
         figures["dense_top1"], figures["pruned_top1"] = evaluate(dense, evaluation), evaluate(pruned, evaluation)
-    overrides = {
-        k: v
-        for k, v in {
-            "epochs": args.epochs,
-            "lr": args.lr,
-            "batch_size": args.batch_size,
-            "loss": args.loss,
-            "targets": args.targets,
-            "inputs": args.inputs,
-            "cache_dir": args.cache_dir,
-            "checkpoint_dir": args.checkpoint_dir,
-            "warm_start": args.warm_start,
-            "device": args.device,
-            "seed": args.seed,
-            "quiet": args.quiet,
-            "precision": args.precision,
-            "compile": args.compile,
-            "compile_backend": args.compile_backend,
-        }.items()
-        if v is not None
-    }
+    overrides = heal_overrides(args)
     if args.device:
         dense.to(args.device)
         pruned.to(args.device)
@@ -292,33 +272,49 @@ def _add_heal(sub: Any, formats: list[str]) -> argparse.ArgumentParser:
     return heal
 
 
+# HealConfig fields ``starfish heal`` exposes as --options, with their help; types, choices and
+# defaults are read from HealConfig itself.
+HEAL_OPTIONS: dict[str, str] = {
+    "epochs": "passes over the calibration set",
+    "lr": "peak AdamW learning rate (cosine decay to min_lr)",
+    "batch_size": "calibration images per optimizer step",
+    "seed": "seed of the calibration shuffle",
+    "loss": "cosine (STARFISH), mse, kl, ce or a mixture such as cosine+kl",
+    "targets": "where dense block outputs are kept: auto picks memory, disk or online",
+    "inputs": "disk: calibration images decoded batch by batch into a file, not held in RAM",
+    "cache_dir": "directory of the disk cache of dense targets (reused when it matches)",
+    "checkpoint_dir": "save state each epoch; rerun the same command to resume",
+    "warm_start": "row_norm: rescale pruned rows to the dense output norms before training",
+    "precision": "auto: bf16 autocast on CUDA, fp32 elsewhere",
+    "compile": "torch.compile mode for the pruned model's training forward",
+    "compile_backend": "torch.compile backend",
+    "device": "e.g. cuda:0 (default: the models' device, cpu here)",
+}
+
+
 def _add_heal_recipe(heal: argparse.ArgumentParser) -> None:
     """``starfish heal``: image handling and the healing recipe (``HealConfig`` overrides)."""
+    import dataclasses
+
+    from starfish_plugin.config import HealConfig
+
     _image_args(heal)
-    for flag, kind in (("--epochs", int), ("--lr", float), ("--batch-size", int), ("--seed", int)):
-        heal.add_argument(flag, type=kind)
-    heal.add_argument("--loss", help="cosine (default), mse, kl, ce or a mixture such as cosine+kl")
-    heal.add_argument("--targets", choices=["auto", "memory", "disk", "online"])
-    heal.add_argument(
-        "--inputs",
-        choices=["memory", "disk"],
-        help="disk: calibration images decoded batch by batch into a file, not held in RAM",
-    )
-    heal.add_argument("--cache-dir", help="directory of the disk cache of dense targets (reused when it matches)")
-    heal.add_argument("--checkpoint-dir", help="save state each epoch; rerun the same command to resume")
-    heal.add_argument("--warm-start", choices=["none", "row_norm"])
-    heal.add_argument(
-        "--precision", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on CUDA, fp32 elsewhere"
-    )
-    heal.add_argument(
-        "--compile",
-        choices=["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-        help="torch.compile mode for the pruned model's training forward (default: none)",
-    )
-    heal.add_argument("--compile-backend", help="torch.compile backend (default: inductor)")
-    heal.add_argument("--device", help="e.g. cuda:0 (default: cpu)")
-    heal.add_argument("--quiet", action="store_true", default=None)
+    fields = {f.name: f for f in dataclasses.fields(HealConfig)}
+    for name, help_text in HEAL_OPTIONS.items():
+        default = fields[name].default
+        kind = type(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else str
+        heal.add_argument(
+            "--" + name.replace("_", "-"), type=kind, choices=HealConfig.choices(name),
+            help=help_text if default is None else f"{help_text} (default: {default})",
+        )
+    heal.add_argument("--quiet", action="store_true", default=None, help="no progress bar or per-epoch lines")
     heal.set_defaults(func=_heal)
+
+
+def heal_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``HealConfig`` fields given on the command line."""
+    given = {name: getattr(args, name) for name in [*HEAL_OPTIONS, "quiet"]}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _add_eval(sub: Any, formats: list[str]) -> None:

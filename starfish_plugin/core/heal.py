@@ -22,7 +22,7 @@ from starfish_plugin.core.blocks import OUTPUT_BLOCK, BlockChoice, capture_outpu
 from starfish_plugin.core.loop import Checkpointing, TrainLoop, TrainSetup
 from starfish_plugin.core.losses import HealLoss, cosine_distance
 from starfish_plugin.core.masks import read_masks
-from starfish_plugin.core.model_io import Inputs, call_model, describe_inputs
+from starfish_plugin.core.model_io import Inputs, call_model, describe_inputs, modules_called
 from starfish_plugin.core.modes import eval_mode
 from starfish_plugin.core.plan import SparsityPlan
 from starfish_plugin.core.validation import (
@@ -239,6 +239,8 @@ class HealRun:
         probe_blocks = blocks + [OUTPUT_BLOCK] if candidate else blocks
         probe_out = dense_outputs(self.dense, probe_blocks, probe_x, loss_fn.needs_logits)
         check_finite(probe_out)
+        if any(e.refresh is not None for e in plan):  # prune hooks: refresh only weights read without a call
+            plan.skip_refresh_of_called(modules_called(pruned, probe_x[:1]))
         index: ChannelIndex = {}
         alignment = {b: "direct" for b in probe_blocks}
         if plan.structural:  # e.g. Torch-Pruning: widths may differ from the dense model

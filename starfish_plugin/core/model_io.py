@@ -119,3 +119,15 @@ def accepts_keyword(model: nn.Module, name: str) -> bool:
     except (TypeError, ValueError):
         return True
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def modules_called(model: nn.Module, x: Inputs) -> set[int]:
+    """The ids of the modules whose forward runs when ``model`` takes ``x`` (one no-grad forward)."""
+    called: set[int] = set()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, _args: called.add(id(m)))
+    try:
+        with torch.no_grad():
+            call_model(model, x)
+    finally:
+        handle.remove()
+    return called

@@ -29,6 +29,8 @@ class MaskedTensor:
         refresh: recomputes the attribute the model reads (``module.weight`` of a prune hook),
             for models that read a child's weight without calling the child (torchvision Swin's
             attention reads ``qkv.weight``), where the hook never runs and the attribute goes stale.
+        owner: the module whose forward recomputes that attribute anyway (its prune hook), if any:
+            ``SparsityPlan.skip_refresh_of_called`` drops the refresh of owners the forward calls.
     """
 
     name: str
@@ -38,6 +40,7 @@ class MaskedTensor:
     masked_entries: Literal["zero", "keep"] = "keep"
     effective: Callable[[], torch.Tensor] | None = None
     refresh: Callable[[], None] | None = None
+    owner: nn.Module | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if tuple(self.mask.shape) != tuple(self.parameter.shape):
@@ -77,6 +80,7 @@ class SparsityPlan:
     kept_out_channels: dict[str, torch.Tensor] = field(default_factory=dict)
     original_out_channels: dict[str, int] = field(default_factory=dict)
     hint: str = ""
+    _stale: list[MaskedTensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __iter__(self) -> Iterator[MaskedTensor]:
         return iter(self.entries)
@@ -103,10 +107,20 @@ class SparsityPlan:
         return list(seen.values())
 
     def refresh(self) -> None:
-        """Recompute every masked attribute the model reads (see ``MaskedTensor.refresh``)."""
-        for entry in self.entries:
+        """Recompute every masked attribute the model reads without calling its owner (see
+        ``MaskedTensor.refresh``): all of them, until ``skip_refresh_of_called`` narrows it."""
+        stale = self._stale if self._stale is not None else [e for e in self.entries if e.refresh is not None]
+        for entry in stale:
             if entry.refresh is not None:
                 entry.refresh()
+
+    def skip_refresh_of_called(self, called: set[int]) -> int:
+        """From now on refresh only entries whose owner is not among ``called`` (module ids a forward
+        ran): the others are recomputed by their own prune hook. Returns how many still refresh."""
+        self._stale = [
+            e for e in self.entries if e.refresh is not None and (e.owner is None or id(e.owner) not in called)
+        ]
+        return len(self._stale)
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A CPU copy of every mask, to check later that the pattern is bit-identical."""

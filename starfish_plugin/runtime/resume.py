@@ -10,21 +10,18 @@ from typing import Any
 
 import torch
 
+from starfish_plugin.config import HealConfig
 from starfish_plugin.errors import CheckpointError
 
 VERSION = 1
 # Settings that change nothing the optimizer computes (compiling: only float rounding); a checkpoint
 # resumes across them.
-_NEUTRAL = {
-    "quiet", "device", "diagnostic_samples", "checkpoint_dir", "cache_dir", "targets",
-    "target_memory_budget", "restore_on_error", "extra", "compile", "compile_backend",
-    "inputs",
-}
 
 
 def settings_of(config_dict: dict[str, Any]) -> dict[str, Any]:
     """The settings a checkpoint must share with the heal that resumes it."""
-    return {k: v for k, v in sorted(config_dict.items()) if k not in _NEUTRAL}
+    neutral = HealConfig.resume_neutral()  # marked on the fields themselves
+    return {k: v for k, v in sorted(config_dict.items()) if k not in neutral}
 
 
 @dataclass
