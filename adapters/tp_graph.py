@@ -34,6 +34,7 @@ from torch import nn
 
 from starfish_plugin.core.plan import MaskedTensor, SparsityPlan
 from starfish_plugin.errors import (
+    AttachError,
     CheckpointFileError,
     MaskNotFoundError,
     ModelMismatchError,
@@ -638,7 +639,7 @@ def _check_dense(model: nn.Module, dense: nn.Module) -> None:
 
 def _start(pruner: Any) -> KeptChannels:
     if getattr(pruner, "current_step", 0) > 0:
-        raise ValueError(
+        raise AttachError(
             "the pruner has already stepped, so the channels it removed are unknown; "
             "attach (or track) before the first pruner.step(). A model pruned earlier can still be "
             "healed with starfish.heal(model, dense, calibration) if its block widths are unchanged"
@@ -691,7 +692,7 @@ def use_example(model: nn.Module, example_inputs: Any) -> bool:
     """
     record = _RECORDS.get(model)
     if record is None:
-        raise ValueError("use_example needs a tracked model: call tp_graph.track(pruner) or starfish.attach first")
+        raise AttachError("use_example needs a tracked model: call tp_graph.track(pruner) or starfish.attach first")
     args: tuple[Any, ...]
     if isinstance(example_inputs, Mapping):
         args, kwargs = (), dict(example_inputs)

@@ -9,7 +9,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from starfish_plugin.errors import ConfigError
+from starfish_plugin.errors import ConfigError, UsageError
 
 BlockSelector = Sequence[str] | Callable[[str, torch.nn.Module], bool] | None
 LossName = Literal["cosine", "mse", "kl", "ce"]
@@ -260,7 +260,7 @@ def resolve_config(config: HealConfig | None, overrides: dict[str, Any]) -> Heal
     if config is None:
         config = HealConfig()
     elif not isinstance(config, HealConfig):
-        raise TypeError(f"config must be a starfish.HealConfig, got {type(config).__name__}")
+        raise UsageError(f"config must be a starfish.HealConfig, got {type(config).__name__}")
     if overrides:
         return config.replace(**overrides)
     config.validate()  # cheap, and catches a config changed with object.__setattr__

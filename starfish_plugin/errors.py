@@ -81,3 +81,19 @@ class CheckpointFileError(StarfishError, OSError, ValueError):
 
 class StructuredCheckpointError(StarfishError, ValueError):
     """A structured checkpoint does not fit the model it is read onto."""
+
+
+class UsageError(StarfishError, TypeError):
+    """An argument of the wrong kind: not an ``nn.Module``, not a ``HealConfig``, a pruner without ``step()``."""
+
+
+class AttachError(StarfishError, ValueError):
+    """``attach`` / ``track`` used out of order (after the pruner stepped, twice on one pruner)."""
+
+
+class EvaluationError(StarfishError, ValueError):
+    """``evaluate`` cannot score this model on this data (no batches, no classifier head)."""
+
+
+class DemoError(StarfishError, ValueError):
+    """The demo's data or a shipped model's name is not one the demo knows."""

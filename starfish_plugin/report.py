@@ -24,6 +24,18 @@ class HealReport:
         block_rule: how the blocks were chosen (a discovery rule, or given by the caller).
         target_alignment: per block, ``"direct"`` or which kept channels index the dense target
             (when structural pruning narrowed the block's output).
+        calibration_source: what the calibration data came as (``"Tensor"``, ``"Dataset (inputs on disk)"``).
+        output_aligned: the final output was aligned as one more block (``"(output)"``).
+        untrained_tensors: pruned tensors that got no training signal and stayed as pruned.
+        target_cache_action: ``"built"``, ``"reused"`` or ``"rebuilt"`` for a disk cache of dense
+            targets, ``""`` without one; ``target_cache_reason`` says why it was rebuilt.
+        resumed_after_epoch: the epoch a resumed heal continued after (0: not resumed).
+        compiled: the ``torch.compile`` mode of the training forward (``""``: eager).
+        autocast: ``"bf16"`` when the pruned forward ran under bf16 autocast, else ``""``.
+        world_size: processes that healed together (torchrun), 1 for one process.
+        warm_start_rescaled: tensors the row-norm warm start rescaled.
+        healing_worsened: the mean block cosine fell (a ``HealingWarning`` was issued).
+        notes: the same facts and the adapters' remarks, as sentences.
     """
 
     loss: str
@@ -51,6 +63,17 @@ class HealReport:
     device: str
     block_rule: str = ""
     target_alignment: dict[str, str] = field(default_factory=dict)
+    calibration_source: str = ""
+    output_aligned: bool = False
+    untrained_tensors: list[str] = field(default_factory=list)
+    target_cache_action: str = ""
+    target_cache_reason: str = ""
+    resumed_after_epoch: int = 0
+    compiled: str = ""
+    autocast: str = ""
+    world_size: int = 1
+    warm_start_rescaled: int = 0
+    healing_worsened: bool = False
     notes: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
 

@@ -26,7 +26,8 @@ def test_disk_cache_heals_exactly_like_the_memory_cache(dense, images, fast, tmp
     m_mem, r_mem = _heal(dense, images, fast, targets="memory")
     m_disk, r_disk = _heal(dense, images, fast, targets="disk", cache_dir=str(tmp_path))
     assert r_disk.targets_mode == "disk" and r_disk.target_cache_bytes == 0
-    assert any(f"built the disk cache in {tmp_path}" in n for n in r_disk.notes)
+    assert (r_disk.target_cache_action, r_disk.target_cache_reason) == ("built", "")
+    assert r_mem.target_cache_action == ""
     assert r_disk.epoch_losses == r_mem.epoch_losses  # the same fp16 targets, read from files
     for a, b in zip(m_mem.parameters(), m_disk.parameters()):
         assert torch.equal(a, b)
@@ -41,16 +42,17 @@ def test_a_matching_cache_is_reused_and_a_foreign_one_rebuilt(dense, images, fas
     cfg = fast.replace(targets="disk", cache_dir=str(tmp_path))
     _heal(dense, images, cfg)
     _, again = _heal(dense, images, cfg)
-    assert any("reused the disk cache" in n for n in again.notes)
+    assert again.target_cache_action == "reused"
     _, other_data = _heal(dense, images.flip(0), cfg)
-    assert any("rebuilt (it was built for another calibration set)" in n for n in other_data.notes)
+    assert (other_data.target_cache_action, other_data.target_cache_reason) == (
+        "rebuilt", "it was built for another calibration set")
     other_dense = copy.deepcopy(dense)
     with torch.no_grad():
         other_dense.head.bias.add_(1.0)
     _, other_model = _heal(other_dense, images.flip(0), cfg)
-    assert any("rebuilt (it was built for another dense model)" in n for n in other_model.notes)
+    assert other_model.target_cache_reason == "it was built for another dense model"
     _, fewer_blocks = _heal(other_dense, images.flip(0), cfg, blocks=["blocks.1"])
-    assert any("another block selection" in n for n in fewer_blocks.notes)
+    assert fewer_blocks.target_cache_reason == "it was built for another block selection"
 
 
 def test_truncated_or_unfinished_cache_is_rebuilt(dense, images, fast, tmp_path):
@@ -59,10 +61,10 @@ def test_truncated_or_unfinished_cache_is_rebuilt(dense, images, fast, tmp_path)
     victim = sorted(tmp_path.glob("target_*.bin"))[0]
     victim.write_bytes(victim.read_bytes()[:100])
     _, report = _heal(dense, images, cfg)
-    assert any("is missing or truncated" in n for n in report.notes)
+    assert report.target_cache_action == "rebuilt" and "is missing or truncated" in report.target_cache_reason
     (tmp_path / "meta.json").unlink()  # as if a build was interrupted before completing
     _, report = _heal(dense, images, cfg)
-    assert any("built the disk cache" in n and "rebuilt" not in n for n in report.notes)
+    assert report.target_cache_action == "built"
 
 
 def test_temporary_cache_is_removed_after_the_heal(dense, images, fast, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from starfish_plugin.core.model_io import ModelInputs, call_model, main_output
 from starfish_plugin.core.modes import eval_mode
+from starfish_plugin.errors import EvaluationError, UsageError
 
 
 def _labeled_batches(loader: DataLoader | Dataset | Iterable, batch_size: int = 256) -> Iterable:
@@ -33,7 +34,7 @@ def _inputs_and_labels(batch: object) -> tuple[torch.Tensor | ModelInputs, torch
         elif isinstance(inputs, (tuple, list)):
             inputs = ModelInputs(tuple(inputs))
         return inputs, torch.as_tensor(batch[1])
-    raise TypeError(
+    raise UsageError(
         "evaluate() needs labeled batches: (inputs, labels) pairs or dicts with a 'labels' entry; "
         f"got a {type(batch).__name__} without labels"
     )
@@ -61,7 +62,7 @@ def evaluate(model: nn.Module, loader: DataLoader | Dataset | Iterable) -> float
             correct += (logits.argmax(dim=-1) == labels.to(device)).sum().item()
             total += labels.numel()
     if total == 0:
-        raise ValueError("evaluate() got an empty loader; pass at least one labeled batch")
+        raise EvaluationError("evaluate() got an empty loader; pass at least one labeled batch")
     return 100.0 * correct / total
 
 
@@ -71,10 +72,10 @@ def _head(model: nn.Module, name: str | None) -> tuple[str, nn.Linear]:
     else:
         linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         if not linears:
-            raise ValueError(f"{type(model).__name__} has no Linear classifier head; pass head='name'")
+            raise EvaluationError(f"{type(model).__name__} has no Linear classifier head; pass head='name'")
         name, module = linears[-1]
     if not isinstance(module, nn.Linear):
-        raise ValueError(f"head {name!r} is a {type(module).__name__}, not a Linear layer")
+        raise EvaluationError(f"head {name!r} is a {type(module).__name__}, not a Linear layer")
     return name, module
 
 

@@ -174,6 +174,7 @@ class HealRun:
     train_seconds: float = 0.0
     steps_per_epoch: int = 0
     params: list[nn.Parameter] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)  # structured report fields gathered on the way
 
     @classmethod
     def prepare(
@@ -250,9 +251,11 @@ class HealRun:
             index, alignment = channel_index(plan, pruned, probe_blocks, probe_out, pruned_out, order)
             select_channels(probe_out, index)
         if loss_fn.needs_blocks:
-            blocks, loss_fn.detach_at = _choose_output_alignment(
+            blocks, loss_fn.detach_at, untrained = _choose_output_alignment(
                 pruned, plan, blocks, candidate, probe_x, probe_out, config, self.notes
             )
+            self.facts["untrained_tensors"] = untrained
+            self.facts["output_aligned"] = OUTPUT_BLOCK in blocks and OUTPUT_BLOCK not in self.choice.names
             loss_fn.blocks = blocks
         for name in set(probe_out) - set(blocks) - {LOGITS}:
             del probe_out[name]
@@ -305,9 +308,13 @@ class HealRun:
         train_start = time.perf_counter()
         try:
             if config.warm_start == "row_norm":
-                self.notes.append(_warm_start(plan, self.dense, self.data, config, self.device))
+                note, self.facts["warm_start_rescaled"] = _warm_start(plan, self.dense, self.data, config, self.device)
+                self.notes.append(note)
+            loop = TrainLoop(setup, self.notes)
             with trainable_only(pruned, params), eval_mode(pruned, config.train_mode):
-                self.epoch_losses, self.epochs_run = TrainLoop(setup, self.notes).run()
+                self.epoch_losses, self.epochs_run = loop.run()
+            self.facts.update(resumed_after_epoch=loop.first_epoch, compiled=loop.compiled,
+                              autocast="bf16" if loop.use_bf16 else "")
         except BaseException as exc:
             if backup is not None:
                 with torch.no_grad():
@@ -322,7 +329,7 @@ class HealRun:
         self.train_seconds = time.perf_counter() - train_start
         self.after = self._cosines(targets)
         if self.loss_fn.needs_blocks:  # kl / ce do not aim at block alignment
-            _warn_if_worse(self.before, self.after, config, self.choice, self.notes)
+            self.facts["healing_worsened"] = _warn_if_worse(self.before, self.after, config, self.choice, self.notes)
 
     def write_back(self) -> SparsityPlan:
         """Leave the model in its toolkit's form, then read its masks again (to check them)."""
@@ -369,6 +376,11 @@ class HealRun:
             frozen_parameters=sum(p.numel() for p in self.pruned.parameters()) - trainable,
             device=str(self.device),
             target_alignment=self.alignment,
+            calibration_source=data.source,
+            target_cache_action=targets.cache_action,
+            target_cache_reason=targets.cache_reason,
+            world_size=self.dist.world if self.dist.active else 1,
+            **self.facts,
             notes=list(plan.notes)
             + [f"calibration from a {data.source}"]
             + self.notes
@@ -380,8 +392,9 @@ class HealRun:
 
 def _warm_start(
     plan: SparsityPlan, dense: nn.Module, data: CalibrationData, config: HealConfig, device: torch.device
-) -> str:
-    """Run the row-norm warm start on the first ``warm_start_samples`` images; return a report note."""
+) -> tuple[str, int]:
+    """Run the row-norm warm start on the first ``warm_start_samples`` images; return a report note
+    and the number of tensors rescaled."""
     n = min(config.warm_start_samples, len(data))
     result = row_norm_warm_start_(plan, dense, (x.to(device) for x in data.head(n).split(config.batch_size)))
     note = (
@@ -390,7 +403,7 @@ def _warm_start(
     )
     if result["skipped"]:
         note += f"; not rescaled (not a same-shape Linear/Conv weight): {result['skipped']}"
-    return note
+    return note, len(result["rescaled"])
 
 
 def params_without_signal(
@@ -430,7 +443,7 @@ def _choose_output_alignment(
     probe_out: dict[str, torch.Tensor],
     config: HealConfig,
     notes: list[str],
-) -> tuple[list[str], str | None]:
+) -> tuple[list[str], str | None, list[str]]:
     """``blocks``, with the model's final output added when pruned weights would otherwise get no
     training signal (``align_output="auto"``) or when asked (``"always"``); and the block whose
     output is detached on its way to the rest of the model, so that the output's loss trains only
@@ -472,15 +485,15 @@ def _choose_output_alignment(
         notes.append(
             f"{len(silent)} pruned tensor(s) get no training signal and stay as pruned: {_names_of(plan, silent)[:5]}"
         )
-    return blocks, detach_at
+    return blocks, detach_at, _names_of(plan, silent)
 
 
 def _warn_if_worse(
     before: dict[str, float], after: dict[str, float], config: HealConfig, choice: BlockChoice, notes: list[str]
-) -> None:
-    """Warn (and note) when healing lowered the mean block cosine."""
+) -> bool:
+    """Warn (and note) when healing lowered the mean block cosine; returns whether it did."""
     if not before or not after:
-        return
+        return False
     mean_before, mean_after = sum(before.values()) / len(before), sum(after.values()) / len(after)
     if mean_after < mean_before - 1e-6:
         message = (
@@ -490,6 +503,8 @@ def _warn_if_worse(
         )
         warnings.warn(message, HealingWarning, stacklevel=4)
         notes.append(message)
+        return True
+    return False
 
 
 def trainable_parameters(model: nn.Module, plan: SparsityPlan, which: str) -> list[nn.Parameter]:

@@ -151,6 +151,7 @@ class TrainLoop:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.losses: list[float] = []
         self.first_epoch = 0
+        self.compiled = "" if config.compile == "none" else config.compile
 
     def run(self) -> tuple[list[float], int]:
         """Train; returns the mean loss of each epoch (over every rank's samples, resumed epochs

@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from starfish_plugin.core.plan import MaskedTensor, SparsityPlan
-from starfish_plugin.errors import MaskNotFoundError
+from starfish_plugin.errors import MaskNotFoundError, UsageError
 
 __all__ = ["MaskedTensor", "SparsityPlan", "read_masks"]
 
@@ -30,7 +30,7 @@ def read_masks(hooks: Any, model: nn.Module, dense: nn.Module | None = None) -> 
         0.8
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"find_masks() needs an nn.Module, got {type(model).__name__}")
+        raise UsageError(f"find_masks() needs an nn.Module, got {type(model).__name__}")
     plan = hooks.starfish_find_masks(model=model, dense=dense)
     if plan is None:
         forms = [form for forms in hooks.starfish_supported_forms() for form in forms]

@@ -8,14 +8,14 @@ from torch import nn
 from starfish_plugin.core.model_io import Inputs, call_model, describe_inputs, main_output
 from starfish_plugin.core.plan import SparsityPlan
 from starfish_plugin.data.calibration import CalibrationData
-from starfish_plugin.errors import CalibrationError, CalibrationTypeError, ConfigError, ModelMismatchError
+from starfish_plugin.errors import CalibrationError, CalibrationTypeError, ConfigError, ModelMismatchError, UsageError
 
 
 def check_models(pruned: object, dense: object) -> None:
     """Both are modules, distinct, and share no parameter storage."""
     for label, model in (("pruned", pruned), ("dense", dense)):
         if not isinstance(model, nn.Module):
-            raise TypeError(f"the {label} model must be an nn.Module, got {type(model).__name__}")
+            raise UsageError(f"the {label} model must be an nn.Module, got {type(model).__name__}")
     assert isinstance(pruned, nn.Module) and isinstance(dense, nn.Module)  # checked just above
     if pruned is dense:
         raise ModelMismatchError(

@@ -129,6 +129,8 @@ class DenseTargets:
         self.fp32_blocks: list[str] = []
         self.disk: DiskTargetCache | None = None
         self.note = ""
+        self.cache_action = ""  # built / reused / rebuilt, for a disk cache
+        self.cache_reason = ""
         if plan.mode == "memory":
             self._fill(data, batch_size)
         elif plan.mode == "disk":
@@ -178,6 +180,7 @@ class DenseTargets:
         self.disk = DiskTargetCache(directory, fingerprint, len(data))
         stale = self.disk.stale_reason()
         if stale is None:
+            self.cache_action = "reused"
             self.note = f"dense targets: reused the disk cache in {directory}"
         else:
             try:
@@ -185,6 +188,8 @@ class DenseTargets:
             except BaseException:
                 self.close()
                 raise
+            self.cache_action = "built" if stale == "no cache there yet" else "rebuilt"
+            self.cache_reason = "" if self.cache_action == "built" else stale
             verb = "built" if stale == "no cache there yet" else f"rebuilt ({stale})"
             self.note = f"dense targets: {verb} the disk cache in {directory}"
         self.fp32_blocks = [n for n, e in self.disk.entries.items() if n != LOGITS and e["dtype"] == "float32"]

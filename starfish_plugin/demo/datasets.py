@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from starfish_plugin.errors import DemoError
+
 FASHION_MNIST_DIRS = (
     os.environ.get("STARFISH_FASHION_MNIST", ""),
     "/usr/share/datasets/fashion-mnist",
@@ -36,7 +38,7 @@ def _read_idx(path: Path) -> np.ndarray:
         data = f.read()
     zero, dtype_code, ndim = data[0] * 256 + data[1], data[2], data[3]
     if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+        raise DemoError(f"{path} is not an unsigned-byte IDX file")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
@@ -49,7 +51,7 @@ def load_fashion_mnist(split: str = "train", root: str | Path | None = None) -> 
         root: folder with the IDX files; defaults to Debian's ``dataset-fashion-mnist`` location.
     """
     if split not in _FILES:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise DemoError(f"split must be 'train' or 'test', got {split!r}")
     folder = Path(root) if root is not None else fashion_mnist_root()
     if folder is None:
         raise FileNotFoundError(

@@ -17,6 +17,7 @@ from starfish_plugin.api import heal
 from starfish_plugin.core.evaluate import evaluate
 from starfish_plugin.demo.datasets import fashion_mnist_root, load_digits_split, load_fashion_mnist
 from starfish_plugin.demo.zoo import load_checkpoint
+from starfish_plugin.errors import DemoError
 
 PRUNABLE = ("qkv", "proj", "fc1", "fc2")
 
@@ -46,7 +47,7 @@ def load_demo_data(dataset: str = "auto", n_calibration: int = 1000, seed: int =
         split = load_digits_split()
         train_x, test, model = split["train"][0], split["test"], "vit_digits"
     else:
-        raise ValueError(f"dataset must be 'auto', 'fashion-mnist' or 'digits', got {dataset!r}")
+        raise DemoError(f"dataset must be 'auto', 'fashion-mnist' or 'digits', got {dataset!r}")
     pick = torch.randperm(len(train_x), generator=generator)[: min(n_calibration, len(train_x))]
     return DemoData(dataset, model, train_x[pick], test)
 

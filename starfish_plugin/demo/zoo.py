@@ -12,6 +12,8 @@ from typing import cast
 import torch
 from torch import nn
 
+from starfish_plugin.errors import DemoError
+
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
 
@@ -141,7 +143,7 @@ def load_checkpoint(name: str) -> nn.Module:
     """Build model ``name`` (``vit_fmnist``, ``vit_digits`` or ``resnet_fmnist``) and load its
     shipped weights."""
     if name not in SPECS:
-        raise ValueError(f"unknown checkpoint {name!r}; choose from {sorted(SPECS)}")
+        raise DemoError(f"unknown checkpoint {name!r}; choose from {sorted(SPECS)}")
     path = CHECKPOINT_DIR / f"{name}.pt"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; recreate it with `python benchmarks/train_checkpoints.py {name}`")

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from starfish_plugin.config import HealConfig, resolve_config
 from starfish_plugin.core.validation import check_models
+from starfish_plugin.errors import AttachError, UsageError
 from starfish_plugin.plugins.manager import plugin_manager
 from starfish_plugin.report import HealReport
 
@@ -88,7 +89,7 @@ class Attachment:
         current = self.pruner.__dict__.get("step")
         if current is not self._wrapper:
             if current is not None and current is not self._instance_step:
-                raise ValueError("another attach() wrapped this pruner after this one; detach that handle first")
+                raise AttachError("another attach() wrapped this pruner after this one; detach that handle first")
             return  # already detached
         if self._instance_step is None:
             del self.pruner.__dict__["step"]
@@ -128,10 +129,10 @@ def attach(
         True
     """
     if not callable(getattr(pruner, "step", None)):
-        raise TypeError(f"attach() needs a pruner with a step() method, got {type(pruner).__name__}")
+        raise UsageError(f"attach() needs a pruner with a step() method, got {type(pruner).__name__}")
     model = getattr(pruner, "model", None)
     if not isinstance(model, nn.Module):
-        raise TypeError(
+        raise UsageError(
             f"{type(pruner).__name__} has no .model to heal; for a torch.ao sparsifier call "
             "sparsifier.prepare(model, config) before attach()"
         )
