@@ -40,28 +40,28 @@ lint: setup
 	$(BIN)/mypy
 
 bench: setup data
-	cd benchmarks && ../$(BIN)/python heal_speed.py
+	$(BIN)/python -m benchmarks.heal_speed
 
 bench-structured: setup data
-	cd benchmarks && for panel in mlp mlp_heads; do for r in 0.3 0.5 0.7; do \
-		../$(BIN)/python structured.py heal --panel $$panel --ratio $$r || exit 1; done; done
-	cd benchmarks && ../$(BIN)/python structured.py latency && ../$(BIN)/python structured.py table
+	for panel in mlp mlp_heads; do for r in 0.3 0.5 0.7; do \
+		$(BIN)/python -m benchmarks.structured heal --panel $$panel --ratio $$r || exit 1; done; done
+	$(BIN)/python -m benchmarks.structured latency && $(BIN)/python -m benchmarks.structured table
 
 # The whole recovery suite of issue 5 (about 1 hour 40 minutes on 2 CPU cores; each step under 10 minutes).
 bench-recovery: setup data
-	PY=../$(BIN)/python bash benchmarks/recovery_suite.sh
+	PY=$(BIN)/python bash benchmarks/recovery_suite.sh
 
 bench-targets: setup data
-	cd benchmarks && ../$(BIN)/python targets_memory.py
+	$(BIN)/python -m benchmarks.targets_memory
 
 bench-inputs: setup data
-	cd benchmarks && ../$(BIN)/python inputs_memory.py
+	$(BIN)/python -m benchmarks.inputs_memory
 
 bench-compile: setup data
-	cd benchmarks && ../$(BIN)/python compile_speed.py
+	$(BIN)/python -m benchmarks.compile_speed
 
 bench-gpu: setup
-	cd benchmarks && ../$(BIN)/python gpu_heal.py
+	$(BIN)/python -m benchmarks.gpu_heal
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -17,10 +17,10 @@ draws the calibration subset and is the heal's seed. ``--blocks explicit`` (defa
 residual blocks ``stages.<i>.<j>``; ``--blocks auto`` passes ``blocks=None`` (the library's block
 discovery). Top-1 is measured on the full 10,000-image test set.
 
-    python benchmarks/cnn_recovery.py run --variant l1_0.8      # ~2 min on 2 idle CPU cores
-    python benchmarks/cnn_recovery.py run --variant all         # all three, ~8 min on 2 idle cores
-    python benchmarks/cnn_recovery.py run --variant tp_0.5 --blocks auto
-    python benchmarks/cnn_recovery.py table
+    python -m benchmarks.cnn_recovery run --variant l1_0.8      # ~2 min on 2 idle CPU cores
+    python -m benchmarks.cnn_recovery run --variant all         # all three, ~8 min on 2 idle cores
+    python -m benchmarks.cnn_recovery run --variant tp_0.5 --blocks auto
+    python -m benchmarks.cnn_recovery table
 
 Rows accumulate in ``benchmarks/results/cnn_recovery.json``: a run replaces the rows of the same
 variant, blocks mode and seed and keeps the others.
@@ -38,11 +38,11 @@ import time
 import warnings
 
 import torch
-from common import RESULTS, hardware
 from torch import nn
-from torch.nn.utils import prune
 
 import starfish_plugin as starfish
+from benchmarks.common import RESULTS, hardware
+from benchmarks.recipes import prune_l1_global_, prune_tp_
 from starfish_plugin.demo.datasets import load_fashion_mnist
 from starfish_plugin.demo.zoo import CHECKPOINT_DIR, load_checkpoint
 
@@ -66,29 +66,6 @@ NOTES = {
     "evaluation": "top-1 %, full Fashion-MNIST test set (10,000 images)",
     "blocks": "explicit: blocks=[the six residual blocks stages.<i>.<j>]; auto: blocks=None (library discovery)",
 }
-
-
-def conv_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    return [(m, "weight") for m in model.modules() if isinstance(m, nn.Conv2d)]
-
-
-def prune_l1_global_(model: nn.Module, amount: float) -> nn.Module:
-    """Global L1-unstructured pruning of every Conv2d weight (masks as torch.nn.utils.prune leaves them)."""
-    prune.global_unstructured(conv_weights(model), pruning_method=prune.L1Unstructured, amount=amount)
-    return model
-
-
-def prune_tp_(model: nn.Module, ratio: float, example: torch.Tensor) -> nn.Module:
-    """Torch-Pruning channel pruning of ``model`` in place, kept channels recorded for healing."""
-    import torch_pruning as tp
-
-    from starfish_plugin.adapters import tp_graph
-
-    pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
-                                  pruning_ratio=ratio, ignored_layers=[model.head])
-    tp_graph.track(pruner)  # before the step: heal needs the kept channels to index the dense targets
-    pruner.step()
-    return model
 
 
 def pruned_copy(dense: nn.Module, variant: str, example: torch.Tensor) -> nn.Module:

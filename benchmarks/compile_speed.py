@@ -8,7 +8,7 @@ and the final loss of each (the compiled heal must end where the eager one does)
 on-disk cache is pointed at a fresh directory so the first compiled run compiles cold; later
 compiled runs may reuse it, and their first epochs show how much that saves.
 
-    python benchmarks/compile_speed.py         # writes benchmarks/results/compile_speed.json
+    python -m benchmarks.compile_speed         # writes benchmarks/results/compile_speed.json
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # a cold cache of our own, remo
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
 
 import torch  # noqa: E402
-from common import hardware, heal_with_epoch_times, median, save  # noqa: E402
 
 import starfish_plugin as starfish  # noqa: E402
+from benchmarks.common import hardware, heal_with_epoch_times, median, save  # noqa: E402
 from starfish_plugin.demo.run import load_demo_data, prune_vit_  # noqa: E402
 from starfish_plugin.demo.zoo import load_checkpoint  # noqa: E402
 

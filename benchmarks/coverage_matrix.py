@@ -2,9 +2,9 @@
 healed with default block discovery; records the rule, the blocks, the cosine before and after, or
 the error. The test ``tests/test_coverage_matrix.py`` asserts the same cases.
 
-    python benchmarks/coverage_matrix.py            # writes results/coverage_matrix.json
-    python benchmarks/coverage_matrix.py run hf_    # reruns the matching cases only
-    python benchmarks/coverage_matrix.py table      # prints the markdown table
+    python -m benchmarks.coverage_matrix            # writes results/coverage_matrix.json
+    python -m benchmarks.coverage_matrix run hf_    # reruns the matching cases only
+    python -m benchmarks.coverage_matrix table      # prints the markdown table
 """
 
 from __future__ import annotations

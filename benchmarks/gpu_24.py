@@ -3,7 +3,7 @@ with the cuSPARSELt and CUTLASS backends, fp16 and bf16, per ViT-B-sized layer a
 DeiT-B, batch 1 and 32. One script, a few minutes on one GPU; on a CPU-only machine it says it
 skipped and writes that to the JSON.
 
-    python benchmarks/gpu_24.py                 # writes benchmarks/results/gpu_24.json
+    python -m benchmarks.gpu_24                 # writes benchmarks/results/gpu_24.json
 
 Every sparse output is checked against the same model run densely with its 2:4 zeros.
 """
@@ -15,7 +15,8 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from common import hardware, median, save
+
+from benchmarks.common import hardware, median, save
 
 LAYERS = {"qkv 768x2304": (768, 2304), "fc1 768x3072": (768, 3072), "fc2 3072x768": (3072, 768)}
 TOKENS = 197

@@ -8,8 +8,8 @@ the same alignment loss as the plain loop (the bf16 and compiled losses are repo
 the compiled run's time includes compiling, so the last epoch's throughput is reported too). Finishes in a
 few minutes on one H100. On a machine without CUDA it says so and exits 0.
 
-    python benchmarks/gpu_heal.py
-    python benchmarks/gpu_heal.py --dry-run    # the same code on CPU, DeiT-Tiny at 32x32: a check
+    python -m benchmarks.gpu_heal
+    python -m benchmarks.gpu_heal --dry-run    # the same code on CPU, DeiT-Tiny at 32x32: a check
                                                # that the script runs, not a measurement (not saved)
 """
 
@@ -20,10 +20,10 @@ import copy
 import time
 
 import torch
-from common import hardware, heal_with_epoch_times, median, save
-from heal_speed import manual_heal
 
 import starfish_plugin as starfish
+from benchmarks.common import hardware, heal_with_epoch_times, median, save
+from benchmarks.heal_speed import manual_heal
 from starfish_plugin.demo.run import prune_vit_
 
 MODELS = ("deit_small_patch16_224", "deit_base_patch16_224")

@@ -6,7 +6,7 @@ shuffled batches; runs are interleaved (A B B A ...) and the medians compared. `
 diagnostics (per-block cosine before/after) are switched off for the comparison and timed
 separately. Also: peak memory of the target cache against ``heal``'s estimate.
 
-    python benchmarks/heal_speed.py            # writes benchmarks/results/heal_speed.json
+    python -m benchmarks.heal_speed            # writes benchmarks/results/heal_speed.json
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import hardware, median, reset_peak_rss, rss_bytes, save, trim_heap
 
 import starfish_plugin as starfish
+from benchmarks.common import hardware, median, reset_peak_rss, rss_bytes, save, trim_heap
 from starfish_plugin.core.blocks import capture_outputs
 from starfish_plugin.data.calibration import load_calibration
 from starfish_plugin.data.targets import DenseTargets, dense_outputs, plan_targets
@@ -154,7 +154,7 @@ def cache_memory(sizes) -> list[dict]:
     rows = []
     for n in sizes:
         out = subprocess.run(
-            [sys.executable, __file__, "--cache-probe", str(n)], check=True, capture_output=True, text=True
+            [sys.executable, "-m", __spec__.name, "--cache-probe", str(n)], check=True, capture_output=True, text=True
         ).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     return rows

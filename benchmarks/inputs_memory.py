@@ -7,7 +7,7 @@ run ``heal`` on a Dataset that decodes and normalizes one image per item (1 epoc
 disk in both modes, diagnostics off). Reported: peak RSS growth over that baseline, the inputs'
 size as fp32, and the heal's seconds.
 
-    python benchmarks/inputs_memory.py         # writes benchmarks/results/inputs_memory.json
+    python -m benchmarks.inputs_memory         # writes benchmarks/results/inputs_memory.json
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import sys
 import tempfile
 
 import torch
-from common import hardware, reset_peak_rss, rss_bytes, save, trim_heap
 from torch.utils.data import Dataset
 
 import starfish_plugin as starfish
+from benchmarks.common import hardware, reset_peak_rss, rss_bytes, save, trim_heap
 from starfish_plugin.demo.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, _read_idx, fashion_mnist_root
 from starfish_plugin.demo.run import prune_vit_
 from starfish_plugin.demo.zoo import load_checkpoint
@@ -82,7 +82,7 @@ def main() -> None:
     rows = []
     for n in SIZES:
         for mode in MODES:
-            out = subprocess.run([sys.executable, __file__, "--probe", mode, str(n)], check=True,
+            out = subprocess.run([sys.executable, "-m", __spec__.name, "--probe", mode, str(n)], check=True,
                                  capture_output=True, text=True).stdout.strip().splitlines()[-1]
             row = json.loads(out)
             rows.append(row)

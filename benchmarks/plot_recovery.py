@@ -1,7 +1,7 @@
 """Figure-1-style plot and CSV of the recovery main table: accuracy against sparsity per method,
 dense as a line, pruned dashed.
 
-    python benchmarks/plot_recovery.py     # writes results/recovery_main.png and recovery_main.csv
+    python -m benchmarks.plot_recovery     # writes results/recovery_main.png and recovery_main.csv
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import RESULTS  # noqa: E402
-from recovery import LOSSES, SPARSITIES  # noqa: E402
+
+from benchmarks.common import RESULTS  # noqa: E402
+from benchmarks.recovery import LOSSES, SPARSITIES  # noqa: E402
 
 LABELS = {"cosine": "cosine (STARFISH)", "mse": "MSE", "kl": "KL", "ce": "CE", "cosine+kl": "cosine + KL"}
 

@@ -8,11 +8,11 @@ order). Recorded per run: top-1 on the full 10k test set, per-block cosine befor
 diagnostics of ``starfish_plugin.core.evaluate.kl_diagnostics`` before/after on the calibration set,
 and heal time.
 
-    python benchmarks/recovery.py main --sparsity 0.8     # ~7 min on 2 CPU cores
-    python benchmarks/recovery.py small --sparsity 0.9    # 256 images x 10 epochs
-    python benchmarks/recovery.py sweep                   # 250 / 500 / 1,000 / 2,000 images at 0.9
-    python benchmarks/recovery.py source                  # training split vs held-out calibration
-    python benchmarks/recovery.py table
+    python -m benchmarks.recovery main --sparsity 0.8     # ~7 min on 2 CPU cores
+    python -m benchmarks.recovery small --sparsity 0.9    # 256 images x 10 epochs
+    python -m benchmarks.recovery sweep                   # 250 / 500 / 1,000 / 2,000 images at 0.9
+    python -m benchmarks.recovery source                  # training split vs held-out calibration
+    python -m benchmarks.recovery table
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import json
 import time
 
 import torch
-from common import RESULTS, accuracy_cell, hardware, save
-from torch.ao.pruning import WeightNormSparsifier
 
 import starfish_plugin as starfish
+from benchmarks.common import RESULTS, accuracy_cell, hardware, save
+from benchmarks.recipes import prune_24_
 from starfish_plugin.core.evaluate import kl_diagnostics
 from starfish_plugin.core.nm_pattern import nm_violation
 from starfish_plugin.demo.datasets import load_fashion_mnist
@@ -36,17 +36,6 @@ from starfish_plugin.demo.zoo import load_checkpoint
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 LOSSES = ("cosine", "mse", "kl", "ce", "cosine+kl")
 SEEDS = (0, 1, 2)
-
-
-def prune_24_(model: torch.nn.Module) -> torch.nn.Module:
-    """2:4 masks on every qkv/proj/fc1/fc2 weight with torch.ao's WeightNormSparsifier (kept as
-    parametrizations, the form torchao's sparsifiers leave before ``squash_mask``)."""
-    names = [name for name, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ("qkv", "proj", "fc1", "fc2")]
-    sparsifier = WeightNormSparsifier(sparsity_level=1.0, sparse_block_shape=(1, 4), zeros_per_block=2)
-    sparsifier.prepare(model, [{"tensor_fqn": f"{name}.weight"} for name in names])
-    sparsifier.step()
-    return model
 
 
 def _setup(sparsity: float | str):

@@ -2,9 +2,9 @@
 # The whole recovery suite (issue 5), one step at a time; no step takes over 10 minutes on 2 CPU cores.
 # Usage: bash benchmarks/recovery_suite.sh [main|small|ablations|nm|variants|report] ...   (default: all)
 set -euo pipefail
-cd "$(dirname "$0")"
-PY=${PY:-../.venv/bin/python}
-run() { echo "+ recovery.py $*"; /usr/bin/time -f "  %e s" "$PY" recovery.py "$@"; }
+cd "$(dirname "$0")/.."  # the repository root: benchmarks run as modules
+PY=${PY:-.venv/bin/python}
+run() { echo "+ recovery.py $*"; /usr/bin/time -f "  %e s" "$PY" -m benchmarks.recovery "$@"; }
 steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(main small ablations nm variants report)
 for step in "${steps[@]}"; do
   case $step in
@@ -22,7 +22,7 @@ for step in "${steps[@]}"; do
       for n in 1000 256; do for v in kl_row_norm kl_row_norm_lr_4e-3; do
         run variant --name $v --sparsity 0.95 --images $n; done; done
       for s in 0.9 0.95; do run variant --name bf16 --sparsity $s; done ;;
-    report) "$PY" recovery.py table; "$PY" recovery.py variants-table; "$PY" plot_recovery.py ;;
+    report) "$PY" -m benchmarks.recovery table; "$PY" -m benchmarks.recovery variants-table; "$PY" -m benchmarks.plot_recovery ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -1,7 +1,7 @@
 """CPU latency of unstructured sparsity with real sparse kernels: torch CSR matmul, sparse operand
 on the left (``torch.sparse.mm(W_csr, x.T)``), against dense ``F.linear`` in the same run.
 
-    python benchmarks/sparse_cpu.py            # writes benchmarks/results/sparse_cpu.json
+    python -m benchmarks.sparse_cpu            # writes benchmarks/results/sparse_cpu.json
 
 Per layer: ViT-B-sized Linear weights (qkv 768->2304, fc1 768->3072, fc2 3072->768) on the
 tokens of 1 and 32 images (197 tokens each), sparsity 50 % to 95 % (L1 magnitude).
@@ -18,10 +18,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import hardware, median, save
 from torch import nn
 from torch.nn.utils import prune
 
+from benchmarks.common import hardware, median, save
 from starfish_plugin.demo.run import prune_vit_
 from starfish_plugin.demo.zoo import load_checkpoint
 

@@ -1,9 +1,9 @@
 """Structured (CORP-like) panel: Torch-Pruning removes MLP units, or MLP units and attention heads,
 of the Fashion-MNIST ViT; heal with cosine (STARFISH), KL and CE under one budget; 3 seeds.
 
-    python benchmarks/structured.py heal --panel mlp --ratio 0.5     # ~3 min on 2 CPU cores
-    python benchmarks/structured.py latency                          # CPU latency, dense vs pruned
-    python benchmarks/structured.py table                            # Markdown tables from the JSON
+    python -m benchmarks.structured heal --panel mlp --ratio 0.5     # ~3 min on 2 CPU cores
+    python -m benchmarks.structured latency                          # CPU latency, dense vs pruned
+    python -m benchmarks.structured table                            # Markdown tables from the JSON
 
 Budget (same for every loss): 1,000 calibration images from the training split x 10 epochs,
 AdamW 6e-4 -> 1e-6 cosine, batch 32. Seeds change which calibration images are drawn and their
@@ -18,12 +18,11 @@ import json
 import time
 import warnings
 
-import timm
 import torch
-import torch_pruning as tp
-from common import RESULTS, accuracy_cell, hardware, median, save
 
 import starfish_plugin as starfish
+from benchmarks.common import RESULTS, accuracy_cell, hardware, median, save
+from benchmarks.recipes import make_vit_pruner
 from starfish_plugin.demo.datasets import load_fashion_mnist
 from starfish_plugin.demo.zoo import load_checkpoint
 
@@ -34,25 +33,9 @@ SEEDS = (0, 1, 2)
 warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
 
 
-def make_pruner(model: torch.nn.Module, panel: str, ratio: float):
-    """A MetaPruner over MLP hidden units (``mlp``) or MLP units and whole heads (``mlp_heads``)."""
-    example = torch.randn(1, 1, 28, 28)
-    ignored = [model.head, model.patch_embed.proj]
-    for block in model.blocks:
-        ignored += [block.mlp.fc2, block.attn.proj]  # the residual stream stays whole
-        if panel == "mlp":
-            ignored.append(block.attn.qkv)
-    kwargs = {}
-    if panel == "mlp_heads":
-        heads = {m.qkv: m.num_heads for m in model.modules() if isinstance(m, timm.layers.Attention)}
-        kwargs = {"num_heads": heads, "prune_num_heads": True, "prune_head_dims": False, "head_pruning_ratio": ratio}
-    return tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                pruning_ratio=ratio, ignored_layers=ignored, **kwargs)
-
-
 def pruned_model(dense: torch.nn.Module, panel: str, ratio: float) -> torch.nn.Module:
     model = copy.deepcopy(dense)
-    pruner = make_pruner(model, panel, ratio)
+    pruner = make_vit_pruner(model, panel, ratio)
     from starfish_plugin.adapters import tp_graph
 
     tp_graph.track(pruner)

@@ -7,7 +7,7 @@ themselves are loaded before the baseline (they are the caller's), so the growth
 adds: the fp16 cache in memory mode, little in disk and online modes. The disk cache is built in a
 fresh temporary directory, so its build time is included.
 
-    python benchmarks/targets_memory.py            # ~6 min on 2 CPU cores
+    python -m benchmarks.targets_memory            # ~6 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import sys
 import tempfile
 
 import torch
-from common import hardware, median, reset_peak_rss, rss_bytes, save, trim_heap
 
 import starfish_plugin as starfish
+from benchmarks.common import hardware, median, reset_peak_rss, rss_bytes, save, trim_heap
 from starfish_plugin.demo.run import load_demo_data, prune_vit_
 from starfish_plugin.demo.zoo import load_checkpoint
 
@@ -84,7 +84,8 @@ def main() -> None:
             runs = [
                 json.loads(
                     subprocess.run(
-                        [sys.executable, __file__, "--probe", mode, str(n)], check=True, capture_output=True, text=True
+                        [sys.executable, "-m", __spec__.name, "--probe", mode, str(n)],
+                        check=True, capture_output=True, text=True,
                     )
                     .stdout.strip()
                     .splitlines()[-1]

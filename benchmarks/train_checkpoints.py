@@ -1,8 +1,8 @@
 """Reproduce the shipped checkpoints in starfish_plugin/demo/checkpoints/ (deterministic for a seed).
 
-    python benchmarks/train_checkpoints.py vit_fmnist   # ~ several CPU minutes, needs dataset-fashion-mnist
-    python benchmarks/train_checkpoints.py vit_digits   # ~ seconds
-    python benchmarks/train_checkpoints.py resnet_fmnist  # ~ 5 min on 2 idle cores, needs dataset-fashion-mnist
+    python -m benchmarks.train_checkpoints vit_fmnist   # ~ several CPU minutes, needs dataset-fashion-mnist
+    python -m benchmarks.train_checkpoints vit_digits   # ~ seconds
+    python -m benchmarks.train_checkpoints resnet_fmnist  # ~ 5 min on 2 idle cores, needs dataset-fashion-mnist
 
 Weights are stored as fp16 state dicts (floating-point tensors in fp16, BatchNorm's batch counters
 as they are; loadable with weights_only=True); a JSON file beside each records its accuracy on the
@@ -86,7 +86,7 @@ def main() -> None:
         "train_cpu_seconds": round(cpu_seconds, 1),
         "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
         **INPUTS[dataset],
-        "command": "python benchmarks/train_checkpoints.py " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.train_checkpoints " + " ".join(sys.argv[1:]),
     })
     (CHECKPOINT_DIR / f"{args.name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(json.dumps(meta, indent=2))
