@@ -58,6 +58,7 @@ def tokens(n: int = 32, seq: int = 10, seed: int = 0) -> dict[str, torch.Tensor]
 
 
 # -- discovery -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_discovery_rules_in_order():
     from timm.models.regnet import RegNet, RegNetCfg
     from torchvision.models.vgg import VGG, make_layers

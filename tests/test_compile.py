@@ -37,6 +37,7 @@ def nm_sparsify_(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prune_", [l1_prune_, nm_sparsify_], ids=["prune-hooks", "ao-parametrizations"])
 def test_compiled_heal_matches_eager(prune_):
     torch._dynamo.reset()
@@ -115,6 +116,7 @@ def test_bad_compile_settings_refused(overrides, message):
     assert_state_equal(pruned, before)
 
 
+@pytest.mark.slow
 def test_every_heal_compiles_even_past_dynamo_recompile_limit():
     """Dynamo stops compiling a code object after ``recompile_limit`` variants and silently runs
     it eagerly; each heal must compile its own forward however many heals came before."""

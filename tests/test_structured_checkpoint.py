@@ -37,6 +37,7 @@ def tp_prune(model: torch.nn.Module, setup, example: torch.Tensor, ratio: float 
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup", [deit_embed, deit_heads], ids=["residual+mlp", "heads"])
 def test_round_trip_is_weights_only_and_heals_the_same(setup, tmp_path):
     torch.manual_seed(0)
@@ -85,6 +86,7 @@ def test_plain_state_dict_folds_prune_masks_without_touching_the_model():
     assert torch.allclose(plain(x), pruned(x))
 
 
+@pytest.mark.slow
 def test_cli_heals_a_structured_file_without_unsafe_pickle(tmp_path, capsys):
     from test_cli_heal import MODEL, _write_folder
 
