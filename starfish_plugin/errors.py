@@ -35,6 +35,10 @@ class CalibrationError(StarfishError, ValueError):
     """The calibration data is empty, malformed or not finite."""
 
 
+class CalibrationFileError(CalibrationError, OSError):
+    """The file that holds calibration inputs on disk (``inputs="disk"``) cannot be written or read."""
+
+
 class CalibrationTypeError(StarfishError, TypeError):
     """The calibration data has a type or dtype the models cannot take."""
 

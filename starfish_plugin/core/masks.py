@@ -13,22 +13,9 @@ __all__ = ["MaskedTensor", "SparsityPlan", "read_masks"]
 
 
 def read_masks(hooks: Any, model: nn.Module, dense: nn.Module | None = None) -> SparsityPlan:
-    """Ask the adapters behind ``hooks`` (``plugin_manager().hook``) to read ``model``'s sparsity;
-    the first that recognises it wins. ``starfish.find_masks`` is this with the plugin manager's hooks.
-
-    Args:
-        model: the pruned model.
-        dense: the model it was pruned from, if at hand; adapters of structural pruning compare
-            shapes against it.
-
-    Raises:
-        MaskNotFoundError: no adapter found a mask; the message lists the supported forms.
-
-    Example:
-        >>> plan = starfish.find_masks(pruned)
-        >>> plan.sparsity
-        0.8
-    """
+    """``starfish.find_masks`` with the hooks given (``plugin_manager().hook``): the first adapter
+    that recognises ``model``'s sparsity returns its plan; ``MaskNotFoundError`` lists the forms
+    the adapters support when none does."""
     if not isinstance(model, nn.Module):
         raise UsageError(f"find_masks() needs an nn.Module, got {type(model).__name__}")
     plan = hooks.starfish_find_masks(model=model, dense=dense)

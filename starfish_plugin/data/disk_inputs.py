@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from starfish_plugin.errors import CalibrationError
+from starfish_plugin.errors import CalibrationFileError
 
 
 class DiskInputs:
@@ -26,7 +26,7 @@ class DiskInputs:
                 Path(directory).mkdir(parents=True, exist_ok=True)
             self.directory = Path(tempfile.mkdtemp(prefix="starfish-inputs-", dir=directory))
         except OSError as exc:
-            raise CalibrationError(
+            raise CalibrationFileError(
                 f"cannot create a directory for the calibration inputs in {directory or tempfile.gettempdir()} "
                 f"({exc.strerror or exc}); pass another HealConfig.cache_dir or use inputs='memory'"
             ) from exc
@@ -40,7 +40,7 @@ class DiskInputs:
             self._writer = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed in finish() / close()
         except OSError as exc:
             shutil.rmtree(self.directory, ignore_errors=True)
-            raise CalibrationError(
+            raise CalibrationFileError(
                 f"cannot create the calibration inputs' file in {self.directory.parent} ({exc.strerror or exc}); "
                 "pass another HealConfig.cache_dir or use inputs='memory'"
             ) from exc
@@ -56,7 +56,7 @@ class DiskInputs:
                 raw = raw[self._writer.write(raw):]
         except OSError as exc:
             self.close()
-            raise CalibrationError(
+            raise CalibrationFileError(
                 f"writing calibration inputs to {self.directory} failed ({exc.strerror or exc}); free space there, "
                 "pass another HealConfig.cache_dir, or use inputs='memory'"
             ) from exc
@@ -91,7 +91,7 @@ class DiskInputs:
         view = out.reshape(-1).view(torch.uint8).numpy().data  # a memoryview of out's bytes
         for j, i in enumerate(rows.tolist()):
             if os.preadv(fd, [view[j * size : (j + 1) * size]], i * size) != size:
-                raise CalibrationError(f"the calibration input file {self.path} was truncated while healing")
+                raise CalibrationFileError(f"the calibration input file {self.path} was truncated while healing")
         return out
 
     def chunks(self, rows_per_chunk: int = 256):
