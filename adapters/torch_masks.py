@@ -195,10 +195,24 @@ def starfish_load_pruned(model: nn.Module, obj: Any, fmt: str, source: str) -> n
                 raise CheckpointFileError(
                     f"{source} masks {key[:-5]}, which {type(model).__name__} does not have; check --model"
                 )
+            target = getattr(modules[owner], tensor_name)
+            if not isinstance(state[key], torch.Tensor) or tuple(state[key].shape) != tuple(target.shape):
+                shape = tuple(getattr(state[key], "shape", ()))
+                raise CheckpointFileError(
+                    f"{source}: the mask {key} has shape {shape} but {key[:-5]} has {tuple(target.shape)}; "
+                    "the file is for another architecture (check --model and --num-classes) or damaged"
+                )
             prune.custom_from_mask(modules[owner], tensor_name, state[key])
         load_weights_(model, state, source, "pruned")
         return model
     params = dict(model.named_parameters())
+    not_masks = [k for k, v in state.items() if not isinstance(v, torch.Tensor) or v.dtype != torch.bool]
+    if not_masks:
+        kind = getattr(state[not_masks[0]], "dtype", type(state[not_masks[0]]).__name__)
+        raise CheckpointFileError(
+            f"{source} is read as a mask dictionary but {not_masks[0]!r} holds {kind}, not a boolean mask "
+            f"({len(not_masks)} such entries); for a file of weights pass --pruned-format weights (or auto)"
+        )
     for name, mask in state.items():
         if name not in params or tuple(params[name].shape) != tuple(mask.shape):
             raise CheckpointFileError(f"mask {name!r} in {source} matches no parameter of that shape in the model")

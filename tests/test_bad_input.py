@@ -186,3 +186,41 @@ def test_divergence_restores_the_weights(pruned, dense, images):
     with pytest.raises(errors.NonFiniteError, match="Lower HealConfig.lr"):
         starfish.heal(pruned, dense, images, lr=1e30, min_lr=1e29, epochs=1, quiet=True)
     assert_state_equal(pruned, saved)
+
+
+def test_a_failed_heal_in_train_mode_restores_batch_norm_statistics_too():
+    """train_mode=True lets batch norm update its running statistics during healing; a heal that
+    fails part-way puts them back with the weights."""
+    import torchvision
+
+    torch.manual_seed(0)
+    dense = torchvision.models.resnet18(num_classes=10).eval()
+    pruned = copy.deepcopy(dense)
+    for m in pruned.modules():
+        if isinstance(m, nn.Conv2d):
+            torch.nn.utils.prune.l1_unstructured(m, "weight", amount=0.5)
+    saved = state_copy(pruned)
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    class StopAtStep3:
+        @starfish.hookimpl
+        def starfish_step_ended(self, step, total_steps, config):
+            if step == 3:
+                raise KeyboardInterrupt  # as Ctrl-C would, after two steps changed the statistics
+
+    starfish.plugin_manager().register(StopAtStep3())
+    with pytest.raises(KeyboardInterrupt):
+        starfish.heal(pruned, dense, images, epochs=2, batch_size=8, train_mode=True, quiet=True,
+                      diagnostic_samples=0)
+    assert_state_equal(pruned, saved)  # running_mean / running_var / num_batches_tracked included
+
+
+def test_dense_in_another_dtype_is_refused(pruned, dense, images, fast, guard):
+    with pytest.raises(errors.ModelMismatchError, match=r"pruned model's weights are torch.float32 but the dense "
+                       r"model's are torch.float64"):
+        starfish.heal(pruned, copy.deepcopy(dense).double(), images, fast)
+
+
+def test_calibration_on_the_meta_device_is_refused(pruned, dense, fast, guard):
+    with pytest.raises(errors.CalibrationError, match="on the 'meta' device: it has a shape but no values"):
+        starfish.heal(pruned, dense, torch.randn(64, 1, 8, 8, device="meta"), fast)

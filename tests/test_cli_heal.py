@@ -265,3 +265,44 @@ def test_hub_rows_that_point_to_image_files(tmp_path):
     x, y, names = load_hub_images(f"hf:{tmp_path / 'ds'}", "train", None, 1, "none", labeled=True)
     assert torch.equal(x[:, 0, 0, 0] * 255, torch.arange(6) * 30.0)
     assert y.tolist() == [0, 1] * 3 and names == ["a", "b"]
+
+
+def test_bad_outputs_and_values_exit_2_before_any_work(files, tmp_path, capsys):
+    """Reliability cases of the CLI: each exits 2 with one clear line, and nothing is written."""
+    weights = tmp_path / "weights.pt"  # plain float weights, not masks
+    torch.save(load_checkpoint("vit_digits").state_dict(), weights)
+    bad_mask = tmp_path / "bad_mask.pt"  # a prune-format file whose mask has the wrong shape
+    state = torch.load(files / "pruned.pt", weights_only=True)
+    key = next(k for k in state if k.endswith("_mask"))
+    state[key] = state[key][:1]
+    torch.save(state, bad_mask)
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    cases = [
+        ({"--pruned": weights, "--pruned-format": "masks"}, r"read as a mask dictionary but .* holds torch.float32"),
+        ({"--pruned": bad_mask}, r"the mask .*_mask has shape \(1, .*for another architecture"),
+        ({"--out": tmp_path}, r"--out .* is a directory"),
+        ({"--out": files / "pruned.pt"}, r"--out .* is also an input"),
+        ({"--report": tmp_path}, r"--report .* is a directory"),
+        ({"--calibration-size": -10}, r"--calibration-size: must be at least 1, got -10"),
+        ({"--calibration-size": 0}, r"--calibration-size: must be at least 1, got 0"),
+        ({"--mean": "0.5 0.5", "--std": "0.2 0.2"}, r"--mean has 2 values for 1-channel images"),
+    ]
+    if __import__("os").geteuid() != 0:  # root writes anywhere
+        cases.append(({"--out": readonly / "out.pt"}, r"--out .* is not writable"))
+    before = (files / "pruned.pt").read_bytes()
+    for change, message in cases:
+        change = dict(change)
+        extra = []
+        for flag in ("--pruned-format", "--mean", "--std", "--report", "--calibration-size"):
+            if flag in change:
+                extra += [flag, *str(change.pop(flag)).split()]
+        try:
+            code = main(_heal_args(files, tmp_path, **change) + extra)
+        except SystemExit as exc:  # argparse's own refusals
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2 and __import__("re").search(message, err), (change, extra, code, err)
+        assert not (tmp_path / "out.pt").exists() and not list(tmp_path.glob(".*.tmp"))
+    assert (files / "pruned.pt").read_bytes() == before

@@ -103,3 +103,35 @@ def test_a_corrupt_checkpoint_is_refused_with_the_fix(dense, images, fast, tmp_p
     with pytest.raises(errors.CheckpointError, match="unreadable .* delete it to start over"):
         starfish.heal(model, dense, images, fast, checkpoint_dir=str(tmp_path))
     assert_state_equal(model, saved)
+
+
+def test_a_checkpoint_write_that_fails_is_a_clear_error_and_leaves_nothing(tmp_path):
+    """A file-size limit (as a full disk would) stops the checkpoint write part-way: the heal ends
+    with CheckpointError (also an OSError), the weights are restored, no temporary file is left."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent(f"""
+        import copy, resource, signal, sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from helpers import l1_prune_, state_copy, tiny_vit
+        import starfish_plugin as starfish
+        from starfish_plugin import errors
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        dense = tiny_vit()
+        pruned = l1_prune_(copy.deepcopy(dense))
+        before = state_copy(pruned)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        try:
+            starfish.heal(pruned, dense, torch.randn(64, 1, 8, 8), epochs=2, quiet=True,
+                          checkpoint_dir={str(tmp_path)!r})
+        except errors.CheckpointError as exc:
+            assert isinstance(exc, OSError)
+            assert all(torch.equal(v, before[k]) for k, v in pruned.state_dict().items())
+            print("REFUSED", exc)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "REFUSED writing the heal checkpoint" in out.stdout, out.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []

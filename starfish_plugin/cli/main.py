@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from starfish_plugin.errors import ConfigError, StarfishError
-from starfish_plugin.io.model_files import pruned_formats
+from starfish_plugin.io.model_files import pruned_formats, write_atomically
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -45,7 +46,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _image_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-size", type=int, help="resize (shorter side) and center-crop images to this size")
+    p.add_argument("--image-size", type=positive_int, help="resize (shorter side) and center-crop images to this size")
     p.add_argument("--channels", type=int, choices=[1, 3], default=3)
     p.add_argument(
         "--normalize",
@@ -63,7 +64,46 @@ def _image_args(p: argparse.ArgumentParser) -> None:
 def _normalization(args: argparse.Namespace):
     if (args.mean is None) != (args.std is None):
         raise ConfigError("pass --mean and --std together")
-    return args.normalize if args.mean is None else (tuple(args.mean), tuple(args.std))
+    if args.mean is None:
+        return args.normalize
+    channels = getattr(args, "channels", None)
+    for flag, values in (("--mean", args.mean), ("--std", args.std)):
+        if len(values) not in (1, channels):
+            raise ConfigError(
+                f"{flag} has {len(values)} values for {channels}-channel images; give one value, or one per channel"
+            )
+    if any(not v > 0 for v in args.std):
+        raise ConfigError(f"--std values must be > 0, got {args.std}")
+    return tuple(args.mean), tuple(args.std)
+
+
+def check_output_path(path: str, flag: str, inputs: list[str]) -> None:
+    """``path`` can be written: not a directory, not one of the input files, in a directory that
+    exists (or can be made) and is writable. Checked before any work, so a heal is never wasted."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; give a file name inside it")
+    for source in inputs:
+        if Path(source).exists() and target.exists() and target.resolve() == Path(source).resolve():
+            raise ConfigError(f"{flag} {path} is also an input; write the result to another file")
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot create the directory {parent} ({exc.strerror or exc})") from exc
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ConfigError(f"{flag} {path} is not writable; choose another path")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a bad value exits 2 with the flag named)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _load_dense(args: argparse.Namespace):
@@ -122,6 +162,10 @@ def _heal(args: argparse.Namespace) -> int:
     from starfish_plugin.core.evaluate import evaluate
     from starfish_plugin.io.model_files import load_pruned, save_pruned
 
+    inputs = [args.dense, args.pruned]
+    check_output_path(args.out, "--out", inputs)  # before anything is loaded or healed
+    if args.report:
+        check_output_path(args.report, "--report", inputs + [args.out])
     dense = _load_dense(args)
     pruned, fmt = load_pruned(dense, args.pruned, args.pruned_format, args.unsafe_pickle)
     stream = args.inputs == "disk"  # decoded batch by batch straight into heal's file
@@ -158,8 +202,7 @@ def _heal(args: argparse.Namespace) -> int:
         "report": json.loads(report.to_json()),
     }
     if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(json.dumps(out, indent=2))
+        write_atomically(Path(args.report), lambda tmp: tmp.write_text(json.dumps(out, indent=2)))
     line = ", ".join(f"{k} {v:.2f} %" for k, v in figures.items())
     print(
         f"starfish: healed in {report.seconds:.1f} s; mask unchanged: {report.mask_unchanged}"
@@ -251,7 +294,7 @@ def _add_heal(sub: Any, formats: list[str]) -> argparse.ArgumentParser:
     heal.add_argument("--calibration-split", default="train", help="split of a hf:<dataset> calibration set")
     heal.add_argument(
         "--calibration-size",
-        type=int,
+        type=positive_int,
         default=1000,
         help="images drawn at random (from a hf:<dataset>: streamed through a 10,000-row shuffle buffer)",
     )
@@ -335,10 +378,10 @@ def _add_bench(sub: Any, formats: list[str]) -> None:
     bench.add_argument("--dense", required=True)
     bench.add_argument("--weights", required=True, help="pruned or healed checkpoint")
     bench.add_argument("--format", default="auto", choices=formats)
-    bench.add_argument("--batch-size", type=int, default=1)
-    bench.add_argument("--image-size", type=int, default=224)
+    bench.add_argument("--batch-size", type=positive_int, default=1)
+    bench.add_argument("--image-size", type=positive_int, default=224)
     bench.add_argument("--channels", type=int, choices=[1, 3], default=3)
-    bench.add_argument("--repeats", type=int, default=30)
+    bench.add_argument("--repeats", type=positive_int, default=30)
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--json", help="also save the figures to this JSON file")
     bench.set_defaults(func=_bench)

@@ -27,6 +27,7 @@ from starfish_plugin.core.modes import eval_mode
 from starfish_plugin.core.plan import SparsityPlan
 from starfish_plugin.core.validation import (
     check_architecture,
+    check_dtypes,
     check_input_dtype,
     check_models,
     probe_forward,
@@ -47,6 +48,7 @@ from starfish_plugin.report import HealReport
 from starfish_plugin.runtime.distributed import DistContext, dist_context
 from starfish_plugin.runtime.fingerprint import model_fingerprint
 from starfish_plugin.runtime.resume import checkpoint_path, settings_of
+from starfish_plugin.runtime.signals import signals_as_exceptions
 
 
 @contextmanager
@@ -139,11 +141,12 @@ def heal_with(
 ) -> HealReport:
     """``starfish.heal`` with the plugin hooks given (``plugin_manager().hook``): the core never
     reaches for the plugin manager itself."""
-    run = HealRun.prepare(hooks, pruned, dense, calibration, config)
-    try:
-        return run.run()
-    finally:
-        run.data.close()
+    with signals_as_exceptions():  # SIGTERM / SIGHUP clean up like Ctrl-C
+        run = HealRun.prepare(hooks, pruned, dense, calibration, config)
+        try:
+            return run.run()
+        finally:
+            run.data.close()
 
 
 @dataclass
@@ -182,6 +185,7 @@ class HealRun:
     ) -> HealRun:
         start = time.perf_counter()
         check_models(pruned, dense)
+        check_dtypes(pruned, dense)
         device = resolve_device(pruned, dense, config.device)
         plan = read_masks(hooks, pruned, dense)
         check_architecture(pruned, dense, plan)
@@ -305,6 +309,8 @@ class HealRun:
         setup = TrainSetup(pruned, plan, params, targets, self.data, self.loss_fn, config, self.device, self.hooks,
                            dist, self._checkpointing(), self.n_total, self.steps_per_epoch)
         backup = [p.detach().clone() for p in params] if config.restore_on_error else None
+        # in train mode the forward also updates buffers (batch-norm running statistics)
+        buffers = [(b, b.detach().clone()) for b in pruned.buffers()] if backup and config.train_mode else []
         train_start = time.perf_counter()
         try:
             if config.warm_start == "row_norm":
@@ -320,6 +326,8 @@ class HealRun:
                 with torch.no_grad():
                     for p, saved in zip(params, backup):
                         p.copy_(saved)
+                    for b, saved in buffers:
+                        b.copy_(saved)
             self.hooks.starfish_write_back(model=pruned, plan=plan)  # refresh derived attributes
             self.hooks.starfish_heal_failed(model=pruned, error=exc, config=config)
             raise

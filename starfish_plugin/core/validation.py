@@ -31,6 +31,20 @@ def check_models(pruned: object, dense: object) -> None:
             )
 
 
+def check_dtypes(pruned: nn.Module, dense: nn.Module) -> None:
+    """Both models compute in the same floating dtypes (a float64 dense model and a float32 pruned
+    one would compare unlike outputs, and fail deep inside autograd)."""
+    found = {
+        label: sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()})
+        for label, model in (("pruned", pruned), ("dense", dense))
+    }
+    if found["pruned"] != found["dense"]:
+        raise ModelMismatchError(
+            f"the pruned model's weights are {', '.join(found['pruned'])} but the dense model's are "
+            f"{', '.join(found['dense'])}; convert one so both match (e.g. dense.to(torch.float32)) before healing"
+        )
+
+
 def _devices(model: nn.Module) -> set[torch.device]:
     return {t.device for t in list(model.parameters()) + list(model.buffers())}
 

@@ -231,6 +231,11 @@ class _Gathered:
         where = f"calibration {'sample' if single else 'batch'} {self.batches}"
         self.batches += 1
         fields, y = batch.fields, batch.labels
+        if any(v.is_meta for v in fields.values()):
+            raise CalibrationError(
+                f"{where} is on the 'meta' device: it has a shape but no values (built under "
+                "torch.device('meta')?); pass real tensors, on the CPU or the models' device"
+            )
         if single:
             fields = {k: v.unsqueeze(0) for k, v in fields.items()}
         if self.structure is None:

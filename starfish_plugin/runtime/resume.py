@@ -45,8 +45,9 @@ def checkpoint_path(directory: str | os.PathLike, rank: int = 0, world: int = 1)
 
 
 def save_state(path: Path, state: HealState) -> None:
-    """Write ``state`` atomically (a crash mid-write leaves the previous checkpoint intact)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``state`` atomically (a crash mid-write leaves the previous checkpoint intact); a write
+    that fails (disk full, file-size limit, no permission) is a ``CheckpointError`` and leaves no
+    temporary file behind."""
     payload = {
         "version": VERSION, "epoch": state.epoch, "epoch_losses": state.epoch_losses,
         "params": [p.detach().cpu() for p in state.params], "optimizer": state.optimizer,
@@ -55,13 +56,15 @@ def save_state(path: Path, state: HealState) -> None:
     }
     tmp = path.with_name(path.name + ".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(payload, tmp)
         os.replace(tmp, path)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # torch's file writer reports a failed write as RuntimeError
         tmp.unlink(missing_ok=True)
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
         raise CheckpointError(
-            f"writing the heal checkpoint {path} failed: {exc.strerror or exc}; free space there or pass "
-            "another HealConfig.checkpoint_dir (the heal itself was not affected up to this epoch)"
+            f"writing the heal checkpoint {path} failed ({reason}); free space there or pass another "
+            "HealConfig.checkpoint_dir (the weights were restored when restore_on_error is set)"
         ) from exc
 
 
