@@ -294,6 +294,40 @@ def test_positional_interactive_flag_early_break_and_track_twice(dense4, images,
     assert model.blocks[0].mlp.fc1.out_features == 64
 
 
+class FailingHeal:
+    """Makes the heal fail as it starts (a stand-in for any error inside healing)."""
+
+    @starfish.hookimpl
+    def starfish_heal_started(self, model, plan, config, total_steps):
+        raise RuntimeError("heal failed on purpose")
+
+
+def test_a_heal_that_fails_after_an_early_break_reaches_the_caller(dense4, images, cfg):
+    """Leaving an interactive step's loop early heals right there; if that heal fails, the error is
+    raised by the next pruner.step() (or handle.check()), not lost in garbage collection."""
+    import contextlib
+
+    starfish.plugin_manager().register(FailingHeal())
+    model = copy.deepcopy(dense4)
+    pruner = vit_pruner(model, images[:1], iterative_steps=3)
+    handle = starfish.attach(pruner, dense4, images, cfg)
+    with pytest.warns(RuntimeWarning, match="healing after an interrupted interactive step failed"):
+        for group in pruner.step(interactive=True):
+            group.prune()
+            break
+    assert isinstance(handle.pending_error, RuntimeError)
+    with pytest.raises(RuntimeError, match="heal failed on purpose"):
+        pruner.step()
+    assert handle.pending_error is None
+    # closed explicitly, the error comes out of the with statement itself
+    with pytest.raises(RuntimeError, match="heal failed on purpose"):
+        with contextlib.closing(pruner.step(interactive=True)) as groups:
+            for group in groups:
+                group.prune()
+                break
+    handle.check()  # raised already: nothing pending
+
+
 def test_tracked_model_is_not_kept_alive(dense4, images):
     import gc
     import weakref

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,8 @@ class Attachment:
         reports: one ``HealReport`` per pruning step.
         results: every hook result of every step (your own implementations' included).
         stop_requested: ``True`` once any ``starfish_after_prune`` implementation returned ``False``.
+        pending_error: the error of a heal run when an interactive loop was left early, until
+            ``check()`` or the next ``step()`` raises it.
     """
 
     def __init__(self, pruner: Any, model: nn.Module, dense: nn.Module, calibration: object, config) -> None:
@@ -34,6 +37,7 @@ class Attachment:
         self.reports: list[HealReport] = []
         self.results: list[list[Any]] = []
         self.stop_requested = False
+        self.pending_error: BaseException | None = None
         self._instance_step = pruner.__dict__.get("step")  # a step set on the instance, if any
         # an adapter may take over running each step (e.g. to record which channels survive)
         self._runner = plugin_manager().hook.starfish_prepare_pruner(
@@ -59,6 +63,7 @@ class Attachment:
     def _wrap(self, step):
         @functools.wraps(step)
         def wrapped(*args: Any, **kwargs: Any):
+            self.check()  # a heal that failed after an early break surfaces here at the latest
             result = self._runner(step, *args, **kwargs) if self._runner else step(*args, **kwargs)
             if inspect.isgenerator(result):  # interactive pruning: heal once the groups are applied
                 return self._heal_after(result)
@@ -67,14 +72,15 @@ class Attachment:
 
         return wrapped
 
-    def _heal_after(self, groups):
-        try:
-            yield from groups
-        except GeneratorExit:  # the caller stopped iterating early: heal what was pruned
-            self._after_step()
-            raise
-        else:  # not after an error of the pruner's: nothing to heal, and its error is the one to see
-            self._after_step()
+    def _heal_after(self, groups: Any) -> _HealingGroups:
+        return _HealingGroups(groups, self)
+
+    def check(self) -> None:
+        """Raise the error of a heal that ran when an interactive step's loop was left early (its
+        generator closed by garbage collection, where Python cannot raise it); then forget it."""
+        if self.pending_error is not None:
+            error, self.pending_error = self.pending_error, None
+            raise error
 
     @property
     def attached(self) -> bool:
@@ -95,6 +101,48 @@ class Attachment:
             del self.pruner.__dict__["step"]
         else:
             self.pruner.step = self._instance_step
+
+
+class _HealingGroups:
+    """The groups of an interactive pruning step; healing runs when they are used up, when
+    ``close()`` is called, or when a loop left early drops them (then a failed heal's error is kept
+    for ``Attachment.check()`` and the next ``step()``, since Python could only print it)."""
+
+    def __init__(self, groups: Any, attachment: Attachment) -> None:
+        self.groups, self.attachment, self.done = groups, attachment, False
+
+    def __iter__(self) -> _HealingGroups:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self.groups)
+        except StopIteration:
+            self._heal()
+            raise
+        except BaseException:
+            self.done = True  # the pruner's own error: nothing to heal, and its error is the one to see
+            raise
+
+    def close(self) -> None:
+        self.groups.close()
+        self._heal()
+
+    def _heal(self) -> None:
+        if not self.done:
+            self.done = True
+            self.attachment._after_step()
+
+    def __del__(self) -> None:
+        if self.done:
+            return
+        try:
+            self.groups.close()
+            self._heal()
+        except BaseException as exc:  # noqa: BLE001 - kept and raised later, in the caller's code
+            self.attachment.pending_error = exc
+            warnings.warn(f"healing after an interrupted interactive step failed: {exc!r}; it is raised again "
+                          "by the next pruner.step() or handle.check()", RuntimeWarning, stacklevel=2)
 
 
 def attach(
