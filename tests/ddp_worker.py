@@ -41,12 +41,15 @@ def main(out: Path, checkpoint_dir: str | None = None, crash_rank: int = -1, cra
     pruned = l1_prune_(copy.deepcopy(dense))
     images = torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     extra = json.loads(os.environ.get("DDP_WORKER_HEAL_SETTINGS", "{}"))  # e.g. compile, inputs
+    # settings for one rank only (e.g. {"1": {"lr": 1e-3}}): ranks that disagree must be refused
+    extra |= json.loads(os.environ.get("DDP_WORKER_RANK_SETTINGS", "{}")).get(str(rank), {})
+    images = images[: extra.pop("images", len(images))]
     calibration: object = images
     if extra.pop("dict_batches", False):  # keyword inputs: model(x=...)
         calibration = [{"x": images[i : i + 16]} for i in range(0, len(images), 16)]
-    report = starfish.heal(pruned, dense, calibration, epochs=3, lr=3e-3, batch_size=16, quiet=True,
-                           diagnostic_samples=64, targets="disk", cache_dir=str(out / "cache"),
-                           checkpoint_dir=checkpoint_dir, **extra)
+    settings = dict(epochs=3, lr=3e-3, batch_size=16, quiet=True, diagnostic_samples=64, targets="disk",
+                    cache_dir=str(out / "cache"), checkpoint_dir=checkpoint_dir) | extra
+    report = starfish.heal(pruned, dense, calibration, **settings)
     (out / f"rank{rank}.json").write_text(json.dumps({
         "rank": rank, "weights": model_fingerprint(pruned), "epoch_losses": report.epoch_losses,
         "cosine_before": report.block_cosine_before, "cosine_after": report.block_cosine_after,

@@ -18,8 +18,11 @@ import starfish_plugin as starfish
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def _torchrun(out: Path, *extra: str, settings: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DDP_WORKER_HEAL_SETTINGS=json.dumps(settings or {}))
+def _torchrun(
+    out: Path, *extra: str, settings: dict | None = None, rank_settings: dict | None = None
+) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", DDP_WORKER_HEAL_SETTINGS=json.dumps(settings or {}),
+               DDP_WORKER_RANK_SETTINGS=json.dumps(rank_settings or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
            str(out), *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -96,3 +99,15 @@ def test_a_rank_that_dies_is_recovered_by_resuming(tmp_path):
     assert all(r["resumed_after_epoch"] == 1 for r in ranks)
     assert ranks[0]["weights"] == ranks[1]["weights"] == reference[0]["weights"]
     assert ranks[0]["epoch_losses"] == reference[0]["epoch_losses"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank_settings, differs", [
+    ({"1": {"lr": 1e-3}}, "settings"),
+    ({"1": {"images": 96}}, "calibration samples, calibration set"),
+], ids=["lr", "sample-count"])
+def test_ranks_that_disagree_are_refused_on_every_rank(tmp_path, rank_settings, differs):
+    done = _torchrun(tmp_path, rank_settings=rank_settings)
+    assert done.returncode != 0
+    assert done.stderr.count(f"the 2 ranks do not heal the same way ({differs} differ)") == 2, done.stderr[-3000:]
+    assert "SIGABRT" not in done.stderr and not list(tmp_path.glob("rank*.json"))

@@ -3,6 +3,7 @@ outputs. The plugin hooks come in as an argument: the core never imports the plu
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import time
@@ -218,6 +219,13 @@ class HealRun:
         check_input_dtype(self.data, self.dense)
         self.n_total = self.data.total if self.data.total is not None else len(self.data)
         if dist.active:
+            facts = {
+                "settings": json.dumps(settings_of(config.to_dict()), sort_keys=True, default=str),
+                "calibration samples": str(self.n_total),
+            }
+            if self.data.total is None:  # every rank holds the whole set (on disk each keeps its share only)
+                facts["calibration set"] = self.data.fingerprint()
+            dist.agree(facts)
             if self.n_total // dist.world < dist.steps_per_epoch(self.n_total, config.batch_size):
                 raise CalibrationError(
                     f"{self.n_total} calibration samples are too few for {dist.world} ranks at batch_size "

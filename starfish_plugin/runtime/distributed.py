@@ -17,6 +17,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from starfish_plugin.data.calibration import CalibrationData
+from starfish_plugin.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,25 @@ class DistContext:
     def steps_per_epoch(self, n_total: int, global_batch: int) -> int:
         """The same count on every rank: the largest shard split into per-rank batches."""
         return math.ceil(math.ceil(n_total / self.world) / self.batch_size(global_batch))
+
+    def agree(self, facts: dict[str, str]) -> None:
+        """Check that every rank heals the same way (one all-gather); a difference is a
+        ``ConfigError`` raised on every rank, before anything trains, instead of ranks that end
+        with different weights or a collective that aborts."""
+        if not self.active:
+            return
+        slots: list[object] = [None] * self.world
+        torch_dist.all_gather_object(slots, facts)
+        gathered = [g if isinstance(g, dict) else {} for g in slots]
+        differ = sorted({k for g in gathered for k in facts if g.get(k) != gathered[0].get(k)})
+        if differ:
+            detail = "; ".join(
+                f"{k}: " + ", ".join(f"rank {r} {str(g.get(k))[:80]}" for r, g in enumerate(gathered)) for k in differ
+            )
+            raise ConfigError(
+                f"the {self.world} ranks do not heal the same way ({', '.join(differ)} differ): {detail}. Give "
+                "every rank the same settings and the same calibration set (each rank takes its own share)"
+            )
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         """The sum of ``value`` over ranks (``value`` itself when not distributed)."""
