@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from starfish_plugin.errors import ConfigError, StarfishError
-from starfish_plugin.io.model_files import pruned_formats, write_atomically
+from starfish_plugin.errors import CheckpointFileError, ConfigError, StarfishError
+from starfish_plugin.io.model_files import pruned_formats
+from starfish_plugin.runtime.atomic import write_atomically
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -202,7 +203,10 @@ def _heal(args: argparse.Namespace) -> int:
         "report": json.loads(report.to_json()),
     }
     if args.report:
-        write_atomically(Path(args.report), lambda tmp: tmp.write_text(json.dumps(out, indent=2)))
+        write_atomically(
+            Path(args.report), lambda tmp: tmp.write_text(json.dumps(out, indent=2)),
+            lambda reason: CheckpointFileError(f"writing {args.report} failed ({reason}); choose another path"),
+        )
     line = ", ".join(f"{k} {v:.2f} %" for k, v in figures.items())
     print(
         f"starfish: healed in {report.seconds:.1f} s; mask unchanged: {report.mask_unchanged}"

@@ -109,8 +109,9 @@ class SparsityPlan:
     def refresh(self) -> None:
         """Recompute every masked attribute the model reads without calling its owner (see
         ``MaskedTensor.refresh``): all of them, until ``skip_refresh_of_called`` narrows it."""
-        stale = self._stale if self._stale is not None else [e for e in self.entries if e.refresh is not None]
-        for entry in stale:
+        if self._stale is None:  # once, not on every step
+            self._stale = [e for e in self.entries if e.refresh is not None]
+        for entry in self._stale:
             if entry.refresh is not None:
                 entry.refresh()
 

@@ -7,8 +7,6 @@ Every file is read with ``torch.load(..., weights_only=True)``; a file that need
 from __future__ import annotations
 
 import copy
-import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from starfish_plugin.io.structured import (
     plain_state_dict,
     structured_state,
 )
+from starfish_plugin.runtime.atomic import write_atomically
 
 
 def build_model(spec: str, num_classes: int | None = None) -> nn.Module:
@@ -126,23 +125,6 @@ def load_pruned(
     return loaded.eval(), fmt
 
 
-def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp)`` for a temporary file beside ``path``, then rename it to ``path``: a
-    failed or interrupted write leaves ``path`` as it was and no temporary file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:  # torch's writer reports a failed write as RuntimeError
-        tmp.unlink(missing_ok=True)
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-        raise CheckpointFileError(f"writing {path} failed ({reason}); free space there or choose another path") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_pruned(model: nn.Module, fmt: str, path: str | Path) -> None:
     """Write the healed model in form ``fmt``, atomically: ``structured`` weights-only with its
     shapes, ``weights`` a state dict with masks folded in as zeros, a plugin's format by that plugin
@@ -158,4 +140,6 @@ def save_pruned(model: nn.Module, fmt: str, path: str | Path) -> None:
         elif not plugin_manager().hook.starfish_save_pruned(model=model, fmt=fmt, path=tmp):
             torch.save(model.state_dict(), tmp)
 
-    write_atomically(Path(path), write)
+    write_atomically(Path(path), write, lambda reason: CheckpointFileError(
+        f"writing {path} failed ({reason}); free space there or choose another path"
+    ))

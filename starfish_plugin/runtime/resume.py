@@ -12,6 +12,7 @@ import torch
 
 from starfish_plugin.config import HealConfig
 from starfish_plugin.errors import CheckpointError
+from starfish_plugin.runtime.atomic import write_atomically
 
 VERSION = 1
 # Settings that change nothing the optimizer computes (compiling: only float rounding); a checkpoint
@@ -54,18 +55,10 @@ def save_state(path: Path, state: HealState) -> None:
         "scheduler": state.scheduler, "generator": state.generator, "settings": state.settings,
         "fingerprint": state.fingerprint,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:  # torch's file writer reports a failed write as RuntimeError
-        tmp.unlink(missing_ok=True)
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-        raise CheckpointError(
-            f"writing the heal checkpoint {path} failed ({reason}); free space there or pass another "
-            "HealConfig.checkpoint_dir (the weights were restored when restore_on_error is set)"
-        ) from exc
+    write_atomically(path, lambda tmp: torch.save(payload, tmp), lambda reason: CheckpointError(
+        f"writing the heal checkpoint {path} failed ({reason}); free space there or pass another "
+        "HealConfig.checkpoint_dir (the weights were restored when restore_on_error is set)"
+    ))
 
 
 def load_state(path: Path, settings: dict[str, Any], fingerprint: dict[str, str]) -> HealState | None:

@@ -1,0 +1,24 @@
+"""Files written whole or not at all: a temporary file beside the target, then a rename."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_atomically(path: Path, write: Callable[[Path], object], fail: Callable[[str], Exception]) -> None:
+    """Call ``write(tmp)`` for a temporary file beside ``path``, then rename it to ``path``. A failed
+    or interrupted write leaves ``path`` as it was and no temporary file; a failed write (disk full,
+    file-size limit, no permission) raises ``fail(reason)``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch's file writer reports a failed write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise fail(getattr(exc, "strerror", None) or str(exc).splitlines()[0]) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
