@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -21,6 +23,7 @@ BlockWeighting = Literal["uniform", "adaptive"]
 WarmStart = Literal["none", "row_norm"]
 Precision = Literal["auto", "fp32", "bf16"]
 AlignOutput = Literal["auto", "always", "never"]
+IfWorse = Literal["warn", "restore"]
 CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 LOSS_NAMES: tuple[str, ...] = get_args(LossName)
@@ -33,8 +36,33 @@ WARM_STARTS: tuple[str, ...] = get_args(WarmStart)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 ALIGN_OUTPUT: tuple[str, ...] = get_args(AlignOutput)
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+IF_WORSE: tuple[str, ...] = get_args(IfWorse)
 
 GROUPS = ("recipe", "storage", "runtime", "reporting")
+
+
+def _check_int(name: str, value: object, minimum: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        wanted = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise ConfigError(f"HealConfig.{name} must be {wanted}, got {value!r}")
+
+
+def _check_number(name: str, value: object, positive: bool) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):  # type: ignore[operator]
+        raise ConfigError(f"HealConfig.{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
+def _check_device(device: object) -> None:
+    if device is None or isinstance(device, torch.device):
+        return
+    try:
+        torch.device(device)  # type: ignore[call-overload]
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(
+            f"HealConfig.device {device!r} is not a device torch knows ({exc}); pass e.g. 'cpu', 'cuda', "
+            "'cuda:1', a torch.device, or None for the models' device"
+        ) from None
 
 
 def _setting(
@@ -96,7 +124,10 @@ class HealConfig:
             by default it heals in ``eval()`` mode so that every frozen buffer stays frozen.
         quiet: silence the default progress bar and per-epoch lines.
         restore_on_error: if healing fails part-way (e.g. the loss turns NaN), put the trainable
-            weights back as they were before healing.
+            weights back as they were before healing (buffers such as batch-norm statistics too).
+        if_worse: what to do when healing lowered the mean block cosine on the diagnostic samples:
+            ``"warn"`` (a ``HealingWarning``; the healed weights stay) or ``"restore"`` (the weights,
+            and buffers, go back to those before healing, which scored better; the report says so).
         block_weighting: ``"uniform"`` (the paper: every block's term counts the same) or
             ``"adaptive"`` (each block's term weighted by its current mismatch, the paper's
             suggested next step; experimental, see the recovery benchmark).
@@ -149,6 +180,7 @@ class HealConfig:
     compile: CompileMode = _setting("none", group="runtime", choices=COMPILE_MODES, resume_neutral=True)
     compile_backend: str | Callable[..., Any] = _setting("inductor", group="runtime", resume_neutral=True)
     restore_on_error: bool = _setting(True, group="runtime", resume_neutral=True)
+    if_worse: IfWorse = _setting("warn", group="runtime", choices=IF_WORSE, resume_neutral=True)
     # reporting: what it measures and prints
     diagnostic_samples: int = _setting(512, group="reporting", resume_neutral=True)
     quiet: bool = _setting(False, group="reporting", resume_neutral=True)
@@ -191,34 +223,57 @@ class HealConfig:
             if len(terms) != len(names):
                 raise ConfigError(f"loss {self.loss!r} names a term twice")
         elif isinstance(self.loss, Mapping):
+            for key, weight in self.loss.items():
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                    raise ConfigError(f"loss weight of {key!r} must be a number, got {weight!r}")
             terms = {str(k): float(v) for k, v in self.loss.items()}
         else:
             raise ConfigError(f"loss must be a string like 'cosine+kl' or a mapping, got {type(self.loss).__name__}")
         bad = [name for name in terms if name not in LOSS_NAMES]
         if bad or not terms:
             raise ConfigError(f"unknown loss term(s) {bad} in {self.loss!r}; choose from {list(LOSS_NAMES)}")
-        if any(w < 0 or w != w for w in terms.values()) or not any(w > 0 for w in terms.values()):
-            raise ConfigError(f"loss weights must be >= 0 with at least one > 0, got {terms}")
+        if any(not 0 <= w < math.inf for w in terms.values()) or not any(w > 0 for w in terms.values()):
+            raise ConfigError(f"loss weights must be finite and >= 0 with at least one > 0, got {terms}")
         return terms
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the first invalid field and the values it accepts."""
         for name in ("epochs", "batch_size", "warm_start_samples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"HealConfig.{name} must be a positive integer, got {value!r}")
+            _check_int(name, getattr(self, name), minimum=1)
         for name in ("lr", "min_lr", "kl_temperature"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
-                raise ConfigError(f"HealConfig.{name} must be a finite number > 0, got {value!r}")
+            _check_number(name, getattr(self, name), positive=True)
         if self.min_lr > self.lr:
             raise ConfigError(f"HealConfig.min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
-            raise ConfigError(f"HealConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        _check_number("weight_decay", self.weight_decay, positive=False)
+        _check_int("seed", self.seed, minimum=None)
+        _check_int("diagnostic_samples", self.diagnostic_samples, minimum=0)
+        _check_number("target_memory_budget", self.target_memory_budget, positive=False)
+        for name in ("train_mode", "quiet", "restore_on_error"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"HealConfig.{name} must be True or False, got {getattr(self, name)!r}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices is not None and getattr(self, f.name) not in choices:
                 raise ConfigError(f"HealConfig.{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
+        for name in ("cache_dir", "checkpoint_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ConfigError(f"HealConfig.{name} must be a directory path (str or Path) or None, got {value!r}")
+        _check_device(self.device)
+        self._check_compile()
+        self._check_blocks()
+        if self.if_worse == "restore" and self.diagnostic_samples == 0:
+            raise ConfigError(
+                "HealConfig.if_worse='restore' compares block cosines before and after healing, which "
+                "diagnostic_samples=0 switches off; pass diagnostic_samples > 0 or if_worse='warn'"
+            )
+        self.loss_terms()
+
+    def _check_compile(self) -> None:
+        if not isinstance(self.compile_backend, str) and not callable(self.compile_backend):
+            raise ConfigError(
+                f"HealConfig.compile_backend must be a backend name or callable, got {self.compile_backend!r}"
+            )
         if self.compile != "none" and not callable(self.compile_backend):
             from torch._dynamo import list_backends
 
@@ -228,8 +283,8 @@ class HealConfig:
                     f"HealConfig.compile_backend {self.compile_backend!r} is not a torch.compile backend; "
                     f"choose from {sorted(backends)}"
                 )
-        if self.target_memory_budget < 0 or self.diagnostic_samples < 0:
-            raise ConfigError("HealConfig.target_memory_budget and diagnostic_samples must be >= 0")
+
+    def _check_blocks(self) -> None:
         if self.blocks is not None and not callable(self.blocks):
             if isinstance(self.blocks, str) or not all(isinstance(b, str) for b in self.blocks):
                 raise ConfigError(
@@ -237,7 +292,6 @@ class HealConfig:
                 )
             if len(self.blocks) == 0:
                 raise ConfigError("HealConfig.blocks is an empty list; name at least one block or pass None")
-        self.loss_terms()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly view (a predicate ``blocks`` is shown by its name)."""

@@ -31,6 +31,10 @@ class BlockError(StarfishError, ValueError):
     """Blocks could not be discovered, or a named block does not exist."""
 
 
+class NothingToTrainError(StarfishError, ValueError):
+    """Every tensor healing would train is frozen (``requires_grad=False``) or pruned to nothing."""
+
+
 class CalibrationError(StarfishError, ValueError):
     """The calibration data is empty, malformed or not finite."""
 

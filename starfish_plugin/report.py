@@ -35,6 +35,7 @@ class HealReport:
         world_size: processes that healed together (torchrun), 1 for one process.
         warm_start_rescaled: tensors the row-norm warm start rescaled.
         healing_worsened: the mean block cosine fell (a ``HealingWarning`` was issued).
+        worse_restored: it fell and ``if_worse="restore"`` put the weights from before healing back.
         notes: the same facts and the adapters' remarks, as sentences.
     """
 
@@ -74,6 +75,7 @@ class HealReport:
     world_size: int = 1
     warm_start_rescaled: int = 0
     healing_worsened: bool = False
+    worse_restored: bool = False
     notes: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -104,4 +106,15 @@ class HealReport:
             f"{self.seconds:.1f} s ({self.samples_per_second:.0f} samples/s in the loop), targets: {self.targets_mode}",
             f"mask unchanged: {self.mask_unchanged}, masked weights zero: {self.masked_weights_zero}",
         ]
+        epochs = self.config.get("epochs", len(self.epoch_losses))
+        if self.resumed_after_epoch:
+            lines.append(
+                f"resumed from a checkpoint after epoch {self.resumed_after_epoch} of {epochs}"
+                + (": nothing was left to train, the checkpoint's weights were returned"
+                   if self.resumed_after_epoch >= epochs else "")
+            )
+        if self.worse_restored:
+            lines.append("healing lowered the mean block cosine: the weights from before healing were kept")
+        elif self.healing_worsened:
+            lines.append("WARNING: healing lowered the mean block cosine (see the notes)")
         return "\n".join(lines)

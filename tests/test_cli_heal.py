@@ -284,6 +284,7 @@ def test_bad_outputs_and_values_exit_2_before_any_work(files, tmp_path, capsys):
         ({"--pruned": bad_mask}, r"the mask .*_mask has shape \(1, .*for another architecture"),
         ({"--out": tmp_path}, r"--out .* is a directory"),
         ({"--out": files / "pruned.pt"}, r"--out .* is also an input"),
+        ({"--out": files / "dense.pt"}, r"--out .* is also an input"),
         ({"--report": tmp_path}, r"--report .* is a directory"),
         ({"--calibration-size": -10}, r"--calibration-size: must be at least 1, got -10"),
         ({"--calibration-size": 0}, r"--calibration-size: must be at least 1, got 0"),
@@ -306,3 +307,11 @@ def test_bad_outputs_and_values_exit_2_before_any_work(files, tmp_path, capsys):
         assert code == 2 and __import__("re").search(message, err), (change, extra, code, err)
         assert not (tmp_path / "out.pt").exists() and not list(tmp_path.glob(".*.tmp"))
     assert (files / "pruned.pt").read_bytes() == before
+
+
+def test_a_decompression_bomb_is_refused_with_exit_2(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30)  # so that the 8x8 digits count as bombs (> 2x the limit)
+    code = main(_heal_args(files, tmp_path))
+    err = capsys.readouterr().err
+    assert code == 2 and "is too large to decode safely" in err and "decompression bomb" in err, err
+    assert not (tmp_path / "out.pt").exists()

@@ -31,7 +31,8 @@ def test_disk_cache_heals_exactly_like_the_memory_cache(dense, images, fast, tmp
     assert r_disk.epoch_losses == r_mem.epoch_losses  # the same fp16 targets, read from files
     for a, b in zip(m_mem.parameters(), m_disk.parameters()):
         assert torch.equal(a, b)
-    meta = json.loads((tmp_path / "meta.json").read_text())
+    (cache,) = tmp_path.glob("targets-*")  # one subdirectory per fingerprint
+    meta = json.loads((cache / "meta.json").read_text())
     assert meta["n_samples"] == len(images) and set(meta["fingerprint"]) == {
         "dense model", "calibration set", "block selection"}
     on_disk = sum(len(images) * e["row_bytes"] for e in meta["entries"].values())
@@ -58,11 +59,11 @@ def test_a_matching_cache_is_reused_and_a_foreign_one_rebuilt(dense, images, fas
 def test_truncated_or_unfinished_cache_is_rebuilt(dense, images, fast, tmp_path):
     cfg = fast.replace(targets="disk", cache_dir=str(tmp_path))
     _heal(dense, images, cfg)
-    victim = sorted(tmp_path.glob("target_*.bin"))[0]
+    victim = sorted(tmp_path.glob("targets-*/target_*.bin"))[0]
     victim.write_bytes(victim.read_bytes()[:100])
     _, report = _heal(dense, images, cfg)
     assert report.target_cache_action == "rebuilt" and "is missing or truncated" in report.target_cache_reason
-    (tmp_path / "meta.json").unlink()  # as if a build was interrupted before completing
+    next(tmp_path.glob("targets-*/meta.json")).unlink()  # as if a build was interrupted before completing
     _, report = _heal(dense, images, cfg)
     assert report.target_cache_action == "built"
 

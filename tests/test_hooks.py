@@ -294,21 +294,27 @@ def test_trace_env_prints_hook_calls(monkeypatch, pruned, capsys):
     assert trace in capsys.readouterr().err
 
 
-def test_two_attachments_detach_in_reverse_order(dense, images, fast):
+def test_attaching_twice_is_refused_and_a_generator_too(dense, images, fast):
     from torch.ao.pruning import WeightNormSparsifier
 
     model = copy.deepcopy(dense)
     sparsifier = WeightNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4), zeros_per_block=4)
     sparsifier.prepare(model, [{"tensor_fqn": "blocks.0.mlp.fc1.weight"}])
     first = starfish.attach(sparsifier, dense, images, fast)
-    second = starfish.attach(sparsifier, dense, images, fast)
-    with pytest.raises(ValueError, match="detach that handle first"):
-        first.detach()
-    second.detach()
-    assert first.attached and not second.attached
+    with pytest.raises(starfish.errors.AttachError, match="already attached \\(each step would heal twice\\)"):
+        starfish.attach(sparsifier, dense, images, fast)
+    sparsifier.step()
+    assert first.steps == 1 and len(first.reports) == 1  # one heal per step
     first.detach()
     assert "step" not in sparsifier.__dict__
     first.detach()  # a second detach is harmless
+    with pytest.raises(TypeError, match="can be read only once.*list\\(batches\\)"):
+        starfish.attach(sparsifier, dense, (b for b in images.split(16)), fast)
+    assert "step" not in sparsifier.__dict__  # nothing attached
+    again = starfish.attach(sparsifier, dense, list(images.split(16)), fast)
+    sparsifier.step()
+    sparsifier.step()  # the list is read again at every step
+    assert again.steps == 2 and len(again.reports) == 2
 
 
 def test_attach_rejects_objects_without_step_or_model(dense, images):

@@ -4,6 +4,7 @@ exactly the weights of an uninterrupted one; a checkpoint of another heal is ref
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -60,9 +61,13 @@ def test_a_finished_checkpoint_resumes_to_the_same_result(dense, images, fast, t
     first = l1_prune_(copy.deepcopy(dense))
     starfish.heal(first, dense, images, cfg)
     second = l1_prune_(copy.deepcopy(dense))
-    report = starfish.heal(second, dense, images, cfg)
+    with pytest.warns(errors.HealingWarning, match="holds a finished heal of this model"):
+        report = starfish.heal(second, dense, images, cfg)
     assert report.resumed_after_epoch == 3
+    assert "nothing was left to train" in report.summary()  # never silent
     assert_state_equal(second, state_copy(first))
+    with pytest.warns(errors.HealingWarning, match="finished heal"):  # the healed model itself: the same
+        assert starfish.heal(first, dense, images, cfg).resumed_after_epoch == 3
 
 
 @pytest.mark.parametrize(
@@ -94,6 +99,37 @@ def test_a_checkpoint_of_other_models_or_data_is_refused(dense, images, fast, tm
         other.head.bias.add_(1)
     with pytest.raises(errors.CheckpointError, match="another dense model"):
         starfish.heal(l1_prune_(copy.deepcopy(other)), other, images, cfg)
+
+
+def test_a_checkpoint_of_a_model_with_the_same_masks_but_other_weights_is_refused(dense, images, fast, tmp_path):
+    cfg = fast.replace(checkpoint_dir=str(tmp_path))
+    starfish.heal(l1_prune_(copy.deepcopy(dense)), dense, images, cfg)
+    other = l1_prune_(copy.deepcopy(dense))
+    with torch.no_grad():  # e.g. fine-tuned before healing: same masks, other surviving values
+        other.blocks[0].mlp.fc1.weight_orig.mul_(1.01)
+    saved = state_copy(other)
+    with pytest.raises(errors.CheckpointError, match="started from other pruned weights"):
+        starfish.heal(other, dense, images, cfg)
+    assert_state_equal(other, saved)
+
+
+def test_an_unusable_checkpoint_dir_is_refused_before_training(dense, images, fast, tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    model = l1_prune_(copy.deepcopy(dense))
+    saved = state_copy(model)
+    for setting in ({"checkpoint_dir": str(not_a_dir)}, {"checkpoint_dir": str(not_a_dir / "sub")},
+                    {"cache_dir": str(not_a_dir), "targets": "disk"}, {"cache_dir": str(not_a_dir), "inputs": "disk"}):
+        name = next(iter(setting))
+        with pytest.raises(errors.ConfigError, match=f"HealConfig.{name} .* cannot hold files: .* is a file, not a "
+                                                     "directory; pass a writable directory"):
+            starfish.heal(model, dense, images, fast, **setting)
+        assert_state_equal(model, saved)
+    if os.geteuid() != 0:  # root writes anywhere
+        read_only = tmp_path / "read_only"
+        read_only.mkdir(mode=0o500)
+        with pytest.raises(errors.ConfigError, match="is not writable"):
+            starfish.heal(model, dense, images, fast, checkpoint_dir=str(read_only / "ckpt"))
 
 
 def test_a_corrupt_checkpoint_is_refused_with_the_fix(dense, images, fast, tmp_path):

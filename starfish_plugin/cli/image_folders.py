@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,24 +28,39 @@ NORMALIZATIONS = {
 Normalization = str | tuple[tuple[float, ...], tuple[float, ...]]
 
 
-def _open(source: str | bytes, name: str, mode: str, size: int | None, advice: str):
+def _open(source: str | bytes, name: str, mode: str, size: int | None, advice: str) -> Any:
     """A PIL image from a path or encoded bytes, converted to ``mode`` and resized/cropped to ``size``."""
-    import io
+    import warnings
 
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            image = image.convert(mode)
-            if size is not None:
-                scale = size / min(image.size)
-                w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-                image = image.resize((w, h), Image.Resampling.BILINEAR)
-                left, top = (w - size) // 2, (h - size) // 2
-                image = image.crop((left, top, left + size, top + size))
-            return image
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return _decode(source, mode, size)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageFolderError(
+            f"image {name} is too large to decode safely ({exc}); images this large are not calibration images "
+            f"(a decompression bomb?): {advice}"
+        ) from None
     except (UnidentifiedImageError, OSError) as exc:
         raise ImageFolderError(f"cannot read image {name} ({type(exc).__name__}: {exc}); {advice}") from exc
+
+
+def _decode(source: str | bytes, mode: str, size: int | None) -> Any:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        image = image.convert(mode)
+        if size is not None:
+            scale = size / min(image.size)
+            w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+            image = image.resize((w, h), Image.Resampling.BILINEAR)
+            left, top = (w - size) // 2, (h - size) // 2
+            image = image.crop((left, top, left + size, top + size))
+        return image
 
 
 SIZE_HINT = "pass --image-size to resize and center-crop them to one size"

@@ -336,6 +336,7 @@ HEAL_OPTIONS: dict[str, str] = {
     "compile": "torch.compile mode for the pruned model's training forward",
     "compile_backend": "torch.compile backend",
     "device": "e.g. cuda:0 (default: the models' device, cpu here)",
+    "if_worse": "restore: keep the weights from before healing if healing lowered the mean block cosine",
 }
 
 

@@ -29,10 +29,12 @@ from starfish_plugin.core.plan import SparsityPlan
 from starfish_plugin.core.validation import (
     check_architecture,
     check_dtypes,
+    check_finite_weights,
     check_input_dtype,
     check_models,
     probe_forward,
     resolve_device,
+    unrelated_weights,
 )
 from starfish_plugin.core.warm_start import row_norm_warm_start_
 from starfish_plugin.data.calibration import CalibrationData, load_calibration
@@ -41,14 +43,18 @@ from starfish_plugin.errors import (
     AdapterError,
     BlockError,
     CalibrationError,
+    CheckpointError,
     ConfigError,
     HealingWarning,
     ModelMismatchError,
+    NothingToTrainError,
 )
 from starfish_plugin.report import HealReport
+from starfish_plugin.runtime.atomic import directory_problem
 from starfish_plugin.runtime.distributed import DistContext, dist_context
-from starfish_plugin.runtime.fingerprint import model_fingerprint
-from starfish_plugin.runtime.resume import checkpoint_path, settings_of
+from starfish_plugin.runtime.fingerprint import model_fingerprint, weights_fingerprint
+from starfish_plugin.runtime.locks import exclusive_lock
+from starfish_plugin.runtime.resume import checkpoint_path, load_state, settings_of
 from starfish_plugin.runtime.signals import signals_as_exceptions
 
 
@@ -64,6 +70,17 @@ def trainable_only(model: nn.Module, params: list[nn.Parameter]) -> Iterator[Non
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+@torch.no_grad()
+def _put_back(
+    params: list[nn.Parameter], backup: list[torch.Tensor], buffers: list[tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """Copy the saved weights (and buffers) back in place."""
+    for p, saved in zip(params, backup):
+        p.copy_(saved)
+    for b, saved in buffers:
+        b.copy_(saved)
 
 
 @torch.no_grad()
@@ -131,6 +148,17 @@ def check_logits(logits: object, data: CalibrationData, config: HealConfig) -> N
             )
 
 
+def check_directories(config: HealConfig) -> None:
+    """``cache_dir`` and ``checkpoint_dir``, when they will be used, can hold files (checked before
+    any work, so a heal never fails on them after an epoch)."""
+    uses_cache = config.inputs == "disk" or config.targets in ("disk", "auto")
+    for name, path, used in (("cache_dir", config.cache_dir, uses_cache),
+                             ("checkpoint_dir", config.checkpoint_dir, True)):
+        problem = directory_problem(path) if path is not None and used else None
+        if problem is not None:
+            raise ConfigError(f"HealConfig.{name} {path} cannot hold files: {problem}; pass a writable directory")
+
+
 def _peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
@@ -190,6 +218,8 @@ class HealRun:
         device = resolve_device(pruned, dense, config.device)
         plan = read_masks(hooks, pruned, dense)
         check_architecture(pruned, dense, plan)
+        check_finite_weights(pruned)
+        check_directories(config)
         choice = resolve_blocks(dense, pruned, config.blocks)
         loss_fn = HealLoss(
             config.loss_terms(), choice.names, config.cosine_reduction, config.kl_temperature,
@@ -198,14 +228,21 @@ class HealRun:
         dist = dist_context()
         shard = (dist.rank, dist.world) if dist.active else None  # on disk, each rank writes its own rows only
         data = load_calibration(calibration, config.inputs == "disk", config.cache_dir, shard, model=dense)
-        return cls(hooks, pruned, dense, config, device, plan, choice, loss_fn, dist, data, start)
+        run = cls(hooks, pruned, dense, config, device, plan, choice, loss_fn, dist, data, start)
+        unrelated = unrelated_weights(pruned, dense, plan)
+        if unrelated is not None:
+            warnings.warn(unrelated, HealingWarning, stacklevel=4)
+            run.notes.append(unrelated)
+        return run
 
     def run(self) -> HealReport:
         self._check_data()
+        self.params = trainable_parameters(self.pruned, self.plan, self.config.trainable, self.notes)
         mask_snapshot = self.plan.snapshot()
         with ExitStack() as stack, eval_mode(self.dense), eval_mode(self.pruned):
+            checkpointing = self._checkpointing(stack)  # a checkpoint of another heal is refused here
             targets, target_plan = self.prepare_targets(stack)
-            self.train(targets)
+            self.train(targets, checkpointing)
         reread = self.write_back()
         report = self.build_report(targets, target_plan, reread, mask_snapshot)
         self.hooks.starfish_heal_finished(model=self.pruned, report=report, config=self.config)
@@ -289,21 +326,33 @@ class HealRun:
         return block_cosines(self.pruned, self.plan, targets, self.data, c.diagnostic_samples, c.batch_size,
                              c.cosine_reduction)
 
-    def _checkpointing(self) -> Checkpointing | None:
+    def _checkpointing(self, stack: ExitStack) -> Checkpointing | None:
+        """Lock this heal's checkpoint file (one heal at a time) and read the checkpoint there, if any."""
         config, dist = self.config, self.dist
         if config.checkpoint_dir is None:
             return None
-        return Checkpointing(
-            checkpoint_path(config.checkpoint_dir, dist.rank, dist.world),
-            settings_of(config.to_dict()) | {"world_size": dist.world},
-            {
-                "dense model": model_fingerprint(self.dense),
-                "pruned model": model_fingerprint(self.pruned, skip=self.params),
-                "calibration set": self.data.fingerprint(),
-            },
-        )
+        path = checkpoint_path(config.checkpoint_dir, dist.rank, dist.world)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(exclusive_lock(path.with_name(f".{path.name}.lock"), lambda holder: CheckpointError(
+                f"{path} is being written by another heal running now ({holder}); give each concurrent heal "
+                "its own checkpoint_dir"
+            )))
+        except OSError as exc:
+            raise CheckpointError(
+                f"checkpoint_dir {config.checkpoint_dir} cannot hold checkpoints ({exc.strerror or exc}); pass a "
+                "writable directory as HealConfig.checkpoint_dir"
+            ) from exc
+        settings = settings_of(config.to_dict()) | {"world_size": dist.world}
+        fingerprint = {
+            "dense model": model_fingerprint(self.dense),
+            "pruned model": model_fingerprint(self.pruned, skip=self.params),
+            "pruned weights": weights_fingerprint(self.params),  # one heal's checkpoint is not another's
+            "calibration set": self.data.fingerprint(),
+        }
+        return Checkpointing(path, settings, fingerprint, load_state(path, settings, fingerprint))
 
-    def train(self, targets: DenseTargets) -> None:
+    def train(self, targets: DenseTargets, checkpointing: Checkpointing | None) -> None:
         """The optimizer loop (after the warm start, if any); on any failure the trained tensors are
         restored (``restore_on_error``) and ``starfish_heal_failed`` fires before the error goes on."""
         config, pruned, plan, dist = self.config, self.pruned, self.plan, self.dist
@@ -313,12 +362,13 @@ class HealRun:
             self.steps_per_epoch = math.ceil(len(self.data) / config.batch_size)
         total_steps = self.steps_per_epoch * config.epochs
         self.hooks.starfish_heal_started(model=pruned, plan=plan, config=config, total_steps=total_steps)
-        self.params = params = trainable_parameters(pruned, plan, config.trainable)
+        params = self.params
         setup = TrainSetup(pruned, plan, params, targets, self.data, self.loss_fn, config, self.device, self.hooks,
-                           dist, self._checkpointing(), self.n_total, self.steps_per_epoch)
-        backup = [p.detach().clone() for p in params] if config.restore_on_error else None
+                           dist, checkpointing, self.n_total, self.steps_per_epoch)
+        keep = config.restore_on_error or config.if_worse == "restore"
+        backup = [p.detach().clone() for p in params] if keep else None
         # in train mode the forward also updates buffers (batch-norm running statistics)
-        buffers = [(b, b.detach().clone()) for b in pruned.buffers()] if backup and config.train_mode else []
+        buffers = [(b, b.detach().clone()) for b in pruned.buffers()] if keep and config.train_mode else []
         train_start = time.perf_counter()
         try:
             if config.warm_start == "row_norm":
@@ -330,12 +380,8 @@ class HealRun:
             self.facts.update(resumed_after_epoch=loop.first_epoch, compiled=loop.compiled,
                               autocast="bf16" if loop.use_bf16 else "")
         except BaseException as exc:
-            if backup is not None:
-                with torch.no_grad():
-                    for p, saved in zip(params, backup):
-                        p.copy_(saved)
-                    for b, saved in buffers:
-                        b.copy_(saved)
+            if config.restore_on_error and backup is not None:
+                _put_back(params, backup, buffers)
             self.hooks.starfish_write_back(model=pruned, plan=plan)  # refresh derived attributes
             self.hooks.starfish_heal_failed(model=pruned, error=exc, config=config)
             raise
@@ -345,7 +391,14 @@ class HealRun:
         self.train_seconds = time.perf_counter() - train_start
         self.after = self._cosines(targets)
         if self.loss_fn.needs_blocks:  # kl / ce do not aim at block alignment
-            self.facts["healing_worsened"] = _warn_if_worse(self.before, self.after, config, self.choice, self.notes)
+            worse = _warn_if_worse(self.before, self.after, config, self.choice, self.notes)
+            self.facts["healing_worsened"] = worse
+            if worse and config.if_worse == "restore" and backup is not None:
+                _put_back(params, backup, buffers)
+                self.hooks.starfish_write_back(model=pruned, plan=plan)
+                self.after = self._cosines(targets)
+                self.facts["worse_restored"] = True
+                self.notes.append("if_worse='restore': the weights from before healing were put back")
 
     def write_back(self) -> SparsityPlan:
         """Leave the model in its toolkit's form, then read its masks again (to check them)."""
@@ -362,7 +415,8 @@ class HealRun:
         config, plan, data = self.config, self.plan, self.data
         peak, peak_kind = _peak_memory(self.device)
         in_plan = {id(e.parameter) for e in plan}
-        trainable = sum(int(e.mask.sum()) for e in plan) + sum(
+        trained = {id(p) for p in self.params}
+        trainable = sum(int(e.mask.sum()) for e in plan if id(e.parameter) in trained) + sum(
             p.numel() for p in self.params if id(p) not in in_plan
         )
         seconds = self.train_seconds
@@ -515,7 +569,9 @@ def _warn_if_worse(
         message = (
             f"healing lowered the mean block cosine from {mean_before:.4f} to {mean_after:.4f}. Likely causes: "
             f"a learning rate too high for this model (lr={config.lr}; try lr={config.lr / 4:g}), or blocks that "
-            f"do not suit it (chosen by: {choice.rule}; pass HealConfig.blocks=[...])"
+            f"do not suit it (chosen by: {choice.rule}; pass HealConfig.blocks=[...]). "
+            + ("The weights from before healing are put back (if_worse='restore')" if config.if_worse == "restore"
+               else "The healed weights stay; HealConfig.if_worse='restore' keeps the better ones instead")
         )
         warnings.warn(message, HealingWarning, stacklevel=4)
         notes.append(message)
@@ -523,10 +579,36 @@ def _warn_if_worse(
     return False
 
 
-def trainable_parameters(model: nn.Module, plan: SparsityPlan, which: str) -> list[nn.Parameter]:
-    """The plan's tensors (``"pruned"``), or every floating parameter of ``model`` (``"all"``)."""
+def trainable_parameters(
+    model: nn.Module, plan: SparsityPlan, which: str, notes: list[str] | None = None
+) -> list[nn.Parameter]:
+    """The plan's tensors (``"pruned"``), or every floating parameter of ``model`` (``"all"``),
+    less those the user froze (``requires_grad=False``): they stay as they are.
+
+    Raises:
+        NothingToTrainError: every pruned tensor is frozen, or has no surviving entry.
+    """
     params = plan.parameters()
     if which == "all":
         seen = {id(p) for p in params}
         params += [p for p in model.parameters() if p.is_floating_point() and id(p) not in seen]
+    frozen = [p for p in params if not p.requires_grad]
+    if frozen and len(frozen) == len(params):
+        raise NothingToTrainError(
+            f"every tensor healing would train ({len(params)}) has requires_grad=False: nothing can be trained. "
+            "If the pruned model is a copy of a frozen dense model, call pruned.requires_grad_(True) first; "
+            "tensors you froze on purpose stay frozen"
+        )
+    if frozen:
+        names = {id(p): n for n, p in model.named_parameters()}
+        if notes is not None:
+            notes.append(f"{len(frozen)} tensor(s) frozen by requires_grad=False stay as they are: "
+                         f"{[names.get(id(p), '?') for p in frozen][:5]}")
+        params = [p for p in params if p.requires_grad]
+    in_plan = {id(e.parameter): e for e in plan}
+    if all(id(p) in in_plan and not bool(in_plan[id(p)].mask.any()) for p in params):
+        raise NothingToTrainError(
+            f"every pruned tensor to train is pruned to nothing (no surviving entry in "
+            f"{[e.name for e in plan][:5]}): there is no weight to heal. Prune less, or heal with trainable='all'"
+        )
     return params

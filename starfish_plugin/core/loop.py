@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 import types
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,9 @@ from starfish_plugin.core.model_io import Inputs, call_model, main_output
 from starfish_plugin.core.plan import SparsityPlan
 from starfish_plugin.data.calibration import CalibrationData
 from starfish_plugin.data.targets import DenseTargets
-from starfish_plugin.errors import CompileError, NonFiniteError
+from starfish_plugin.errors import CompileError, HealingWarning, NonFiniteError
 from starfish_plugin.runtime.distributed import DistContext
-from starfish_plugin.runtime.resume import HealState, load_state, save_state
+from starfish_plugin.runtime.resume import HealState, save_state
 
 
 class MaskKeeper:
@@ -104,6 +105,7 @@ class Checkpointing:
     path: Path
     settings: dict[str, Any]
     fingerprint: dict[str, str]
+    state: HealState | None = None  # the checkpoint found there (checked to belong to this heal)
 
 
 @dataclass
@@ -123,6 +125,33 @@ class TrainSetup:
     checkpointing: Checkpointing | None
     n_total: int
     steps_per_epoch: int
+
+
+def non_finite_cause(config: HealConfig, params: list[nn.Parameter], targets_mode: str) -> str:
+    """The likeliest reason a heal's loss became NaN or Inf, and its fix."""
+    half = sorted({str(p.dtype) for p in params if p.dtype in (torch.float16, torch.bfloat16)})
+    if half:
+        return (
+            f"The trained weights are {', '.join(half)}: AdamW's update and the loss overflow or lose precision "
+            "there. Heal in fp32 (pruned.float() and dense.float(), with fp32 inputs) and cast back afterwards; "
+            "precision='bf16' keeps fp32 weights and computes the forward in bf16"
+        )
+    if config.weight_decay * config.lr >= 1:
+        return (
+            f"weight_decay * lr = {config.weight_decay * config.lr:g} >= 1: each step's decay overshoots zero and the "
+            f"weights grow without bound. Lower HealConfig.weight_decay (now {config.weight_decay}; the paper uses 0)"
+        )
+    diverged = sum(not bool(torch.isfinite(p).all()) for p in params)
+    if diverged:
+        return (
+            f"{diverged} of {len(params)} trained tensors diverged to NaN/Inf: the learning rate is too high for "
+            f"this model. Lower HealConfig.lr (now {config.lr:g}; try {config.lr / 10:g})"
+        )
+    online = (" (with targets='online' only the first batch is checked up front)" if targets_mode == "online" else "")
+    return (
+        "The weights stayed finite, so a forward produced it: check that the dense model's outputs are finite on "
+        f"every calibration input{online}, or lower HealConfig.lr (now {config.lr})"
+    )
 
 
 class TrainLoop:
@@ -175,9 +204,7 @@ class TrainLoop:
 
     def _resume(self) -> None:
         s = self.s
-        if s.checkpointing is None:
-            return
-        state = load_state(s.checkpointing.path, s.checkpointing.settings, s.checkpointing.fingerprint)
+        state = s.checkpointing.state if s.checkpointing is not None else None
         if state is None:
             return
         with torch.no_grad():
@@ -187,7 +214,13 @@ class TrainLoop:
         self.schedule.load_state_dict(state.scheduler)
         self.generator.set_state(state.generator)
         self.first_epoch, self.losses = state.epoch, list(state.epoch_losses)
+        assert s.checkpointing is not None
         self.notes.append(f"resumed from {s.checkpointing.path} after epoch {self.first_epoch} of {s.config.epochs}")
+        if self.first_epoch >= s.config.epochs:
+            warnings.warn(
+                f"{s.checkpointing.path} holds a finished heal of this model: its weights are returned without "
+                "training. Delete it, or pass another checkpoint_dir, to heal again", HealingWarning, stacklevel=6,
+            )
 
     def _epoch(self, forward: Any, outputs: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, int]:
         """One pass over this rank's batches; returns the summed loss (on the device) and the step."""
@@ -218,8 +251,7 @@ class TrainLoop:
             state_word = "restored" if config.restore_on_error else "left as they were (restore_on_error=False)"
             raise NonFiniteError(
                 f"the healing loss became {mean} in epoch {epoch + 1}; the weights were {state_word}. "
-                f"Lower HealConfig.lr (now {config.lr}), or check that the dense model's outputs are finite "
-                "on every calibration input (with targets='online' only the first batch is checked up front)"
+                + non_finite_cause(config, s.params, s.targets.plan.mode)
             )
         self.losses.append(mean)
         if s.checkpointing is not None:

@@ -8,7 +8,14 @@ from torch import nn
 from starfish_plugin.core.model_io import Inputs, call_model, describe_inputs, main_output
 from starfish_plugin.core.plan import SparsityPlan
 from starfish_plugin.data.calibration import CalibrationData
-from starfish_plugin.errors import CalibrationError, CalibrationTypeError, ConfigError, ModelMismatchError, UsageError
+from starfish_plugin.errors import (
+    CalibrationError,
+    CalibrationTypeError,
+    ConfigError,
+    ModelMismatchError,
+    NonFiniteError,
+    UsageError,
+)
 
 
 def check_models(pruned: object, dense: object) -> None:
@@ -133,3 +140,42 @@ def probe_forward(model: nn.Module, x: Inputs, label: str) -> object:
             f"the {label} {type(model).__name__} cannot take calibration batches of {describe_inputs(x)}: "
             f"{type(exc).__name__}: {exc}. {hint}"
         ) from exc
+
+
+def check_finite_weights(pruned: nn.Module) -> None:
+    """No parameter of the pruned model holds NaN or Inf (healing cannot repair one, and a masked
+    NaN still poisons the forward: NaN * 0 is NaN)."""
+    for name, p in pruned.named_parameters():
+        if p.is_floating_point() and p.numel() and not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            raise NonFiniteError(
+                f"the pruned model's {name} holds {bad} NaN/Inf value(s) before healing; healing cannot repair "
+                "them. Prune again from a finite dense model (check the pruning step and any fine-tuning before it)"
+            )
+
+
+@torch.no_grad()
+def unrelated_weights(pruned: nn.Module, dense: nn.Module, plan: SparsityPlan) -> str | None:
+    """A warning if the surviving weights look unrelated to the dense model's (median cosine over the
+    pruned tensors below 0.1): pruning keeps surviving weights, and healing moves them only a little,
+    so a low value means ``dense`` is not the model ``pruned`` was made from."""
+    if plan.structural:  # kept channels are re-indexed: positions no longer correspond
+        return None
+    reference = dict(dense.named_parameters())
+    cosines = []
+    for e in plan:
+        other = reference.get(e.name)
+        if other is None or other.shape != e.parameter.shape or not bool(e.mask.any()):
+            continue
+        a, b = e.parameter[e.mask].float(), other[e.mask].float()
+        cosines.append(float(torch.nn.functional.cosine_similarity(a, b, dim=0)))
+    if not cosines:
+        return None
+    median = sorted(cosines)[len(cosines) // 2]
+    if median >= 0.1:
+        return None
+    return (
+        f"the pruned model's surviving weights barely resemble the dense model's (median cosine {median:.2f} "
+        f"over {len(cosines)} pruned tensors; a pruned copy scores 1.0): is `dense` the model `pruned` was made "
+        "from? Healing aligns the pruned model with this dense model's outputs whatever it is"
+    )

@@ -178,10 +178,10 @@ class DenseTargets:
             "block selection": text_fingerprint(self.blocks, self.need_logits, hash_tensors(kept)),
         }
         self.disk = DiskTargetCache(directory, fingerprint, len(data))
-        stale = self.disk.stale_reason()
+        stale = self.disk.open_existing()
         if stale is None:
             self.cache_action = "reused"
-            self.note = f"dense targets: reused the disk cache in {directory}"
+            self.note = f"dense targets: reused the disk cache in {self.disk.directory}"
         else:
             try:
                 self.disk.build(self._batches(data, batch_size), self.plan.estimate_bytes)
@@ -191,7 +191,8 @@ class DenseTargets:
             self.cache_action = "built" if stale == "no cache there yet" else "rebuilt"
             self.cache_reason = "" if self.cache_action == "built" else stale
             verb = "built" if stale == "no cache there yet" else f"rebuilt ({stale})"
-            self.note = f"dense targets: {verb} the disk cache in {directory}"
+            self.note = f"dense targets: {verb} the disk cache in {self.disk.directory}"
+        self.disk.evict_unused()
         self.fp32_blocks = [n for n, e in self.disk.entries.items() if n != LOGITS and e["dtype"] == "float32"]
 
     def _batches(self, data: CalibrationData, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -206,7 +207,7 @@ class DenseTargets:
         if self.disk is not None:
             self.disk.close()
             if self.plan.temporary:
-                shutil.rmtree(self.disk.directory, ignore_errors=True)
+                shutil.rmtree(self.disk.root, ignore_errors=True)
 
     def get(self, idx: torch.Tensor, x: Inputs) -> dict[str, torch.Tensor]:
         """Targets for calibration samples ``idx`` (whose inputs are ``x``, already on device)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -70,6 +70,7 @@ class Attachment:
             self._after_step()
             return result
 
+        wrapped.__starfish_attachment__ = self  # type: ignore[attr-defined]
         return wrapped
 
     def _heal_after(self, groups: Any) -> _HealingGroups:
@@ -185,6 +186,17 @@ def attach(
             "sparsifier.prepare(model, config) before attach()"
         )
     check_models(model, dense)
+    if getattr(pruner.step, "__starfish_attachment__", None) is not None:
+        raise AttachError(
+            f"this {type(pruner).__name__} is already attached (each step would heal twice); use the first "
+            "handle, or call its detach() before attaching again"
+        )
+    if isinstance(calibration, Iterator):
+        raise UsageError(
+            f"attach() heals after every pruning step and reads the calibration set each time, but a "
+            f"{type(calibration).__name__} can be read only once; pass a tensor, list of batches, Dataset or "
+            "DataLoader (e.g. list(batches))"
+        )
     if config is not None or overrides:
         config = resolve_config(config, overrides)
     return Attachment(pruner, model, dense, calibration, config)

@@ -22,3 +22,16 @@ def write_atomically(path: Path, write: Callable[[Path], object], fail: Callable
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def directory_problem(path: str | os.PathLike) -> str | None:
+    """Why files cannot be created in directory ``path`` (made if missing), or ``None``: it, or
+    its nearest existing parent, must be a writable directory."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None

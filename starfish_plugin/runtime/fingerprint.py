@@ -50,3 +50,8 @@ def model_fingerprint(model: nn.Module, skip: Iterable[nn.Parameter] = ()) -> st
 def text_fingerprint(*parts: object) -> str:
     """Hash of the ``repr`` of ``parts`` (settings, block names)."""
     return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> str:
+    """Hash of the values of ``tensors`` in order (the trained weights of a heal)."""
+    return hash_tensors((str(i), t) for i, t in enumerate(tensors))

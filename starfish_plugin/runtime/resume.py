@@ -13,6 +13,7 @@ import torch
 from starfish_plugin.config import HealConfig
 from starfish_plugin.errors import CheckpointError
 from starfish_plugin.runtime.atomic import write_atomically
+from starfish_plugin.runtime.fingerprint import weights_fingerprint
 
 VERSION = 1
 # Settings that change nothing the optimizer computes (compiling: only float rounding); a checkpoint
@@ -83,6 +84,14 @@ def load_state(path: Path, settings: dict[str, Any], fingerprint: dict[str, str]
             "settings, or delete it / pass another checkpoint_dir to start over"
         )
     differ = [k for k in fingerprint if raw["fingerprint"].get(k) != fingerprint[k]]
+    if differ == ["pruned weights"] and weights_fingerprint(raw["params"]) == fingerprint["pruned weights"]:
+        differ = []  # the model holds the checkpoint's own weights (healed in this process already)
+    if differ == ["pruned weights"]:
+        raise CheckpointError(
+            f"the heal checkpoint {path} belongs to a heal that started from other pruned weights (same masks, "
+            "different values), or the weights changed since (a failed heal with restore_on_error=False); "
+            "delete it or pass another checkpoint_dir to heal this model"
+        )
     if differ:
         raise CheckpointError(
             f"the heal checkpoint {path} belongs to a heal of another {' and '.join(differ)}; resume with the "
