@@ -68,6 +68,27 @@ def test_truncated_or_unfinished_cache_is_rebuilt(dense, images, fast, tmp_path)
     assert report.target_cache_action == "built"
 
 
+def test_an_altered_or_escaping_cache_is_rebuilt_never_read(dense, images, fast, tmp_path):
+    cfg = fast.replace(targets="disk", cache_dir=str(tmp_path / "cache"))
+    _, first = _heal(dense, images, cfg)
+    (cache,) = (tmp_path / "cache").glob("targets-*")
+    victim = sorted(cache.glob("target_*.bin"))[0]
+    data = bytearray(victim.read_bytes())
+    data[10] ^= 0xFF  # same size, other contents
+    victim.write_bytes(bytes(data))
+    model, report = _heal(dense, images, cfg)
+    assert report.target_cache_action == "rebuilt" and "does not match the digest" in report.target_cache_reason
+    assert report.epoch_losses == first.epoch_losses
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"secret")
+    meta = json.loads((cache / "meta.json").read_text())
+    next(iter(meta["entries"].values()))["file"] = "../outside.bin"
+    (cache / "meta.json").write_text(json.dumps(meta))
+    _, report = _heal(dense, images, cfg)
+    assert report.target_cache_action == "rebuilt" and "names files outside the cache" in report.target_cache_reason
+    assert outside.read_bytes() == b"secret"
+
+
 def test_temporary_cache_is_removed_after_the_heal(dense, images, fast, tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     import tempfile

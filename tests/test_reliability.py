@@ -64,10 +64,13 @@ def test_a_non_finite_loss_names_its_real_cause(images, fast, setting, message):
     else:
         overrides = {"lr": 1e8, "loss": "mse"}
     pruned = l1_prune_(copy.deepcopy(dense))
+    pruned.head.bias.requires_grad_(False)
+    flags = [p.requires_grad for p in pruned.parameters()]
     saved = state_copy(pruned)
     with pytest.raises(errors.NonFiniteError, match=message):
         starfish.heal(pruned, dense, x, fast, **overrides)
     assert_state_equal(pruned, saved)  # restored
+    assert [p.requires_grad for p in pruned.parameters()] == flags  # and the requires_grad flags too
 
 
 def test_non_finite_pruned_weights_are_refused_before_healing(pruned, dense, images, fast):
