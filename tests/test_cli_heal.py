@@ -99,8 +99,6 @@ def test_bad_inputs_exit_2_with_a_clear_message_and_write_nothing(files, tmp_pat
     empty.mkdir()
     broken = _write_folder(tmp_path / "broken", torch.rand(3, 1, 8, 8))
     (broken / "zz.png").write_bytes(b"not an image")
-    mixed = _write_folder(tmp_path / "mixed", torch.rand(2, 1, 8, 8))
-    Image.new("L", (9, 9)).save(mixed / "big.png")
     cases = [
         ({"--dense": tmp_path / "missing.pt"}, "does not exist"),
         ({"--dense": corrupt}, "not a readable torch checkpoint"),
@@ -108,7 +106,6 @@ def test_bad_inputs_exit_2_with_a_clear_message_and_write_nothing(files, tmp_pat
         ({"--dense": unsafe}, "pass --unsafe-pickle"),
         ({"--calibration": empty}, "holds no images"),
         ({"--calibration": broken}, "cannot read image .*zz.png"),
-        ({"--calibration": mixed}, "different sizes .* pass --image-size"),
     ]
     for change, message in cases:
         assert main(_heal_args(files, tmp_path, **change)) == 2, change
@@ -121,6 +118,10 @@ def test_mixed_sizes_are_fine_with_image_size(files, tmp_path):
     mixed = _write_folder(tmp_path / "mixed", torch.rand(40, 1, 8, 8))
     Image.new("L", (12, 10), 128).save(mixed / "big.png")
     assert main(_heal_args(files, tmp_path, **{"--calibration": mixed}) + ["--image-size", "8"]) == 0
+    # without --image-size: the model's own size (8 px, from the shipped model's record)
+    assert main(_heal_args(files, tmp_path, **{"--calibration": mixed})) == 0
+    # a size the model cannot take is refused with the fix
+    assert main(_heal_args(files, tmp_path, **{"--calibration": mixed}) + ["--image-size", "12"]) == 2
 
 
 class argparse_like:  # noqa: N801 - any plain Python object needs full unpickling
@@ -315,3 +316,55 @@ def test_a_decompression_bomb_is_refused_with_exit_2(files, tmp_path, capsys, mo
     err = capsys.readouterr().err
     assert code == 2 and "is too large to decode safely" in err and "decompression bomb" in err, err
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_mixed_sizes_for_a_model_of_any_size_are_refused_with_the_fix(tmp_path):
+    from starfish_plugin.cli.image_folders import load_image_folder
+    from starfish_plugin.errors import ImageFolderError
+
+    mixed = _write_folder(tmp_path / "mixed", torch.rand(2, 1, 8, 8))
+    Image.new("L", (9, 9)).save(mixed / "big.png")
+    with pytest.raises(ImageFolderError, match="different sizes .* pass --image-size"):
+        load_image_folder(mixed, None, 1, "none", None, False, 0, None)
+
+
+def test_commands_take_image_settings_from_the_model(files, tmp_path, capsys):
+    """No --channels / --normalize / --image-size: the shipped model's record gives them."""
+    assert main(["eval", *MODEL, "--weights", str(files / "dense.pt"), "--data", str(files / "test")]) == 0
+    explicit = capsys.readouterr().out
+    assert main(["eval", "--model", "starfish:vit_digits", "--weights", str(files / "dense.pt"),
+                 "--data", str(files / "test")]) == 0
+    out = capsys.readouterr().out
+    assert "1-channel images of 8 px; normalization mean (0), std (1) from the shipped vit_digits record" in out
+    assert out.splitlines()[-1] == explicit.splitlines()[-1]  # the same top-1 as with the flags
+    bench_json = tmp_path / "bench.json"
+    assert main(["bench", "--model", "starfish:vit_digits", "--dense", str(files / "dense.pt"),
+                 "--weights", str(files / "pruned.pt"), "--repeats", "2", "--json", str(bench_json)]) == 0
+    assert json.loads(bench_json.read_text())["image_size"] == 8
+    capsys.readouterr()
+    assert main(["eval", "--model", "starfish:vit_digits", "--channels", "3", "--weights", str(files / "dense.pt"),
+                 "--data", str(files / "test")]) == 2
+    assert "takes 1-channel images but --channels is 3; drop --channels" in capsys.readouterr().err
+
+
+def test_model_args_reach_the_constructor_and_version(tmp_path, capsys):
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=10)
+    torch.save(model.state_dict(), tmp_path / "vit.pt")
+    spec = ["--model", "timm:vit_tiny_patch16_224", "--num-classes", "10"]
+    bench = ["bench", *spec, "--dense", str(tmp_path / "vit.pt"), "--weights", str(tmp_path / "vit.pt"),
+             "--repeats", "2", "--json", str(tmp_path / "b.json")]
+    assert main(bench + ["--model-arg", "img_size=32", "--model-arg", "depth=2"]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["image_size"] == 32  # the size the model was built for
+    capsys.readouterr()
+    assert main(bench + ["--model-arg", "img_size=32", "--model-arg", "depth=2", "--image-size", "64"]) == 2
+    assert "built for 32-pixel images but --image-size is 64" in capsys.readouterr().err
+    assert main(bench + ["--model-arg", "no_such_arg=1"]) == 2
+    assert "does not take the constructor arguments ['no_such_arg', 'num_classes']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(bench + ["--model-arg", "img_size"])
+    assert exit_info.value.code == 2 and "is not KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("starfish-plugin 0.")

@@ -34,11 +34,41 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, except where there is none (``None``: read from the model, or unset)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "(default:" in text or not action.option_strings:
+            return text
+        if action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+def model_arg(text: str) -> tuple[str, Any]:
+    """An argparse type for ``--model-arg KEY=VALUE``: the value as a Python literal when it is one
+    (``img_size=32``, ``drop_rate=0.1``, ``global_pool='avg'``), else the string."""
+    import ast
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. img_size=32)")
+    try:
+        return key, ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return key, raw
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", required=True, help="architecture: timm:<name>, torchvision:<name> or starfish:<shipped model>"
     )
     p.add_argument("--num-classes", type=int, help="classifier width, if not the architecture's default")
+    p.add_argument(
+        "--model-arg", type=model_arg, action="append", default=[], metavar="KEY=VALUE",
+        help="keyword argument for the model's constructor (repeatable), e.g. --model-arg img_size=32",
+    )
     p.add_argument(
         "--unsafe-pickle",
         action="store_true",
@@ -47,13 +77,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _image_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-size", type=positive_int, help="resize (shorter side) and center-crop images to this size")
-    p.add_argument("--channels", type=int, choices=[1, 3], default=3)
+    p.add_argument(
+        "--image-size", type=positive_int,
+        help="resize (shorter side) and center-crop images to this size (default: the size the model requires; "
+        "for models that take any size, the images' own size)",
+    )
+    p.add_argument("--channels", type=int, choices=[1, 3], help="image channels (default: read from the model)")
     p.add_argument(
         "--normalize",
         choices=["imagenet", "inception", "none"],
-        default="imagenet",
-        help="mean/std preset applied after scaling pixels to [0, 1]",
+        help="mean/std preset applied after scaling pixels to [0, 1] (default: the model's own: a shipped "
+        "model's record, timm's pretrained_cfg, else ImageNet)",
     )
     p.add_argument("--mean", type=float, nargs="+", help="per-channel mean (overrides --normalize; with --std)")
     p.add_argument("--std", type=float, nargs="+", help="per-channel std (overrides --normalize; with --mean)")
@@ -107,12 +141,23 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _load_dense(args: argparse.Namespace):
-    from starfish_plugin.io.model_files import build_model, load_file, load_weights_, state_dict_of
+def _load_dense(args: argparse.Namespace, stream: Any = None):
+    from starfish_plugin.io.model_files import load_file, load_weights_, state_dict_of
 
-    dense = build_model(args.model, args.num_classes)
+    dense = _build(args, stream)
     load_weights_(dense, state_dict_of(load_file(args.dense, args.unsafe_pickle), args.dense), args.dense, "dense")
     return dense
+
+
+def _build(args: argparse.Namespace, stream: Any = None):
+    """The architecture of ``--model`` (with ``--num-classes`` and ``--model-arg``), and the image
+    flags not given filled in from it."""
+    from starfish_plugin.cli.model_defaults import apply_image_defaults
+    from starfish_plugin.io.model_files import build_model
+
+    model = build_model(args.model, args.num_classes, dict(args.model_arg))
+    print(f"starfish: {apply_image_defaults(args, args.model, model)}", file=stream or sys.stdout)
+    return model
 
 
 def _images(
@@ -219,11 +264,9 @@ def _heal(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from starfish_plugin.core.evaluate import evaluate
-    from starfish_plugin.io.model_files import build_model, load_pruned
+    from starfish_plugin.io.model_files import load_pruned
 
-    model = build_model(args.model, args.num_classes)
-    if args.dense:
-        model = _load_dense(args)
+    model = _load_dense(args) if args.dense else _build(args)
     model, fmt = load_pruned(model, args.weights, args.format, args.unsafe_pickle, dense_has_weights=bool(args.dense))
     print(f"top-1 {evaluate(model, _eval_set(args, args.data, args.split)):.2f} % ({args.weights}, read as '{fmt}')")
     return 0
@@ -235,8 +278,9 @@ def _bench(args: argparse.Namespace) -> int:
     from starfish_plugin.cli.latency import compare_latency
     from starfish_plugin.io.model_files import load_pruned
 
-    dense = _load_dense(args)
+    dense = _load_dense(args, sys.stderr)  # stdout is the JSON
     pruned, fmt = load_pruned(dense, args.weights, args.format, args.unsafe_pickle)
+    args.image_size = args.image_size or 224
     result = compare_latency(dense, pruned, args.batch_size, args.image_size, args.channels, args.repeats, args.device)
     print(json.dumps(result, indent=2))
     if args.json:
@@ -246,30 +290,36 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     formats = list(pruned_formats())  # the core's and the adapters' file formats
-    parser = argparse.ArgumentParser(prog="starfish", description="Heal pruned PyTorch models with STARFISH.")
+    from starfish_plugin import __version__
+
+    parser = argparse.ArgumentParser(prog="starfish", description="Heal pruned PyTorch models with STARFISH.",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"starfish-plugin {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
     heal = _add_heal(sub, formats)
     _add_heal_recipe(heal)
     _add_eval(sub, formats)
     _add_bench(sub, formats)
-    plugins = sub.add_parser("plugins", help="list registered plugins and the hooks they implement")
+    plugins = sub.add_parser("plugins", help="list registered plugins and the hooks they implement",
+                             description="List the registered plugins and the hooks each implements.")
     plugins.set_defaults(func=_plugins)
     return parser
 
 
 def _add_demo(sub: Any) -> None:
     demo = sub.add_parser(
-        "demo",
+        "demo", formatter_class=HelpFormatter,
         help="prune a shipped ViT at 0.8 with torch.nn.utils.prune, heal it, print the accuracy table",
         description="Offline demo on real images: Fashion-MNIST if installed (apt-get install "
         "dataset-fashion-mnist), scikit-learn's digits otherwise.",
     )
-    demo.add_argument("--dataset", choices=["auto", "fashion-mnist", "digits"], default="auto")
+    demo.add_argument("--dataset", choices=["auto", "fashion-mnist", "digits"], default="auto",
+                      help="auto: Fashion-MNIST if installed, else digits")
     demo.add_argument("--sparsity", type=float, default=0.8, help="fraction of qkv/proj/fc1/fc2 weights pruned")
-    demo.add_argument("--epochs", type=int, default=10)
+    demo.add_argument("--epochs", type=positive_int, default=10, help="healing epochs")
     demo.add_argument("--calibration", type=int, default=1000, help="unlabeled calibration images")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the calibration sample and the heal")
     demo.add_argument("--json", help="also save the figures to this JSON file")
     demo.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     demo.set_defaults(func=_demo)
@@ -278,7 +328,7 @@ def _add_demo(sub: Any) -> None:
 def _add_heal(sub: Any, formats: list[str]) -> argparse.ArgumentParser:
     """``starfish heal``: its files, data and output."""
     heal = sub.add_parser(
-        "heal",
+        "heal", formatter_class=HelpFormatter,
         help="heal a pruned checkpoint on an image folder or hf:<dataset> and save it",
         description="Heal a pruned checkpoint with STARFISH. The pruned file may be a torch.nn.utils.prune "
         "state dict (weight_orig/weight_mask), a Torch-Pruning state dict (tp.state_dict, a pickle: needs "
@@ -289,7 +339,7 @@ def _add_heal(sub: Any, formats: list[str]) -> argparse.ArgumentParser:
     _model_args(heal)
     heal.add_argument("--dense", required=True, help="dense weights (state dict file)")
     heal.add_argument("--pruned", required=True, help="pruned checkpoint (see above)")
-    heal.add_argument("--pruned-format", default="auto", choices=formats)
+    heal.add_argument("--pruned-format", default="auto", choices=formats, help="how to read --pruned")
     heal.add_argument(
         "--calibration",
         required=True,
@@ -366,10 +416,15 @@ def heal_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_eval(sub: Any, formats: list[str]) -> None:
-    ev = sub.add_parser("eval", help="top-1 of a checkpoint on a labeled image folder or hf:<dataset>")
+    ev = sub.add_parser(
+        "eval", help="top-1 of a checkpoint on a labeled image folder or hf:<dataset>", formatter_class=HelpFormatter,
+        description="Top-1 accuracy of a checkpoint (any format heal reads or writes) on labeled images: a folder "
+        "with one subfolder per class, or hf:<dataset>. Image size, channels and normalization come from the "
+        "model unless given.",
+    )
     _model_args(ev)
     ev.add_argument("--weights", required=True, help="checkpoint to evaluate (any format heal reads)")
-    ev.add_argument("--format", default="auto", choices=formats)
+    ev.add_argument("--format", default="auto", choices=formats, help="how to read --weights")
     ev.add_argument("--dense", help="dense weights (needed when --weights is a mask dictionary)")
     ev.add_argument("--data", required=True, help="labeled image folder, one subfolder per class, or hf:<dataset>")
     ev.add_argument("--split", default="test", help="split of a hf:<dataset>")
@@ -378,16 +433,21 @@ def _add_eval(sub: Any, formats: list[str]) -> None:
 
 
 def _add_bench(sub: Any, formats: list[str]) -> None:
-    bench = sub.add_parser("bench", help="forward latency of a pruned checkpoint against its dense model")
+    bench = sub.add_parser(
+        "bench", help="forward latency of a pruned checkpoint against its dense model", formatter_class=HelpFormatter,
+        description="Forward latency of a pruned (or healed) checkpoint against its dense model, medians over "
+        "interleaved repeats, on random inputs of the model's size.",
+    )
     _model_args(bench)
-    bench.add_argument("--dense", required=True)
+    bench.add_argument("--dense", required=True, help="dense weights (state dict file)")
     bench.add_argument("--weights", required=True, help="pruned or healed checkpoint")
-    bench.add_argument("--format", default="auto", choices=formats)
-    bench.add_argument("--batch-size", type=positive_int, default=1)
-    bench.add_argument("--image-size", type=positive_int, default=224)
-    bench.add_argument("--channels", type=int, choices=[1, 3], default=3)
-    bench.add_argument("--repeats", type=positive_int, default=30)
-    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--format", default="auto", choices=formats, help="how to read --weights")
+    bench.add_argument("--batch-size", type=positive_int, default=1, help="inputs per forward")
+    bench.add_argument("--image-size", type=positive_int,
+                       help="input side (default: the size the model requires, else 224)")
+    bench.add_argument("--channels", type=int, choices=[1, 3], help="input channels (default: read from the model)")
+    bench.add_argument("--repeats", type=positive_int, default=30, help="timed forwards per model (medians)")
+    bench.add_argument("--device", default="cpu", help="where to time, e.g. cuda:0")
     bench.add_argument("--json", help="also save the figures to this JSON file")
     bench.set_defaults(func=_bench)
 

@@ -12,6 +12,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from starfish_plugin.demo.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from starfish_plugin.errors import DemoError
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
@@ -112,6 +113,13 @@ SPECS: dict[str, TinyViTSpec | SmallResNetSpec] = {
     "vit_fmnist": FASHION_VIT,
     "vit_digits": DIGITS_VIT,
     "resnet_fmnist": FASHION_RESNET,
+}
+# The images each shipped model was trained on: side in pixels, channels, and the mean/std applied
+# after scaling pixels to [0, 1] (the command line uses these unless told otherwise).
+IMAGES: dict[str, dict] = {
+    "vit_fmnist": {"size": 28, "channels": 1, "mean": (FASHION_MNIST_MEAN,), "std": (FASHION_MNIST_STD,)},
+    "vit_digits": {"size": 8, "channels": 1, "mean": (0.0,), "std": (1.0,)},
+    "resnet_fmnist": {"size": 28, "channels": 1, "mean": (FASHION_MNIST_MEAN,), "std": (FASHION_MNIST_STD,)},
 }
 
 

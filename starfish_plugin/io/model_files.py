@@ -25,11 +25,23 @@ from starfish_plugin.io.structured import (
 from starfish_plugin.runtime.atomic import write_atomically
 
 
-def build_model(spec: str, num_classes: int | None = None) -> nn.Module:
+def build_model(spec: str, num_classes: int | None = None, model_args: dict[str, Any] | None = None) -> nn.Module:
     """``timm:<name>``, ``torchvision:<name>`` or ``starfish:<shipped model>``, untrained (weights
-    come from a file)."""
+    come from a file), with ``model_args`` passed to its constructor."""
+    kwargs: dict[str, Any] = dict(model_args or {})
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    try:
+        return _construct(spec, kwargs)
+    except TypeError as exc:  # an argument the constructor does not take
+        raise CheckpointFileError(
+            f"--model {spec} does not take the constructor arguments {sorted(kwargs)}: {exc}; check --model-arg "
+            "and --num-classes against the model's constructor"
+        ) from exc
+
+
+def _construct(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     source, _, name = spec.partition(":")
-    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     if source == "starfish":
         import dataclasses
 
