@@ -93,7 +93,7 @@ def starfish_find_masks(model, dense):
 def starfish_supported_forms() -> list[str]:
     return [
         "N:M zeros with no mask object (after squash_mask / apply_fake_sparsity): 2:4 or 4:8 validated "
-        "for every tensor, or any zeros after nm_layouts.infer_masks_from_zeros(model)"
+        "for every tensor, or any zeros after starfish_plugin.adapters.nm_layouts.infer_masks_from_zeros(model)"
     ]
 
 

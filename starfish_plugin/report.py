@@ -36,6 +36,10 @@ class HealReport:
         warm_start_rescaled: tensors the row-norm warm start rescaled.
         healing_worsened: the mean block cosine fell (a ``HealingWarning`` was issued).
         worse_restored: it fell and ``if_worse="restore"`` put the weights from before healing back.
+        parameters_dense, parameters_pruned: parameter counts of both models (they differ when
+            pruning removed structures, e.g. Torch-Pruning).
+        macs_dense, macs_pruned: multiply-accumulates of their Linear/Conv layers per sample
+            (structural pruning only; 0 otherwise, where zeros save no dense compute).
         notes: the same facts and the adapters' remarks, as sentences.
     """
 
@@ -76,6 +80,10 @@ class HealReport:
     warm_start_rescaled: int = 0
     healing_worsened: bool = False
     worse_restored: bool = False
+    parameters_dense: int = 0
+    parameters_pruned: int = 0
+    macs_dense: int = 0
+    macs_pruned: int = 0
     notes: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -97,12 +105,23 @@ class HealReport:
 
     def summary(self) -> str:
         """A few human-readable lines."""
+        if self.macs_dense:  # structures removed: the zeros-based sparsity would read 0 %
+            shape = (f"structured: parameters {_count(self.parameters_dense)} -> {_count(self.parameters_pruned)}"
+                     f" ({1 - self.parameters_pruned / self.parameters_dense:.1%} fewer), MACs per sample "
+                     f"{_count(self.macs_dense)} -> {_count(self.macs_pruned)} "
+                     f"({1 - self.macs_pruned / self.macs_dense:.1%} fewer)")
+        else:
+            shape = f"{self.sparsity:.1%} sparsity"
+        if len(self.epoch_losses) > 1:
+            first, last, n = self.epoch_losses[0], self.epoch_losses[-1], len(self.epoch_losses)
+            loss = f"loss {first:.4f} -> {last:.4f} over {n} epochs"
+        else:
+            loss = f"loss {self.epoch_losses[0]:.4f} (1 epoch)" if self.epoch_losses else "no epochs"
         lines = [
-            f"healed {self.adapter} model: {self.sparsity:.1%} sparsity, {len(self.blocks)} blocks "
-            f"({self.block_rule or 'given'}), "
+            f"healed {self.adapter} model: {shape}, {len(self.blocks)} blocks ({self.block_rule or 'given'}), "
             f"loss={self.loss}, {self.steps} steps on {self.n_samples} samples",
-            f"loss {self.epoch_losses[0]:.4f} -> {self.epoch_losses[-1]:.4f}" if self.epoch_losses else "no epochs",
-            f"mean block cosine {self.mean_cosine_before:.4f} -> {self.mean_cosine_after:.4f}",
+            loss,
+            f"mean block cosine to the dense model {self.mean_cosine_before:.4f} -> {self.mean_cosine_after:.4f}",
             f"{self.seconds:.1f} s ({self.samples_per_second:.0f} samples/s in the loop), targets: {self.targets_mode}",
             f"mask unchanged: {self.mask_unchanged}, masked weights zero: {self.masked_weights_zero}",
         ]
@@ -118,3 +137,10 @@ class HealReport:
         elif self.healing_worsened:
             lines.append("WARNING: healing lowered the mean block cosine (see the notes)")
         return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return str(n)

@@ -224,3 +224,12 @@ def test_dense_in_another_dtype_is_refused(pruned, dense, images, fast, guard):
 def test_calibration_on_the_meta_device_is_refused(pruned, dense, fast, guard):
     with pytest.raises(errors.CalibrationError, match="on the 'meta' device: it has a shape but no values"):
         starfish.heal(pruned, dense, torch.randn(64, 1, 8, 8, device="meta"), fast)
+
+
+def test_calibration_shapes_users_bring_work_or_name_the_fix(pruned, dense, images, labels, fast, guard):
+    report = starfish.heal(l1_prune_(copy.deepcopy(dense)), dense, (images, labels), fast, loss="ce")
+    assert report.calibration_source == "(inputs, labels) pair" and report.n_samples == 64
+    with pytest.raises(errors.CalibrationError, match=r"read as a sequence of batches.*torch.stack\(items\)"):
+        starfish.heal(pruned, dense, list(images), fast)  # single [C, H, W] images in a list
+    with pytest.raises(errors.MaskNotFoundError, match="starfish_plugin.adapters.nm_layouts.infer_masks_from_zeros"):
+        starfish.heal(copy.deepcopy(dense), dense, images, fast)

@@ -3,6 +3,7 @@
 import copy
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -407,3 +408,40 @@ def test_state_hooks_from_a_registered_plugin(dense):
     assert restored.toy_tag == "kept"
     deployed = materialize(dense)
     assert deployed.removed and not hasattr(dense, "removed")  # on a copy
+
+
+def test_progress_bar_on_a_terminal_shows_samples_per_second_and_the_loss(tmp_path):
+    import os
+    import pty
+    import subprocess
+
+    code = textwrap.dedent(f"""
+        import copy, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import torch
+        from helpers import l1_prune_, tiny_vit
+        import starfish_plugin as starfish
+        dense = tiny_vit()
+        images = torch.randn(64, 1, 8, 8)
+        starfish.heal(l1_prune_(copy.deepcopy(dense)), dense, images, epochs=2, batch_size=16)
+    """)
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()  # stderr is a real terminal (120 columns wide): the bar is drawn
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=slave, stdout=subprocess.DEVNULL)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=120) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    assert "sample/s" in text and "epoch 1/2 loss" in text and "[starfish] epoch 2/2" in text, text[-2000:]

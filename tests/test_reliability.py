@@ -133,3 +133,21 @@ def test_if_worse_restore_keeps_the_better_weights(pruned, dense, images, fast):
         kept = starfish.heal(pruned, dense, images, fast, lr=1e6)  # the default warns and keeps them
     assert kept.healing_worsened and not kept.worse_restored
     assert report.mean_cosine_after > kept.mean_cosine_after
+
+
+def test_layer_macs_count_linear_and_conv_products():
+    from starfish_plugin.core.costs import layer_macs
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(100, 3))
+    # conv: 4 x 5 x 5 outputs, each 2 x 3 x 3 products; linear: 3 outputs x 100 inputs
+    assert layer_macs(model, torch.zeros(1, 2, 5, 5)) == 4 * 25 * 18 + 3 * 100
+    grouped = torch.nn.Conv2d(4, 4, 3, padding=1, groups=4)
+    assert layer_macs(grouped, torch.zeros(1, 4, 5, 5)) == 4 * 25 * 9
+
+
+def test_summary_of_an_unstructured_heal(pruned, dense, images, fast):
+    report = starfish.heal(pruned, dense, images, fast, epochs=1)
+    text = report.summary()
+    assert "70.0% sparsity" in text and "(1 epoch)" in text and "->" not in text.splitlines()[1]
+    assert "mean block cosine to the dense model" in text
+    assert report.macs_dense == 0 and report.parameters_dense == report.parameters_pruned

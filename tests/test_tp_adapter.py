@@ -60,6 +60,10 @@ def test_attach_iterative_embedding_heads_and_mlp(dense4, images, cfg):
         assert all(v.startswith("kept channels of blocks.") for b, v in report.target_alignment.items()
                    if b != "(output)")  # the logits keep their width: compared directly
         assert report.mask_unchanged  # shapes untouched by healing
+    # the report says what the structures saved, not a zeros-based 0 % sparsity
+    assert report.parameters_pruned == sum(p.numel() for p in model.parameters()) < report.parameters_dense
+    assert 0 < report.macs_pruned < report.macs_dense
+    assert "structured: parameters" in report.summary() and "sparsity" not in report.summary()
     attn = model.blocks[0].attn
     assert attn.num_heads < 4 and attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim
     assert attn.attn_dim == attn.num_heads * attn.head_dim

@@ -20,6 +20,7 @@ from torch import nn
 from starfish_plugin.config import HealConfig
 from starfish_plugin.core.alignment import ChannelIndex, channel_index, select_channels
 from starfish_plugin.core.blocks import OUTPUT_BLOCK, BlockChoice, capture_outputs, resolve_blocks
+from starfish_plugin.core.costs import layer_macs, parameter_count
 from starfish_plugin.core.loop import Checkpointing, TrainLoop, TrainSetup
 from starfish_plugin.core.losses import HealLoss, cosine_distance
 from starfish_plugin.core.masks import read_masks
@@ -281,7 +282,15 @@ class HealRun:
         the final output as one more block), and build the dense targets and the cosines before."""
         config, loss_fn, pruned, plan = self.config, self.loss_fn, self.pruned, self.plan
         probe_x = self.data.head(config.batch_size).to(self.device)
-        dense_logits = probe_forward(self.dense, probe_x, "dense")
+        try:
+            dense_logits = probe_forward(self.dense, probe_x, "dense")
+        except CalibrationError as exc:
+            if self.data.source not in ("list", "tuple"):
+                raise
+            raise CalibrationError(
+                f"{exc}. A {self.data.source} is read as a sequence of batches: if its items are single samples "
+                "(e.g. [C, H, W] images), stack them into one batch with torch.stack(items)"
+            ) from exc
         if loss_fn.needs_labels or loss_fn.needs_logits:
             check_logits(dense_logits, self.data, config)
         blocks = list(self.choice.names)
@@ -310,6 +319,10 @@ class HealRun:
             del probe_out[name]
         self.blocks = blocks
         self.alignment = {b: alignment[b] for b in blocks if b in alignment}
+        self.facts.update(parameters_dense=parameter_count(self.dense), parameters_pruned=parameter_count(pruned))
+        if plan.structural:
+            one = probe_x[:1]
+            self.facts.update(macs_dense=layer_macs(self.dense, one), macs_pruned=layer_macs(pruned, one))
         cache_dir = config.cache_dir
         if cache_dir is not None and self.dist.active:  # each rank caches its own shard
             cache_dir = str(Path(cache_dir) / f"rank{self.dist.rank}-of-{self.dist.world}")

@@ -167,6 +167,15 @@ def _split(item: object, where: str) -> _Batch:
     )
 
 
+def _is_inputs_and_labels(calibration: object) -> bool:
+    """A pair ``(inputs [N, ...], labels [N])`` of integer labels, rather than two batches."""
+    if not (isinstance(calibration, tuple) and len(calibration) == 2):
+        return False
+    x, y = calibration
+    return (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dim() >= 2 and y.dim() == 1
+            and not y.is_floating_point() and len(x) == len(y))
+
+
 def _as_batches(calibration: object) -> tuple[Iterable, str, bool]:
     """Return (iterable, source name, items_are_single_samples)."""
     if isinstance(calibration, torch.Tensor):
@@ -177,6 +186,8 @@ def _as_batches(calibration: object) -> tuple[Iterable, str, bool]:
         return (calibration[i] for i in range(len(calibration))), "Dataset", True  # type: ignore[arg-type]
     if isinstance(calibration, Mapping):
         return [calibration], "dict of Tensors", False
+    if _is_inputs_and_labels(calibration):  # (images, labels) for the whole set, as TensorDataset takes them
+        return [calibration], "(inputs, labels) pair", False
     if isinstance(calibration, (str, bytes)) or not isinstance(calibration, Iterable):
         raise CalibrationTypeError(f"calibration is a {type(calibration).__name__}; pass {ACCEPTED}")
     return calibration, type(calibration).__name__, False

@@ -1,4 +1,5 @@
-"""Default progress plugin: a tqdm bar over optimizer steps and one line per epoch.
+"""Default progress plugin: on a terminal, a tqdm bar over the heal (samples done, samples/s,
+the last epoch's loss) with one line per epoch; elsewhere (logs, CI) the per-epoch lines only.
 
 Silence it with ``HealConfig(quiet=True)``, ``STARFISH_PLUGINS`` without ``progress``, or
 ``starfish.plugin_manager().unregister(name="progress")``.
@@ -30,7 +31,9 @@ def starfish_heal_started(model, plan, config, total_steps) -> None:
     if sys.stderr.isatty():
         from tqdm.auto import tqdm
 
-        _bar = tqdm(total=total_steps, desc="healing", unit="step", leave=False, file=sys.stderr)
+        # counted in steps, shown in samples (unit_scale): the rate reads as samples/s
+        _bar = tqdm(total=total_steps, desc="healing", unit="sample", unit_scale=config.batch_size, leave=False,
+                    file=sys.stderr)
 
 
 @hookimpl
@@ -45,6 +48,7 @@ def starfish_epoch_ended(epoch, epochs, loss, lr, seconds, config) -> None:
         return
     line = f"[starfish] epoch {epoch}/{epochs}  loss {loss:.5f}  lr {lr:.2e}  {seconds:.1f}s"
     if _bar is not None:
+        _bar.set_postfix_str(f"epoch {epoch}/{epochs} loss {loss:.4f}", refresh=False)
         _bar.write(line, file=sys.stderr)
     else:
         print(line, file=sys.stderr)
