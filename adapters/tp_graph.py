@@ -47,12 +47,14 @@ from starfish_plugin.plugins.hookspecs import hookimpl
 NAME = "torch_pruning"
 HINT = (
     "With Torch-Pruning, call starfish.attach(pruner, dense, calibration) (or "
-    "starfish_plugin.adapters.tp_graph.track(pruner)) before the first pruner.step(): the kept "
-    "channels are recorded and attention modules updated (tp_graph.sync_attention(model, pruner)); track() "
-    "also needs example_inputs to follow channels through concatenations and parameter-free layers. "
+    "starfish_plugin.adapters.tp_graph.track(pruner, example_inputs)) before the first pruner.step(): the kept "
+    "channels are recorded and attention modules updated (tp_graph.sync_attention(model, pruner)). "
     "The record belongs to that model object: a copy has none, nor has a model reloaded from any "
-    "file but starfish's structured one (starfish_plugin.io.structured.structured_state), "
-    "so heal the tracked model itself or save it in that form."
+    "file but starfish's structured one, so heal the tracked model itself or save it in that form. "
+    "For the command line, in the script that prunes: `tp_graph.track(pruner, example_inputs)` before the "
+    "first step, then `torch.save(structured_state(model), 'pruned.pt')` (from starfish_plugin.adapters import "
+    "tp_graph; from starfish_plugin.io.structured import structured_state), and "
+    "`starfish heal --pruned pruned.pt ...` (no --unsafe-pickle needed)"
 )
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 TRAINED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)

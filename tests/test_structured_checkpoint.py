@@ -116,7 +116,9 @@ def test_cli_heals_a_structured_file_without_unsafe_pickle(tmp_path, capsys):
     # The same model as a Torch-Pruning pickle carries no kept-channel record: refused, with the way out.
     assert main(base + ["--pruned", str(tmp_path / "pruned_tp.pt"), "--unsafe-pickle",
                         "--out", str(tmp_path / "tp_out.pt")]) == 2
-    assert "save it in that form" in capsys.readouterr().err and not (tmp_path / "tp_out.pt").exists()
+    err = capsys.readouterr().err
+    assert "torch.save(structured_state(model), 'pruned.pt')" in err and "starfish heal --pruned pruned.pt" in err
+    assert not (tmp_path / "tp_out.pt").exists()
 
     # A heads-only Torch-Pruning pickle (trusted, --unsafe-pickle) converted on the way out to the safe form.
     assert main(base + ["--pruned", str(tmp_path / "heads_tp.pt"), "--unsafe-pickle", "--out-format", "structured",
