@@ -56,3 +56,10 @@ def test_command_lines_parse(page):
 def test_every_page_is_checked():
     assert sum(len(blocks(p, "python")) for p in PAGES) >= 12
     assert any(_command_lines(b) for p in PAGES for b in blocks(p, "bash"))
+
+
+def test_hook_reference_is_generated_from_the_hookspecs():
+    from starfish_plugin.plugins.reference import rewrite
+
+    page = ROOT / "docs" / "plugins.md"
+    assert page.read_text() == rewrite(page), "run: python -m starfish_plugin.plugins.reference docs/plugins.md"
