@@ -100,8 +100,8 @@ def run(variant: str, blocks_mode: str, seeds: tuple[int, ...]) -> list[dict]:
         pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(1000 + seed))
         images = train_x[pick[: BUDGET["calibration_images"]]]
         start = time.perf_counter()
-        report = starfish.heal(model, dense, images, blocks=blocks, epochs=BUDGET["epochs"], lr=BUDGET["lr"],
-                               batch_size=BUDGET["batch_size"], seed=seed, quiet=True)
+        report = starfish.heal(model, dense, images, recipe="paper", blocks=blocks, epochs=BUDGET["epochs"],
+                               lr=BUDGET["lr"], batch_size=BUDGET["batch_size"], seed=seed, quiet=True)
         seconds = time.perf_counter() - start
         rows.append({
             "variant": variant, "method": VARIANTS[variant]["method"], "sparsity": VARIANTS[variant]["sparsity"],

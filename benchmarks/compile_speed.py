@@ -47,7 +47,7 @@ def main() -> None:
     data = load_demo_data("auto", n_calibration=args.images)
     dense = load_checkpoint(data.model)
     base = prune_vit_(copy.deepcopy(dense), 0.8)
-    config = starfish.HealConfig(epochs=args.epochs, quiet=True, diagnostic_samples=0, targets="memory")
+    config = starfish.HealConfig(recipe="paper", epochs=args.epochs, quiet=True, diagnostic_samples=0, targets="memory")
     modes = {"eager": config, "compiled": config.replace(compile="default")}
     runs: dict[str, list[dict]] = {k: [] for k in modes}
     for r in range(args.repeats):

@@ -50,7 +50,7 @@ def bench(name: str, dry_run: bool = False) -> dict:
     base = prune_vit_(copy.deepcopy(dense), 0.5)
     images = torch.randn(n, 3, size, size, device=device)
     blocks = starfish.find_blocks(dense)
-    cfg = starfish.HealConfig(epochs=epochs, quiet=True, diagnostic_samples=0, targets="memory")
+    cfg = starfish.HealConfig(recipe="paper", epochs=epochs, quiet=True, diagnostic_samples=0, targets="memory")
     runs = {"plain_fp32": [], "heal_fp32": [], "heal_bf16": [], "heal_bf16_compiled": []}
     compiled = {"compile": "default"} | ({"compile_backend": "aot_eager"} if dry_run else {})
     settings = {

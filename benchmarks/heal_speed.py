@@ -94,7 +94,7 @@ def speed(dense, images, epochs, repeats):
     base = prune_vit_(copy.deepcopy(dense), 0.8)
     n = len(images)
     heal_t, manual_t, diag_t = [], [], []
-    config = starfish.HealConfig(epochs=epochs, quiet=True, diagnostic_samples=0, targets="memory")
+    config = starfish.HealConfig(recipe="paper", epochs=epochs, quiet=True, diagnostic_samples=0, targets="memory")
     for r in range(repeats):
         order = ("heal", "manual") if r % 2 == 0 else ("manual", "heal")
         for which in order:

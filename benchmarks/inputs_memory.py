@@ -61,8 +61,8 @@ def probe(mode: str, n: int) -> dict:
     base = rss_bytes()
     measured = reset_peak_rss()
     with tempfile.TemporaryDirectory() as tmp:
-        report = starfish.heal(pruned, dense, dataset, epochs=1, inputs=mode, targets="disk", cache_dir=tmp,
-                               quiet=True, diagnostic_samples=0)
+        report = starfish.heal(pruned, dense, dataset, recipe="paper", epochs=1, inputs=mode, targets="disk",
+                               cache_dir=tmp, quiet=True, diagnostic_samples=0)
     peak = rss_bytes("VmHWM") if measured else None
     return {"mode": mode, "images": n, "peak_rss_increase_bytes": None if peak is None else peak - base,
             "input_bytes_fp32": n * 28 * 28 * 4, "heal_seconds": report.seconds,

@@ -57,7 +57,8 @@ def heal_panel(panel: str, ratio: float) -> dict:
         for loss in LOSSES:
             model = pruned_model(dense, panel, ratio)  # deterministic: the same structure every time
             start = time.perf_counter()
-            report = starfish.heal(model, dense, calibration, loss=loss, seed=seed, quiet=True, diagnostic_samples=0)
+            report = starfish.heal(model, dense, calibration, recipe="paper", loss=loss, seed=seed, quiet=True,
+                                   diagnostic_samples=0)
             runs.append({"seed": seed, "loss": loss, "top1": starfish.evaluate(model, test),
                          "heal_seconds": time.perf_counter() - start, "final_loss": report.epoch_losses[-1]})
             print(f"{panel} {ratio} seed {seed} {loss}: {runs[-1]['top1']:.2f}", flush=True)

@@ -50,6 +50,7 @@ def probe(mode: str, n: int) -> dict:
             pruned,
             dense,
             images,
+            recipe="paper",
             epochs=EPOCHS,
             targets=mode,
             cache_dir=tmp if mode == "disk" else None,

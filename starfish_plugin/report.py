@@ -36,6 +36,7 @@ class HealReport:
         warm_start_rescaled: tensors the row-norm warm start rescaled.
         healing_worsened: the mean block cosine fell (a ``HealingWarning`` was issued).
         worse_restored: it fell and ``if_worse="restore"`` put the weights from before healing back.
+        recipe_applied: what ``recipe="auto"`` changed, if anything (``""``: the config as given).
         parameters_dense, parameters_pruned: parameter counts of both models (they differ when
             pruning removed structures, e.g. Torch-Pruning).
         macs_dense, macs_pruned: multiply-accumulates of their Linear/Conv layers per sample
@@ -80,6 +81,7 @@ class HealReport:
     warm_start_rescaled: int = 0
     healing_worsened: bool = False
     worse_restored: bool = False
+    recipe_applied: str = ""
     parameters_dense: int = 0
     parameters_pruned: int = 0
     macs_dense: int = 0
@@ -132,6 +134,8 @@ class HealReport:
                 + (": nothing was left to train, the checkpoint's weights were returned"
                    if self.resumed_after_epoch >= epochs else "")
             )
+        if self.recipe_applied:
+            lines.append(self.recipe_applied)
         if self.worse_restored:
             lines.append("healing lowered the mean block cosine: the weights from before healing were kept")
         elif self.healing_worsened:

@@ -27,6 +27,7 @@ from starfish_plugin.core.masks import read_masks
 from starfish_plugin.core.model_io import Inputs, call_model, describe_inputs, modules_called
 from starfish_plugin.core.modes import eval_mode
 from starfish_plugin.core.plan import SparsityPlan
+from starfish_plugin.core.recipe import resolve_recipe
 from starfish_plugin.core.validation import (
     check_architecture,
     check_dtypes,
@@ -218,6 +219,7 @@ class HealRun:
         check_dtypes(pruned, dense)
         device = resolve_device(pruned, dense, config.device)
         plan = read_masks(hooks, pruned, dense)
+        config, recipe_note = resolve_recipe(config, plan)
         check_architecture(pruned, dense, plan)
         check_finite_weights(pruned)
         check_directories(config)
@@ -230,6 +232,9 @@ class HealRun:
         shard = (dist.rank, dist.world) if dist.active else None  # on disk, each rank writes its own rows only
         data = load_calibration(calibration, config.inputs == "disk", config.cache_dir, shard, model=dense)
         run = cls(hooks, pruned, dense, config, device, plan, choice, loss_fn, dist, data, start)
+        if recipe_note:
+            run.notes.append(recipe_note)
+            run.facts["recipe_applied"] = recipe_note
         unrelated = unrelated_weights(pruned, dense, plan)
         if unrelated is not None:
             warnings.warn(unrelated, HealingWarning, stacklevel=4)

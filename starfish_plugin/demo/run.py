@@ -100,6 +100,9 @@ def run_demo(
         "masked_weights_zero": report.masked_weights_zero,
         "mean_block_cosine_before": report.mean_cosine_before,
         "mean_block_cosine_after": report.mean_cosine_after,
+        "recipe": report.recipe_applied or "as configured",
+        "lr": report.config["lr"],
+        "warm_start": report.config["warm_start"],
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
 
@@ -129,7 +132,8 @@ def format_table(result: dict) -> str:
     lines += [f"| {n} | {a:.2f} | {r:.1%} | {c} | {s} |" for n, a, r, c, s in rows]
     tail = (
         f"\n\nmask unchanged: {result['mask_unchanged']}; "
-        f"masked weights exactly zero: {result['masked_weights_zero']}"
+        f"masked weights exactly zero: {result['masked_weights_zero']}; "
+        f"recipe: lr={result.get('lr')}, warm_start={result.get('warm_start')!r} (default recipe='auto')"
     )
     return head + "\n".join(lines) + tail
 
