@@ -85,7 +85,7 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run(variant: str, blocks_mode: str, seeds: tuple[int, ...]) -> list[dict]:
+def run(variant: str, blocks_mode: str, seeds: tuple[int, ...], recipe: str = "paper") -> list[dict]:
     torch.manual_seed(0)
     train_x, _ = load_fashion_mnist("train")
     test = list(zip(*(t.split(1000) for t in load_fashion_mnist("test"))))
@@ -100,12 +100,13 @@ def run(variant: str, blocks_mode: str, seeds: tuple[int, ...]) -> list[dict]:
         pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(1000 + seed))
         images = train_x[pick[: BUDGET["calibration_images"]]]
         start = time.perf_counter()
-        report = starfish.heal(model, dense, images, recipe="paper", blocks=blocks, epochs=BUDGET["epochs"],
+        report = starfish.heal(model, dense, images, recipe=recipe, blocks=blocks, epochs=BUDGET["epochs"],
                                lr=BUDGET["lr"], batch_size=BUDGET["batch_size"], seed=seed, quiet=True)
         seconds = time.perf_counter() - start
         rows.append({
             "variant": variant, "method": VARIANTS[variant]["method"], "sparsity": VARIANTS[variant]["sparsity"],
-            "blocks_mode": blocks_mode, "blocks": report.blocks, "seed": seed,
+            "blocks_mode": blocks_mode, "blocks": report.blocks, "seed": seed, "recipe": recipe,
+            "effective_lr": report.config["lr"], "warm_start": report.config["warm_start"],
             "dense_top1": dense_top1, "pruned_top1": pruned_top1, "healed_top1": starfish.evaluate(model, test),
             "heal_seconds": round(seconds, 2), "train_seconds": round(report.train_seconds, 2),
             "conv_weight_sparsity": round(sparsity, 4),
@@ -125,8 +126,11 @@ def run(variant: str, blocks_mode: str, seeds: tuple[int, ...]) -> list[dict]:
 
 def save_rows(rows: list[dict]) -> None:
     data = json.loads(OUT.read_text()) if OUT.exists() else {"rows": []}
-    replaced = {(r["variant"], r["blocks_mode"], r["seed"]) for r in rows}
-    kept = [r for r in data["rows"] if (r["variant"], r["blocks_mode"], r["seed"]) not in replaced]
+    def key(r: dict) -> tuple:
+        return r["variant"], r["blocks_mode"], r["seed"], r.get("recipe", "paper")
+
+    replaced = {key(r) for r in rows}
+    kept = [r for r in data["rows"] if key(r) not in replaced]
     meta = json.loads((CHECKPOINT_DIR / f"{MODEL}.json").read_text())
     data.update({
         "benchmark": "cnn_recovery",
@@ -154,7 +158,8 @@ def table() -> str:
     data = json.loads(OUT.read_text())
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in data["rows"]:
-        groups.setdefault((r["variant"], r["blocks_mode"]), []).append(r)
+        mode = r["blocks_mode"] + ("" if r.get("recipe", "paper") == "paper" else f", recipe {r['recipe']}")
+        groups.setdefault((r["variant"], mode), []).append(r)
     lines = ["| variant | sparsity | blocks | seeds | params | dense | pruned | healed | recovered "
              "| heal s, median (min-max) |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -187,6 +192,8 @@ def main() -> None:
     r.add_argument("--blocks", choices=("explicit", "auto"), default="explicit",
                    help="explicit: the six residual blocks; auto: blocks=None (library discovery)")
     r.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated, default 0,1,2")
+    r.add_argument("--recipe", choices=("paper", "auto"), default="paper",
+                   help="paper: the budget's lr 6e-4, no warm start; auto: the library default's rule")
     sub.add_parser("table")
     args = parser.parse_args()
     if args.command == "table":
@@ -195,7 +202,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
     seeds = tuple(int(s) for s in args.seeds.split(","))
     for variant in VARIANTS if args.variant == "all" else [args.variant]:
-        save_rows(run(variant, args.blocks, seeds))
+        save_rows(run(variant, args.blocks, seeds, args.recipe))
 
 
 if __name__ == "__main__":
