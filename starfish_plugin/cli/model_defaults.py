@@ -8,9 +8,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from starfish_plugin.cli.image_folders import NORMALIZATIONS
 from starfish_plugin.errors import ConfigError
-
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 @dataclass(frozen=True)
@@ -52,8 +51,9 @@ def image_defaults(spec: str, model: nn.Module) -> ImageDefaults:
         info = IMAGES[name]
         return ImageDefaults(info["size"], info["channels"], info["mean"], info["std"], f"the shipped {name} record")
     channels = _first_channels(model)
-    mean: tuple[float, ...] = IMAGENET[0]
-    std: tuple[float, ...] = IMAGENET[1]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    mean, std = NORMALIZATIONS["imagenet"]
     where = "ImageNet mean/std"
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if cfg.get("mean") and cfg.get("std"):

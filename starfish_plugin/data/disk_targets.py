@@ -112,19 +112,28 @@ class DiskTargetCache:
         self._open_files()
         return None
 
-    def _check(self, directory: Path) -> str | None:
-        """Why the cache in ``directory`` is not usable for this fingerprint, or ``None``."""
+    def _meta_problem(self, directory: Path) -> tuple[str | None, dict]:
+        """Why ``directory``'s ``meta.json`` does not describe this fingerprint's cache (``None`` if
+        it does), and the meta itself."""
         try:
             meta = json.loads((directory / META).read_text())
         except (OSError, ValueError) as exc:
-            return f"its {META} is unreadable ({exc})"
+            return f"its {META} is unreadable ({exc})", {}
         if meta.get("version") != VERSION:
-            return f"it was written by cache format {meta.get('version')}, this is {VERSION}"
+            return f"it was written by cache format {meta.get('version')}, this is {VERSION}", meta
         differ = [key for key in self.fingerprint if meta.get("fingerprint", {}).get(key) != self.fingerprint[key]]
         if differ:
-            return "it was built for another " + " and ".join(differ)
+            return "it was built for another " + " and ".join(differ), meta
         if meta.get("n_samples") != self.n:
-            return f"it holds {meta.get('n_samples')} samples, the calibration set has {self.n}"
+            return f"it holds {meta.get('n_samples')} samples, the calibration set has {self.n}", meta
+        return None, meta
+
+    def _check(self, directory: Path) -> str | None:
+        """Why the cache in ``directory`` is not usable for this fingerprint (its meta, its files'
+        names, sizes and digests), or ``None``, with ``self.entries`` then set from it."""
+        problem, meta = self._meta_problem(directory)
+        if problem is not None:
+            return problem
         entries = meta.get("entries", {})
         names = [entry.get("file", "") for entry in entries.values()]
         if not all(isinstance(n, str) and FILE_NAME.fullmatch(n) for n in names) or len(set(names)) != len(names):
@@ -142,8 +151,7 @@ class DiskTargetCache:
         """For the report: why the cache(s) of another fingerprint in ``root`` do not fit."""
         for other in sorted(self.root.glob(PREFIX + "*")):
             if (other / META).exists():
-                reason = self._check(other)
-                self.entries = {}
+                reason, _ = self._meta_problem(other)
                 if reason is not None:
                     return reason
         return None
