@@ -34,13 +34,6 @@ def hardware() -> dict:
     }
 
 
-def accuracy_cell(runs: list[dict], loss: str | None = None) -> tuple[float, str]:
-    """Mean top-1 of the runs healed with ``loss`` (all runs if ``None``), and the cell ``mean ± std``."""
-    accs = [r["top1"] for r in runs if loss is None or r["loss"] == loss]
-    mean = statistics.mean(accs)
-    return mean, f"{mean:.2f} ± {statistics.stdev(accs):.2f}"
-
-
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -4,7 +4,7 @@ the error. The test ``tests/test_coverage_matrix.py`` asserts the same cases.
 
     python -m benchmarks.coverage_matrix            # writes results/coverage_matrix.json
     python -m benchmarks.coverage_matrix run hf_    # reruns the matching cases only
-    python -m benchmarks.coverage_matrix table      # prints the markdown table
+    python -m benchmarks.results_page               # the docs' table from the JSON
 """
 
 from __future__ import annotations
@@ -62,28 +62,5 @@ def run(only: list[str]) -> None:
     }, indent=1))
 
 
-def table() -> None:
-    data = json.loads(OUT.read_text())
-    print("| architecture | blocks found by | global L1 0.7 | torch.ao 2:4 | Torch-Pruning 0.3 |")
-    print("|---|---|---|---|---|")
-    by_arch: dict[str, dict[str, dict]] = {}
-    for row in data["rows"]:
-        by_arch.setdefault(row["architecture"], {})[row["toolkit"]] = row
-    for arch, cells in by_arch.items():
-        rule = next((c["rule"] for c in cells.values() if c["status"] == "healed"), "")
-        out = []
-        for toolkit in ("global_l1", "ao_2_4", "torch_pruning"):
-            c = cells[toolkit]
-            if c["status"] == "healed":
-                mark = "+out" if c["output_aligned"] else ""
-                out.append(f"{c['cosine_before']:.3f} → {c['cosine_after']:.3f} ({c['blocks']}{mark})")
-            else:
-                out.append(f"refused: {c['error'].split(':')[0]}")
-        print(f"| {arch} | {rule} | " + " | ".join(out) + " |")
-
-
 if __name__ == "__main__":
-    if sys.argv[1:] == ["table"]:
-        table()
-    else:
-        run(sys.argv[2:] if sys.argv[1:2] == ["run"] else [])
+    run(sys.argv[2:] if sys.argv[1:2] == ["run"] else [])

@@ -12,20 +12,19 @@ and heal time.
     python -m benchmarks.recovery small --sparsity 0.9    # 256 images x 10 epochs
     python -m benchmarks.recovery sweep                   # 250 / 500 / 1,000 / 2,000 images at 0.9
     python -m benchmarks.recovery source                  # training split vs held-out calibration
-    python -m benchmarks.recovery table
+    python -m benchmarks.results_page                     # the tables of README/docs from the JSON
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 
 import torch
 
 import starfish_plugin as starfish
-from benchmarks.common import RESULTS, accuracy_cell, hardware, save
+from benchmarks.common import hardware, save
 from benchmarks.recipes import prune_24_
 from starfish_plugin.core.evaluate import kl_diagnostics
 from starfish_plugin.core.nm_pattern import nm_violation
@@ -177,56 +176,12 @@ def run_variant(name: str, sparsity: float, n_calibration: int = 1000) -> dict:
     }
 
 
-def table() -> str:
-    head = "| sparsity | pruned | " + " | ".join(LOSSES) + " |"
-    lines = [head, "|---" * (len(LOSSES) + 2) + "|"]
-    dense = None
-    for s in SPARSITIES:
-        path = RESULTS / f"recovery_main_{s}.json"
-        if not path.exists():
-            continue
-        data = json.loads(path.read_text())
-        dense = data["dense_top1"]
-        means = {}
-        cells = []
-        for loss in LOSSES:
-            means[loss], cell = accuracy_cell(data["runs"], loss)
-            cells.append((loss, cell))
-        best = max(means, key=means.get)
-        lines.append(
-            f"| {s} | {data['pruned_top1']:.2f} | "
-            + " | ".join(f"**{c}**" if loss == best else c for loss, c in cells)
-            + " |"
-        )
-    return (f"dense: {dense:.2f}\n\n" if dense is not None else "") + "\n".join(lines)
-
-
 def _sparsity(text: str) -> float | str:
     if text == "2:4":
         return text
     if float(text) not in SPARSITIES:
         raise argparse.ArgumentTypeError(f"choose one of {SPARSITIES} or 2:4")
     return float(text)
-
-
-def variants_table() -> str:
-    """Plain cosine (and KL) from the main/small/2:4 runs against every variant run saved."""
-    rows = {}
-    for path in sorted(RESULTS.glob("recovery_variant_*.json")):
-        data = json.loads(path.read_text())
-        rows.setdefault((str(data["sparsity"]), data["calibration_images"]), {})[data["variant"]] = data["runs"]
-    names = [v for v in VARIANTS if v not in ("paper", "auto") and any(v in r for r in rows.values())]
-    lines = ["| sparsity | images | cosine (paper) | kl | " + " | ".join(names) + " |", "|---" * (len(names) + 4) + "|"]
-    for (sparsity, images), found in sorted(rows.items(), key=lambda kv: (kv[0][0] != "2:4", kv[0])):
-        source = {1000: f"recovery_main_{sparsity}.json", 256: f"recovery_small_{sparsity}.json"}.get(images)
-        if sparsity == "2:4":
-            source = "recovery_nm_2_4.json" if images == 1000 else None
-        base = json.loads((RESULTS / source).read_text())["runs"] if source and (RESULTS / source).exists() else []
-        paper = accuracy_cell(found["paper"])[1] if "paper" in found else ""
-        cells = [accuracy_cell(base, "cosine")[1] if base else paper, accuracy_cell(base, "kl")[1] if base else ""]
-        cells += [accuracy_cell(found[v])[1] if v in found else "" for v in names]
-        lines.append(f"| {sparsity} | {images} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -243,8 +198,6 @@ def main() -> None:
     variant.add_argument("--name", choices=sorted(VARIANTS), required=True)
     variant.add_argument("--sparsity", type=_sparsity, required=True, help="0.5 ... 0.95, or 2:4")
     variant.add_argument("--images", type=int, default=1000)
-    sub.add_parser("table")
-    sub.add_parser("variants-table")
     args = parser.parse_args()
     if args.command == "main":
         print("saved", save(f"recovery_main_{args.sparsity}", run_main(args.sparsity)))
@@ -258,12 +211,8 @@ def main() -> None:
         result = run_variant(args.name, args.sparsity, args.images)
         label = str(args.sparsity).replace(":", "_")
         print("saved", save(f"recovery_variant_{args.name}_{label}_{args.images}", result))
-    elif args.command == "source":
-        print("saved", save("recovery_source", run_source()))
-    elif args.command == "variants-table":
-        print(variants_table())
     else:
-        print(table())
+        print("saved", save("recovery_source", run_source()))
 
 
 if __name__ == "__main__":

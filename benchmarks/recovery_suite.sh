@@ -22,7 +22,7 @@ for step in "${steps[@]}"; do
       for n in 1000 256; do for v in kl_row_norm kl_row_norm_lr_4e-3; do
         run variant --name $v --sparsity 0.95 --images $n; done; done
       for s in 0.9 0.95; do run variant --name bf16 --sparsity $s; done ;;
-    report) "$PY" -m benchmarks.recovery table; "$PY" -m benchmarks.recovery variants-table; "$PY" -m benchmarks.plot_recovery ;;
+    report) "$PY" -m benchmarks.results_page; "$PY" -m benchmarks.plot_recovery ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -3,7 +3,7 @@ of the Fashion-MNIST ViT; heal with cosine (STARFISH), KL and CE under one budge
 
     python -m benchmarks.structured heal --panel mlp --ratio 0.5     # ~3 min on 2 CPU cores
     python -m benchmarks.structured latency                          # CPU latency, dense vs pruned
-    python -m benchmarks.structured table                            # Markdown tables from the JSON
+    python -m benchmarks.results_page                                # the docs' tables from the JSON
 
 Budget (same for every loss): 1,000 calibration images from the training split x 10 epochs,
 AdamW 6e-4 -> 1e-6 cosine, batch 32. Seeds change which calibration images are drawn and their
@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 import warnings
 
 import torch
 
 import starfish_plugin as starfish
-from benchmarks.common import RESULTS, accuracy_cell, hardware, median, save
+from benchmarks.common import hardware, median, save
 from benchmarks.recipes import make_vit_pruner
 from starfish_plugin.demo.datasets import load_fashion_mnist
 from starfish_plugin.demo.zoo import load_checkpoint
@@ -116,38 +115,6 @@ def latency(repeats: int = 30) -> dict:
             "hardware": hardware()}
 
 
-def table() -> str:
-    lines = [
-        "| panel | ratio | params kept | pruned | cosine (STARFISH) | KL | CE |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    dense = None
-    for panel in PANELS:
-        for ratio in RATIOS:
-            path = RESULTS / f"structured_{panel}_{ratio}.json"
-            if not path.exists():
-                continue
-            data = json.loads(path.read_text())
-            dense = data["dense_top1"]
-            cells = [accuracy_cell(data["runs"], loss)[1] for loss in LOSSES]
-            lines.append(
-                f"| {panel} | {ratio} | {data['parameters_kept']:.0%} | {data['pruned_top1']:.2f} | "
-                + " | ".join(cells)
-                + " |"
-            )
-    out = f"dense: {dense:.2f}\n\n" + "\n".join(lines)
-    path = RESULTS / "structured_latency.json"
-    if path.exists():
-        data = json.loads(path.read_text())
-        out += "\n\n| panel | ratio | batch | dense ms | pruned ms | speedup |\n|---|---:|---:|---:|---:|---:|\n"
-        out += "\n".join(
-            f"| {r['panel']} | {r['ratio']} | {r['batch']} | {r['dense_ms']:.2f} | {r['pruned_ms']:.2f} | "
-            f"{r['speedup']:.2f}x |"
-            for r in data["rows"]
-        )
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,14 +123,11 @@ def main() -> None:
     heal.add_argument("--ratio", type=float, choices=RATIOS, required=True)
     lat = sub.add_parser("latency")
     lat.add_argument("--repeats", type=int, default=30)
-    sub.add_parser("table")
     args = parser.parse_args()
     if args.command == "heal":
         print("saved", save(f"structured_{args.panel}_{args.ratio}", heal_panel(args.panel, args.ratio)))
-    elif args.command == "latency":
-        print("saved", save("structured_latency", latency(args.repeats)))
     else:
-        print(table())
+        print("saved", save("structured_latency", latency(args.repeats)))
 
 
 if __name__ == "__main__":

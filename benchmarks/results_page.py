@@ -1,0 +1,323 @@
+"""Every results table of the README and docs, generated from ``benchmarks/results/*.json``.
+
+A table in a page is preceded by a marker line naming its builder::
+
+    <!-- table: recovery_main (python -m benchmarks.results_page) -->
+    | sparsity | pruned | ... |
+
+and this script replaces the table under each marker with what the JSON says, so no number in a
+table is copied by hand. ``--check`` changes nothing and exits 1 naming every stale table.
+
+    python -m benchmarks.results_page            # rewrite the tables in place
+    python -m benchmarks.results_page --check    # CI: are the pages up to date?
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PAGES = (ROOT / "README.md", ROOT / "docs" / "results.md", ROOT / "docs" / "usage.md")
+MARKER = re.compile(r"^<!-- table: (\w+) \(python -m benchmarks\.results_page\) -->$")
+
+SPARSITIES = ("0.5", "0.7", "0.8", "0.9", "0.95")
+MAIN_LOSSES = {"cosine": "cosine (STARFISH)", "mse": "MSE (same blocks)", "kl": "KL (logits)",
+               "ce": "CE (labels)", "cosine+kl": "cosine + KL"}
+VARIANT_ORDER = ("adaptive", "row_norm", "lr_4e-3", "row_norm_lr_4e-3", "kl_lr_4e-3", "kl_row_norm",
+                 "kl_row_norm_lr_4e-3", "bf16")
+ARCH_TOOLKITS = ("global_l1", "ao_2_4", "torch_pruning")
+
+
+def _load(name: str, results: Path) -> dict:
+    return json.loads((results / name).read_text())
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _top1(runs: list[dict], loss: str | None = None) -> list[float]:
+    return [r["top1"] for r in runs if loss is None or r["loss"] == loss]
+
+
+def _bold_best(cells: dict[str, list[float]]) -> dict[str, str]:
+    """``mean ± std`` per column, the best mean in bold."""
+    best = max(cells, key=lambda k: statistics.mean(cells[k]))
+    return {k: (f"**{_mean_std(v)}**" if k == best else _mean_std(v)) for k, v in cells.items()}
+
+
+def _row(cells: list[object]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def demo(results: Path) -> list[str]:
+    d = _load("demo.json", results)
+    sparsity = f"{d['sparsity'] * 100:.0f} %"
+    return [
+        "| model | top-1 % | retention | mean block cosine to dense | heal time |",
+        "|---|---:|---:|---:|---:|",
+        _row(["dense", f"{d['dense_top1']:.2f}", "100.0 %", "1", ""]),
+        _row([f"pruned, {sparsity}", f"{d['pruned_top1']:.2f}", f"{100 * d['retention_pruned']:.1f} %",
+              f"{d['mean_block_cosine_before']:.4f}", ""]),
+        _row(["healed (STARFISH)", f"**{d['healed_top1']:.2f}**", f"**{100 * d['retention_healed']:.1f} %**",
+              f"{d['mean_block_cosine_after']:.4f}", f"{d['heal_seconds']:.1f} s"]),
+    ]
+
+
+def _recovery_main(results: Path, losses: tuple[str, ...]) -> list[str]:
+    lines = [_row(["sparsity", "pruned", *(MAIN_LOSSES[k] for k in losses)]),
+             "|---:|---:|" + "---:|" * len(losses)]
+    for s in SPARSITIES:
+        path = results / f"recovery_main_{s}.json"
+        if path.exists():
+            data = json.loads(path.read_text())
+            cells = _bold_best({k: _top1(data["runs"], k) for k in losses})
+            lines.append(_row([s, f"{data['pruned_top1']:.2f}", *cells.values()]))
+    return lines
+
+
+def recovery_main(results: Path) -> list[str]:
+    return _recovery_main(results, tuple(MAIN_LOSSES))
+
+
+def recovery_main_readme(results: Path) -> list[str]:
+    return _recovery_main(results, ("cosine", "mse", "kl", "ce"))
+
+
+def recovery_variants(results: Path) -> list[str]:
+    """Plain cosine and KL (main / small / 2:4 runs) against every saved variant run."""
+    found: dict[tuple[str, int], dict[str, list[dict]]] = {}
+    for path in sorted(results.glob("recovery_variant_*.json")):
+        data = json.loads(path.read_text())
+        found.setdefault((str(data["sparsity"]), data["calibration_images"]), {})[data["variant"]] = data["runs"]
+    names = [v for v in VARIANT_ORDER if any(v in cell for cell in found.values())]
+    lines = [_row(["sparsity", "images", "cosine (paper)", "kl", *names]), "|---" * (len(names) + 4) + "|"]
+    for (sparsity, images), variants in sorted(found.items(), key=lambda kv: (kv[0][0] != "2:4", kv[0])):
+        if sparsity == "2:4":
+            source = "recovery_nm_2_4.json" if images == 1000 else None
+        else:
+            source = {1000: f"recovery_main_{sparsity}.json", 256: f"recovery_small_{sparsity}.json"}.get(images)
+        base = _load(source, results)["runs"] if source and (results / source).exists() else []
+        paper = _mean_std(_top1(base, "cosine")) if base else (
+            _mean_std(_top1(variants["paper"])) if "paper" in variants else "")
+        kl = _mean_std(_top1(base, "kl")) if base else ""
+        cells = [_mean_std(_top1(variants[v])) if v in variants else "" for v in names]
+        lines.append(_row([sparsity, images, paper, kl, *cells]))
+    return lines
+
+
+def heal_speed(results: Path) -> list[str]:
+    s = _load("heal_speed.json", results)["speed"]
+
+    def seconds(key: str) -> str:
+        return ", ".join(f"{v:.2f}" for v in s[key])
+
+    return [
+        f"| | samples/s (median) | seconds per run ({s['repeats']} runs) |",
+        "|---|---:|---|",
+        _row(["hand-written loop", f"{s['manual_samples_per_second']:.0f}", seconds("manual_seconds")]),
+        _row(["`starfish.heal` (diagnostics off)", f"{s['heal_samples_per_second']:.0f}", seconds("heal_seconds")]),
+        _row(["`starfish.heal` (default: per-block cosine before/after on 512 images)", "—",
+              seconds("heal_with_diagnostics_seconds")]),
+    ]
+
+
+def target_cache(results: Path) -> list[str]:
+    lines = ["| calibration images | estimate | cache tensors | peak RSS increase |", "|---:|---:|---:|---:|"]
+    for r in _load("heal_speed.json", results)["target_cache"]:
+        lines.append(_row([f"{r['images']:,}", f"{r['estimate_bytes'] / 1e6:.1f} MB",
+                           f"{r['cache_bytes'] / 1e6:.1f} MB", f"{r['peak_rss_increase_bytes'] / 1e6:.1f} MB"]))
+    return lines
+
+
+def targets_memory(results: Path) -> list[str]:
+    rows: dict[int, dict[str, dict]] = {}
+    for r in _load("targets_memory.json", results)["rows"]:
+        rows.setdefault(r["images"], {})[r["mode"]] = r
+
+    def cell(r: dict) -> str:
+        return f"+{r['peak_rss_increase_bytes'] / 2**20:.1f} MiB, {r['samples_per_second']:.0f}/s"
+
+    lines = ["| images | fp16 cache | memory: peak RSS, samples/s | disk | online | disk: whole heal |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for images, modes in sorted(rows.items()):
+        lines.append(_row([f"{images:,}", f"{modes['memory']['estimate_bytes'] / 2**20:.1f} MiB",
+                           cell(modes["memory"]), cell(modes["disk"]), cell(modes["online"]),
+                           f"{modes['disk']['heal_seconds']:.1f} s"]))
+    return lines
+
+
+PANELS = {"mlp": "MLP units", "mlp_heads": "MLP units + heads"}
+
+
+def structured(results: Path) -> list[str]:
+    lines = ["| pruned | ratio | heads / MLP units kept | params kept | pruned | cosine (STARFISH) | KL | CE |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for panel, label in PANELS.items():
+        for path in sorted(results.glob(f"structured_{panel}_0.*.json")):
+            d = json.loads(path.read_text())
+            cells = _bold_best({k: _top1(d["runs"], k) for k in ("cosine", "kl", "ce")})
+            lines.append(_row([label, d["ratio"], f"{d['heads_kept']} / {d['mlp_units_kept']}",
+                               f"{100 * d['parameters_kept']:.0f} %", f"{d['pruned_top1']:.2f}", *cells.values()]))
+    return lines
+
+
+def structured_latency(results: Path) -> list[str]:
+    rows: dict[tuple[str, float], dict[int, dict]] = {}
+    for r in _load("structured_latency.json", results)["rows"]:
+        rows.setdefault((r["panel"], r["ratio"]), {})[r["batch"]] = r
+    lines = ["| pruned | ratio | batch 1: dense → pruned ms | speedup | batch 32: dense → pruned ms | speedup |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for (panel, ratio), batches in rows.items():
+        cells: list[object] = [PANELS[panel], ratio]
+        for batch in (1, 32):
+            r = batches[batch]
+            cells += [f"{r['dense_ms']:.2f} → {r['pruned_ms']:.2f}", f"{r['speedup']:.2f}×"]
+        lines.append(_row(cells))
+    return lines
+
+
+def _speedup(value: float) -> str:
+    return f"**{value:.2f}×**" if value > 1 else f"{value:.2f}×"
+
+
+def sparse_cpu(results: Path) -> list[str]:
+    per: dict[tuple[int, str], dict[float, dict]] = {}
+    for r in _load("sparse_cpu.json", results)["per_layer"]:
+        per.setdefault((r["images"], r["layer"]), {})[r["sparsity"]] = r
+    levels = sorted({s for cells in per.values() for s in cells})
+    lines = [_row(["layer (ViT-B sizes)", "images (token rows)", "dense ms",
+                   *(f"{100 * s:.0f} %" for s in levels)]),
+             "|---|---|---:|" + "---:|" * len(levels)]
+    for (images, layer), cells in sorted(per.items(), key=lambda kv: kv[0][0]):
+        first = cells[levels[0]]
+        name = layer.replace("x", "×")
+        dense_ms = statistics.median(c["dense_ms"] for c in cells.values())
+        lines.append(_row([name, f"{images} ({first['rows']:,})", f"{dense_ms:.1f}",
+                           *(_speedup(cells[s]["speedup"]) for s in levels)]))
+    return lines
+
+
+def cnn_recovery(results: Path) -> list[str]:
+    data = _load("cnn_recovery.json", results)
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for r in data["rows"]:
+        if r["blocks_mode"] == "explicit":
+            groups.setdefault(r["variant"], {}).setdefault(r.get("recipe", "paper"), []).append(r)
+    lines = ["| pruning | pruned | healed, paper's recipe | healed, default (`recipe=\"auto\"`) | dense |",
+             "|---|---:|---:|---:|---:|"]
+    for variant, recipes in groups.items():
+        paper = recipes["paper"]
+        first = paper[0]
+        if variant.startswith("l1_"):
+            label = f"`global_unstructured` L1 {first['sparsity']}, every Conv2d"
+        else:
+            label = (f"Torch-Pruning `MetaPruner` channels {variant.split('_')[1]} "
+                     f"({first['dense_parameters'] / 1000:.0f} k → {first['parameters'] / 1000:.0f} k parameters)")
+        cells = {"paper": [r["healed_top1"] for r in paper]}
+        if "auto" in recipes:
+            cells["auto"] = [r["healed_top1"] for r in recipes["auto"]]
+        shown = _bold_best(cells)
+        auto = shown.get("auto", "(the paper's: structured)")
+        lines.append(_row([label, f"{statistics.mean(r['pruned_top1'] for r in paper):.2f}", shown["paper"],
+                           auto, f"{first['dense_top1']:.2f}"]))
+    return lines
+
+
+def coverage(results: Path) -> list[str]:
+    data = _load("coverage_matrix.json", results)
+    by_arch: dict[str, dict[str, dict]] = {}
+    for row in data["rows"]:
+        by_arch.setdefault(row["architecture"], {})[row["toolkit"]] = row
+    lines = ["| architecture | blocks found by | global L1 0.7 | torch.ao 2:4 | Torch-Pruning 0.3 |",
+             "|---|---|---|---|---|"]
+    for arch, cells in by_arch.items():
+        rule = next((c["rule"] for c in cells.values() if c["status"] == "healed"), "")
+        out = []
+        for toolkit in ARCH_TOOLKITS:
+            c = cells[toolkit]
+            if c["status"] == "healed":
+                mark = "+out" if c["output_aligned"] else ""
+                out.append(f"{c['cosine_before']:.3f} → {c['cosine_after']:.3f} ({c['blocks']}{mark})")
+            else:
+                out.append(f"refused: {c['error'].split(':')[0]}")
+        lines.append(_row([arch, rule, *out]))
+    return lines
+
+
+TABLES: dict[str, Callable[[Path], list[str]]] = {
+    "demo": demo,
+    "recovery_main": recovery_main,
+    "recovery_main_readme": recovery_main_readme,
+    "recovery_variants": recovery_variants,
+    "heal_speed": heal_speed,
+    "target_cache": target_cache,
+    "targets_memory": targets_memory,
+    "structured": structured,
+    "structured_latency": structured_latency,
+    "sparse_cpu": sparse_cpu,
+    "cnn_recovery": cnn_recovery,
+    "coverage": coverage,
+}
+
+
+def render(text: str, results: Path = RESULTS) -> tuple[str, list[str]]:
+    """``text`` with every marked table regenerated, and the names of the tables that changed."""
+    lines = text.split("\n")
+    out: list[str] = []
+    changed: list[str] = []
+    i = 0
+    while i < len(lines):
+        out.append(lines[i])
+        match = MARKER.match(lines[i])
+        i += 1
+        if not match:
+            continue
+        name = match.group(1)
+        if name not in TABLES:
+            raise SystemExit(f"unknown table {name!r} in a marker; known: {', '.join(TABLES)}")
+        old = []
+        while i < len(lines) and lines[i].startswith("|"):
+            old.append(lines[i])
+            i += 1
+        new = TABLES[name](results)
+        if new != old:
+            changed.append(name)
+        out.extend(new)
+    return "\n".join(out), changed
+
+
+def markdown_tables(text: str) -> list[tuple[int, bool]]:
+    """Each table's first line number (1-based) and whether a marker precedes it."""
+    lines = text.split("\n")
+    return [(i + 1, i > 0 and bool(MARKER.match(lines[i - 1])))
+            for i, line in enumerate(lines)
+            if line.startswith("|") and (i == 0 or not lines[i - 1].startswith("|"))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table is stale")
+    args = parser.parse_args(argv)
+    stale = []
+    for page in PAGES:
+        text, changed = render(page.read_text())
+        stale += [f"{page.relative_to(ROOT)}: {name}" for name in changed]
+        if changed and not args.check:
+            page.write_text(text)
+    verb = "stale" if args.check else "rewritten"
+    print(f"{len(stale)} table(s) {verb}" + "".join(f"\n  {s}" for s in stale))
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
