@@ -10,6 +10,7 @@ from starfish_plugin.config import HealConfig
 from starfish_plugin.core.blocks import find_blocks
 from starfish_plugin.core.evaluate import evaluate
 from starfish_plugin.core.plan import SparsityPlan
+from starfish_plugin.deploy import InferenceReport, load_for_inference, save_for_inference, sparsify_for_inference
 from starfish_plugin.plugins.attach import attach
 from starfish_plugin.plugins.hookspecs import hookimpl
 from starfish_plugin.plugins.manager import plugin_manager
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "HealConfig",
     "HealReport",
+    "InferenceReport",
     "SparsityPlan",
     "attach",
     "evaluate",
@@ -27,5 +29,8 @@ __all__ = [
     "find_masks",
     "heal",
     "hookimpl",
+    "load_for_inference",
     "plugin_manager",
+    "save_for_inference",
+    "sparsify_for_inference",
 ]

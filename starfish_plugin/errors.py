@@ -105,3 +105,7 @@ class EvaluationError(StarfishError, ValueError):
 
 class DemoError(StarfishError, ValueError):
     """The demo's data or a shipped model's name is not one the demo knows."""
+
+
+class KernelError(StarfishError, ValueError):
+    """A sparse inference kernel cannot be used for a layer, or an inference file does not fit a model."""

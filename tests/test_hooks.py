@@ -395,7 +395,7 @@ class ToyState:
 
 
 def test_state_hooks_from_a_registered_plugin(dense):
-    from starfish_plugin.cli.latency import materialize
+    from starfish_plugin.deploy.fold import folded_copy
     from starfish_plugin.io.structured import load_structured_, plain_state_dict, structured_state
 
     starfish.plugin_manager().register(ToyState())
@@ -406,7 +406,7 @@ def test_state_hooks_from_a_registered_plugin(dense):
     assert saved["toy_state"] == {"tag": "kept"}
     restored = load_structured_(copy.deepcopy(dense), saved)
     assert restored.toy_tag == "kept"
-    deployed = materialize(dense)
+    deployed = folded_copy(dense)
     assert deployed.removed and not hasattr(dense, "removed")  # on a copy
 
 

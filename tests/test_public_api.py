@@ -5,6 +5,8 @@ import starfish_plugin as starfish
 CONTRACT = {
     "heal", "HealConfig", "HealReport", "SparsityPlan", "find_masks", "find_blocks",
     "evaluate", "hookimpl", "plugin_manager", "attach",
+    # inference on sparse kernels
+    "sparsify_for_inference", "InferenceReport", "save_for_inference", "load_for_inference",
 }
 
 

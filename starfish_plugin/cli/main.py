@@ -275,16 +275,21 @@ def _eval(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import json
 
-    from starfish_plugin.cli.latency import compare_latency
+    from starfish_plugin.cli.latency import bench_kernels, plot_layers
     from starfish_plugin.io.model_files import load_pruned
 
-    dense = _load_dense(args, sys.stderr)  # stdout is the JSON
+    dense = _load_dense(args, sys.stderr)
     pruned, fmt = load_pruned(dense, args.weights, args.format, args.unsafe_pickle)
     args.image_size = args.image_size or 224
-    result = compare_latency(dense, pruned, args.batch_size, args.image_size, args.channels, args.repeats, args.device)
-    print(json.dumps(result, indent=2))
+    result, text = bench_kernels(dense, pruned, args.batch_size, args.image_size, args.channels, args.kernels,
+                                 args.repeats, args.device, args.compile_baseline)
+    print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"starfish: figures saved to {args.json}")
+    if args.plot:
+        plot_layers(result, args.plot)
+        print(f"starfish: plot saved to {args.plot}")
     return 0
 
 
@@ -434,23 +439,40 @@ def _add_eval(sub: Any, formats: list[str]) -> None:
 
 
 def _add_bench(sub: Any, formats: list[str]) -> None:
+    from starfish_plugin.deploy.selection import KERNEL_CHOICES
+
     bench = sub.add_parser(
-        "bench", help="forward latency of a pruned checkpoint against its dense model", formatter_class=HelpFormatter,
-        description="Forward latency of a pruned (or healed) checkpoint against its dense model, medians over "
-        "interleaved repeats, on random inputs of the model's size.",
+        "bench", help="latency of a pruned checkpoint on sparse kernels against its dense model",
+        formatter_class=HelpFormatter,
+        description="Time every pruned Linear of a pruned (or healed) checkpoint on dense and sparse kernels (CSR, "
+        "BSR, compact, 2:4 on CUDA) for the given batch, keep the fastest where it wins beyond noise, and time the "
+        "result end to end against the dense model (medians over interleaved repeats, random inputs of the "
+        "model's size).",
     )
     _model_args(bench)
     bench.add_argument("--dense", required=True, help="dense weights (state dict file)")
     bench.add_argument("--weights", required=True, help="pruned or healed checkpoint")
     bench.add_argument("--format", default="auto", choices=formats, help="how to read --weights")
+    bench.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES,
+                       help="auto: per layer the fastest measured; dense: no swap; a kernel name: every layer it fits")
     bench.add_argument("--batch-size", type=positive_int, default=1, help="inputs per forward")
     bench.add_argument("--image-size", type=positive_int,
                        help="input side (default: the size the model requires, else 224)")
     bench.add_argument("--channels", type=int, choices=[1, 3], help="input channels (default: read from the model)")
-    bench.add_argument("--repeats", type=positive_int, default=30, help="timed forwards per model (medians)")
+    bench.add_argument("--repeats", type=_at_least_3, default=30, help="timed rounds (medians)")
     bench.add_argument("--device", default="cpu", help="where to time, e.g. cuda:0")
-    bench.add_argument("--json", help="also save the figures to this JSON file")
+    bench.add_argument("--compile-baseline", action="store_true",
+                       help="also time the dense-kernel model under torch.compile")
+    bench.add_argument("--json", help="save the figures (device, batch_size, dense_ms, sparse_ms, speedup, layers)")
+    bench.add_argument("--plot", help="save per-layer speedup bars and the end-to-end figure to this PNG")
     bench.set_defaults(func=_bench)
+
+
+def _at_least_3(text: str) -> int:
+    value = positive_int(text)
+    if value < 3:
+        raise argparse.ArgumentTypeError(f"{value}: medians need at least 3 timed rounds")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
