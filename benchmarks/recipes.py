@@ -49,9 +49,10 @@ def prune_tp_(model: nn.Module, ratio: float, example: torch.Tensor) -> nn.Modul
     return model
 
 
-def make_vit_pruner(model: torch.nn.Module, panel: str, ratio: float):
-    """A MetaPruner over MLP hidden units (``mlp``) or MLP units and whole heads (``mlp_heads``)."""
-    example = torch.randn(1, 1, 28, 28)
+def make_vit_pruner(model: torch.nn.Module, panel: str, ratio: float, example: torch.Tensor | None = None):
+    """A MetaPruner over MLP hidden units (``mlp``) or MLP units and whole heads (``mlp_heads``)
+    of a timm ViT (``example``: one input, by default a 28 px grayscale image)."""
+    example = torch.randn(1, 1, 28, 28) if example is None else example
     ignored = [model.head, model.patch_embed.proj]
     for block in model.blocks:
         ignored += [block.mlp.fc2, block.attn.proj]  # the residual stream stays whole

@@ -23,6 +23,7 @@ def save_for_inference(model: nn.Module, path: str | os.PathLike[str]) -> None:
 def load_for_inference(model: nn.Module, path: str | os.PathLike[str], map_location: str | None = None) -> nn.Module:
     """``model`` (the plain architecture: the dense model, or a pruned one with its masks removed)
     with the saved layers swapped for their kernels and every weight loaded, in place."""
+    device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
     blob = torch.load(Path(path), map_location=map_location, weights_only=True)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise KernelError(f"{path} is not a file written by save_for_inference (format {FORMAT!r}); "
@@ -41,4 +42,4 @@ def load_for_inference(model: nn.Module, path: str | os.PathLike[str], map_locat
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, KERNEL_CLASSES[spec["kernel"]].from_spec(spec))
     model.load_state_dict(blob["state_dict"])
-    return model.eval()
+    return model.to(device).eval()  # the file's tensors come on the device they were saved from

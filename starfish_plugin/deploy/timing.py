@@ -1,5 +1,6 @@
-"""Interleaved timing: every candidate runs once per round, so drift on a shared machine hits all
-of them alike; medians over rounds; clearly slower candidates stop being timed early."""
+"""Interleaved timing: every candidate runs once per round, in a rotating order, so drift on a
+shared machine hits all of them alike; medians over rounds; clearly slower candidates stop being
+timed early."""
 
 from __future__ import annotations
 
@@ -23,28 +24,43 @@ def interleaved_times(
     device: torch.device,
     baseline: str = "dense",
     warmup: int = 2,
+    abandon: bool = True,
     abandon_after: int = 3,
     abandon_ratio: float = 2.0,
 ) -> dict[str, list[float]]:
     """Seconds per call of each candidate over ``repeats`` interleaved rounds.
 
-    After ``abandon_after`` rounds, a candidate whose median is over ``abandon_ratio`` times the
-    baseline's is not timed further (it cannot win); its list is shorter.
+    The first warm-up call of each candidate is timed: one slower than ``2 * abandon_ratio`` times
+    the baseline's is not timed further (its list holds that one time). After ``abandon_after``
+    rounds, a candidate whose median is over ``abandon_ratio`` times the baseline's stops too (it
+    cannot win); its list is shorter. So a kernel 20x slower than dense costs a call, not a run.
     """
     sync = synchronizer(device)
-    for fn in candidates.values():
-        for _ in range(warmup):
-            fn()
-    sync()
+    first: dict[str, float] = {}
+    for name, fn in candidates.items():
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        first[name] = time.perf_counter() - start
     times: dict[str, list[float]] = {name: [] for name in candidates}
     active = list(candidates)
+    if abandon and baseline in candidates:
+        for name in [n for n in active if n != baseline and first[n] > 2 * abandon_ratio * first[baseline]]:
+            times[name].append(first[name])
+            active.remove(name)
+    for fn in (candidates[n] for n in active):
+        for _ in range(warmup - 1):
+            fn()
+    sync()
     for round_ in range(repeats):
-        for name in active:
+        shift = round_ % len(active)  # rotate the order: no candidate always runs first (or after the same one)
+        for name in active[shift:] + active[:shift]:
             start = time.perf_counter()
             candidates[name]()
             sync()
             times[name].append(time.perf_counter() - start)
-        if round_ + 1 == abandon_after and baseline in candidates:
+        if abandon and round_ + 1 == abandon_after and baseline in candidates:
             limit = abandon_ratio * statistics.median(times[baseline])
             active = [n for n in active if n == baseline or statistics.median(times[n]) <= limit]
     return times
