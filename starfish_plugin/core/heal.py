@@ -24,7 +24,7 @@ from starfish_plugin.core.costs import layer_macs, parameter_count
 from starfish_plugin.core.loop import Checkpointing, TrainLoop, TrainSetup
 from starfish_plugin.core.losses import HealLoss, cosine_distance
 from starfish_plugin.core.masks import read_masks
-from starfish_plugin.core.model_io import Inputs, call_model, describe_inputs, modules_called
+from starfish_plugin.core.model_io import Inputs, attention_mask, call_model, describe_inputs, modules_called
 from starfish_plugin.core.modes import eval_mode
 from starfish_plugin.core.plan import SparsityPlan
 from starfish_plugin.core.recipe import resolve_recipe
@@ -104,7 +104,8 @@ def block_cosines(
             call_model(model, x)
             dense = targets.get(idx, x)
             for b in targets.blocks:
-                sums[b] += (1.0 - cosine_distance(outputs[b].float(), dense[b], reduction).item()) * len(idx)
+                cos = 1.0 - cosine_distance(outputs[b].float(), dense[b], reduction, attention_mask(x)).item()
+                sums[b] += cos * len(idx)
             seen += len(idx)
     return {b: s / seen for b, s in sums.items()}
 
@@ -134,13 +135,15 @@ def probe_structural(
 
 
 def check_logits(logits: object, data: CalibrationData, config: HealConfig) -> None:
-    """The ``kl`` and ``ce`` losses need ``[B, classes]`` logits, and ``ce`` labels below ``classes``."""
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+    """``kl`` needs ``[B, classes]`` or per-token ``[B, T, vocab]`` logits; ``ce`` needs ``[B, classes]``
+    logits and labels below ``classes``."""
+    ce = "ce" in config.loss_terms()
+    allowed = (2,) if ce else (2, 3)
+    if not isinstance(logits, torch.Tensor) or logits.dim() not in allowed:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ConfigError(
-            f"loss {config.loss!r} needs a classifier returning logits [B, classes], but the model returns "
-            f"{shape}; use loss='cosine' or 'mse'"
-        )
+        wanted = "a classifier returning logits [B, classes]" if ce else "logits [B, classes] or [B, T, vocab]"
+        raise ConfigError(f"loss {config.loss!r} needs {wanted}, but the model returns {shape}; "
+                          "use loss='cosine' or 'mse'")
     if "ce" in config.loss_terms() and data.labels is not None:
         low, high = int(data.labels.min()), int(data.labels.max())
         if low < 0 or high >= logits.shape[1]:

@@ -17,7 +17,7 @@ from torch import nn
 from starfish_plugin.config import HealConfig
 from starfish_plugin.core.blocks import capture_outputs
 from starfish_plugin.core.losses import HealLoss
-from starfish_plugin.core.model_io import Inputs, call_model, main_output
+from starfish_plugin.core.model_io import Inputs, attention_mask, call_model, main_output
 from starfish_plugin.core.plan import SparsityPlan
 from starfish_plugin.data.calibration import CalibrationData
 from starfish_plugin.data.targets import DenseTargets
@@ -233,7 +233,7 @@ class TrainLoop:
             dense = s.targets.get(idx, x)
             s.plan.refresh()  # weights read without calling their module's prune hook
             logits = forward(x)
-            loss = s.loss_fn(outputs, logits, dense, y)  # in fp32 (the losses upcast)
+            loss = s.loss_fn(outputs, logits, dense, y, attention_mask(x))  # in fp32 (the losses upcast)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.keeper.mask_grads()

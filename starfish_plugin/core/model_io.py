@@ -87,6 +87,15 @@ def call_model(model: nn.Module, x: Inputs) -> Any:
     return model(x)
 
 
+def attention_mask(x: Inputs) -> torch.Tensor | None:
+    """The batch's ``[B, T]`` ``attention_mask`` keyword input (1: real token, 0: padding), if any."""
+    if isinstance(x, ModelInputs):
+        mask = x.kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return mask
+    return None
+
+
 def describe_inputs(x: Inputs) -> str:
     """Shape and dtype for error messages."""
     if isinstance(x, ModelInputs):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from starfish_plugin.core.model_io import call_model
+from starfish_plugin.core.model_io import attention_mask, call_model
 from starfish_plugin.core.plan import MaskedTensor, SparsityPlan
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -68,7 +68,8 @@ def row_norm_warm_start_(
         plan: the pruned model's plan; its ``parameter`` tensors are scaled in place, surviving
             entries only (masked entries are left exactly as they were).
         dense: the dense model; run (in eval mode, by the caller) to get each layer's inputs.
-        inputs: batches of calibration inputs already on the models' device.
+        inputs: batches of calibration inputs already on the models' device (padding tokens of
+            batches with an ``attention_mask`` are left out).
         max_gain: gains are clipped to ``[1 / max_gain, max_gain]``; rows whose pruned output is
             zero keep gain 1.
 
@@ -81,7 +82,12 @@ def row_norm_warm_start_(
     sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     pruned_weights = {name: e.effective_weight().detach() for name, (e, _) in eligible.items()}
 
+    tokens: list[torch.Tensor | None] = [None]  # the current batch's attention mask
+
     def accumulate(name: str, module: _Layer, x: torch.Tensor) -> None:
+        mask = tokens[0]
+        if isinstance(module, nn.Linear) and mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+            x = x[mask.bool()]  # real tokens only: padding says nothing about a row's norm
         dense_y = _layer_output(module, x, module.weight).float()
         pruned_y = _layer_output(module, x, pruned_weights[name].to(x.dtype)).float()
         dense_sq, pruned_sq = dense_y.pow(2).sum(1), pruned_y.pow(2).sum(1)
@@ -95,6 +101,7 @@ def row_norm_warm_start_(
     ]
     try:
         for x in inputs:
+            tokens[0] = attention_mask(x)
             call_model(dense, x)
     finally:
         for handle in handles:
