@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.starfish-installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: setup data demo test test-fast lint bench bench-structured bench-recovery bench-targets bench-inputs bench-compile bench-gpu clean
+.PHONY: setup data demo demo-text test test-fast lint bench bench-structured bench-recovery bench-targets bench-inputs bench-compile bench-gpu clean
 
 setup: $(STAMP)
 
@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e ".[dev]"
 	touch $(STAMP)
 
-# Real images for the demo: Debian's Fashion-MNIST (the demo falls back to scikit-learn's digits).
+# Real data: Debian's Fashion-MNIST (the image demo falls back to scikit-learn's digits) and the
+# King James Bible (bible-kjv-text: the text demo and the language-model tests).
 data:
 	@if [ ! -e $(FMNIST) ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -24,9 +25,18 @@ data:
 				|| echo "dataset-fashion-mnist not installable here; the demo will use digits"; \
 		else echo "run 'sudo apt-get install dataset-fashion-mnist' for Fashion-MNIST; the demo will use digits"; fi; \
 	fi
+	@if ! command -v bible >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			(apt-get update -qq && apt-get install -y -qq bible-kjv-text) \
+				|| echo "bible-kjv-text not installable here; the text demo and its test cannot run"; \
+		else echo "run 'sudo apt-get install bible-kjv-text' for the text demo"; fi; \
+	fi
 
 demo: setup data
 	$(BIN)/starfish demo
+
+demo-text: setup data
+	$(BIN)/starfish demo --task text
 
 test: setup data lint
 	$(BIN)/python -m pytest -q

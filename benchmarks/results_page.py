@@ -254,6 +254,58 @@ def coverage(results: Path) -> list[str]:
     return lines
 
 
+KERNEL_MODELS = {"vit_fmnist": "Fashion-MNIST ViT (dim 96, 28 px)", "vit_b": "ViT-B/16 (86 M, 224 px)"}
+
+
+def demo_text(results: Path) -> list[str]:
+    d = _load("demo_text.json", results)
+    return [
+        "| model | held-out perplexity | heal time |",
+        "|---|---:|---:|",
+        _row(["dense", f"{d['dense_perplexity']:.2f}", ""]),
+        _row(["pruned, Wanda 2:4", f"{d['pruned_perplexity']:.2f}", ""]),
+        _row(["healed (STARFISH)", f"**{d['healed_perplexity']:.2f}**", f"{d['heal_seconds']:.1f} s"]),
+    ]
+
+
+def _pruning_label(pruning: str) -> str:
+    if pruning.startswith("unstructured_"):
+        return f"unstructured {float(pruning.split('_')[1]):.0%}"
+    if pruning == "2_4":
+        return "2:4"
+    return f"Torch-Pruning MLP {float(pruning.split('_')[1]):.0%}"
+
+
+def _kernels(results: Path, prefix: str) -> list[str]:
+    lines = ["| model | batch | pruning | dense ms | pruned, dense kernels ms | chosen kernels ms | speedup "
+             "| vs compiled dense | layers swapped |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    for model in KERNEL_MODELS:
+        paths = results.glob(f"{prefix}_{model}_b*.json")
+        for path in sorted(paths, key=lambda p: int(p.stem.split("_b")[-1].split("_")[0])):
+            data = json.loads(path.read_text())
+            order = {p: i for i, p in enumerate(("unstructured_0.5", "unstructured_0.7", "unstructured_0.8",
+                                                 "unstructured_0.9", "unstructured_0.95", "2_4", "tp_0.3", "tp_0.5"))}
+            for row in sorted(data["rows"], key=lambda r: order.get(r["pruning"], 99)):
+                counts: dict[str, int] = {}
+                pruned = [layer for layer in row["layers"] if layer["sparsity"] >= 0.01]  # not stray exact zeros
+                for layer in pruned:
+                    if layer["kernel"] != "dense":
+                        counts[layer["kernel"]] = counts.get(layer["kernel"], 0) + 1
+                swapped = ", ".join(f"{k} {n}/{len(pruned)}" for k, n in counts.items()) or (
+                    f"none of {len(pruned)}" if pruned else "— (smaller model)")
+                compiled = row.get("speedup_vs_compiled_dense")
+                lines.append(_row([
+                    KERNEL_MODELS[model], row["batch_size"], _pruning_label(row["pruning"]), f"{row['dense_ms']:.2f}",
+                    f"{row['pruned_dense_kernels_ms']:.2f}", f"{row['sparse_ms']:.2f}", f"{row['speedup']:.2f}×",
+                    f"{compiled:.2f}×" if compiled else "", swapped]))
+    return lines
+
+
+def kernels_cpu(results: Path) -> list[str]:
+    return _kernels(results, "kernels")
+
+
 TABLES: dict[str, Callable[[Path], list[str]]] = {
     "demo": demo,
     "recovery_main": recovery_main,
@@ -267,6 +319,8 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "sparse_cpu": sparse_cpu,
     "cnn_recovery": cnn_recovery,
     "coverage": coverage,
+    "kernels_cpu": kernels_cpu,
+    "demo_text": demo_text,
 }
 
 

@@ -16,8 +16,15 @@ from starfish_plugin.runtime.atomic import write_atomically
 def _demo(args: argparse.Namespace) -> int:
     from starfish_plugin.demo.run import format_table, run_demo, save
 
-    result = run_demo(args.dataset, args.sparsity, args.epochs, args.calibration, args.seed, args.quiet)
-    print(format_table(result))
+    if args.task == "text":
+        from starfish_plugin.demo.text_demo import format_text_table, run_text_demo
+
+        result = run_text_demo(args.epochs or 5, args.calibration or 256, seed=args.seed, quiet=args.quiet)
+        print(format_text_table(result))
+    else:
+        result = run_demo(args.dataset, args.sparsity, args.epochs or 10, args.calibration or 1000, args.seed,
+                          args.quiet)
+        print(format_table(result))
     if args.json:
         save(result, args.json)
         print(f"\nsaved {args.json}")
@@ -281,8 +288,10 @@ def _bench(args: argparse.Namespace) -> int:
     dense = _load_dense(args, sys.stderr)
     pruned, fmt = load_pruned(dense, args.weights, args.format, args.unsafe_pickle)
     args.image_size = args.image_size or 224
+    import torch
+
     result, text = bench_kernels(dense, pruned, args.batch_size, args.image_size, args.channels, args.kernels,
-                                 args.repeats, args.device, args.compile_baseline)
+                                 args.repeats, args.device, args.compile_baseline, getattr(torch, args.dtype))
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -315,15 +324,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_demo(sub: Any) -> None:
     demo = sub.add_parser(
         "demo", formatter_class=HelpFormatter,
-        help="prune a shipped ViT at 0.8 with torch.nn.utils.prune, heal it, print the accuracy table",
-        description="Offline demo on real images: Fashion-MNIST if installed (apt-get install "
-        "dataset-fashion-mnist), scikit-learn's digits otherwise.",
+        help="prune a shipped ViT at 0.8 with torch.nn.utils.prune (or the shipped LM with Wanda 2:4), heal it, "
+        "print the table",
+        description="Offline demo. --task image (default): a shipped ViT on real images, Fashion-MNIST if installed "
+        "(apt-get install dataset-fashion-mnist), scikit-learn's digits otherwise. --task text: the shipped King "
+        "James decoder LM pruned 2:4 with torchao's Wanda, healed on unlabeled token sequences, perplexity on "
+        "held-out verses (apt-get install bible-kjv-text).",
     )
+    demo.add_argument("--task", choices=["image", "text"], default="image", help="which demo")
     demo.add_argument("--dataset", choices=["auto", "fashion-mnist", "digits"], default="auto",
                       help="auto: Fashion-MNIST if installed, else digits")
     demo.add_argument("--sparsity", type=float, default=0.8, help="fraction of qkv/proj/fc1/fc2 weights pruned")
-    demo.add_argument("--epochs", type=positive_int, default=10, help="healing epochs")
-    demo.add_argument("--calibration", type=int, default=1000, help="unlabeled calibration images")
+    demo.add_argument("--epochs", type=positive_int, help="healing epochs (default: 10 image, 5 text)")
+    demo.add_argument("--calibration", type=positive_int,
+                      help="unlabeled calibration images / token sequences (default: 1000 / 256)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the calibration sample and the heal")
     demo.add_argument("--json", help="also save the figures to this JSON file")
     demo.add_argument("--quiet", action="store_true", help="no per-epoch lines")
@@ -461,6 +475,8 @@ def _add_bench(sub: Any, formats: list[str]) -> None:
     bench.add_argument("--channels", type=int, choices=[1, 3], help="input channels (default: read from the model)")
     bench.add_argument("--repeats", type=_at_least_3, default=30, help="timed rounds (medians)")
     bench.add_argument("--device", default="cpu", help="where to time, e.g. cuda:0")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                       help="weights and inputs (the 2:4 kernels take float16/bfloat16, on CUDA)")
     bench.add_argument("--compile-baseline", action="store_true",
                        help="also time the dense-kernel model under torch.compile")
     bench.add_argument("--json", help="save the figures (device, batch_size, dense_ms, sparse_ms, speedup, layers)")
