@@ -46,6 +46,12 @@ def _nvidia_driver() -> str | None:
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
+def save_record(path: Path, meta: dict) -> None:
+    """Write a checkpoint's JSON record beside it and print it."""
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    print(json.dumps(meta, indent=2))
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -24,35 +24,19 @@ from torch.nn.utils import prune
 from benchmarks.common import hardware, median, save
 from starfish_plugin.demo.run import prune_vit_
 from starfish_plugin.demo.zoo import load_checkpoint
+from starfish_plugin.deploy.kernels import build_kernel
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 LAYERS = {"qkv 768x2304": (768, 2304), "fc1 768x3072": (768, 3072), "fc2 3072x768": (3072, 768)}
 TOKENS = 197
 
 
-class CSRLinear(nn.Module):
-    """A Linear layer whose weight is a CSR sparse matrix, multiplied from the left."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight.detach().to_sparse_csr()
-        self.bias = None if linear.bias is None else linear.bias.detach().clone()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        out = torch.sparse.mm(self.weight, flat.t()).t()
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-
 def to_csr_(model: nn.Module, names: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")) -> nn.Module:
-    """Swap every Linear called one of ``names`` for a ``CSRLinear``, in place."""
+    """Swap every Linear called one of ``names`` for the product's ``CSRLinear``, in place."""
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child_name in names:
-                setattr(parent, child_name, CSRLinear(child))
+                setattr(parent, child_name, build_kernel("csr", child))
     return model
 
 

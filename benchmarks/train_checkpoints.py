@@ -12,7 +12,6 @@ held-out split, the training settings, the inputs it expects and the command tha
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -20,6 +19,7 @@ import time
 
 import torch
 
+from benchmarks.common import save_record
 from starfish_plugin.core.evaluate import evaluate
 from starfish_plugin.demo.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_digits_split, load_fashion_mnist
 from starfish_plugin.demo.zoo import CHECKPOINT_DIR, SPECS, build, load_checkpoint, train_classifier
@@ -88,8 +88,7 @@ def main() -> None:
         **INPUTS[dataset],
         "command": "python -m benchmarks.train_checkpoints " + " ".join(sys.argv[1:]),
     })
-    (CHECKPOINT_DIR / f"{args.name}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(json.dumps(meta, indent=2))
+    save_record(CHECKPOINT_DIR / f"{args.name}.json", meta)
 
 
 if __name__ == "__main__":

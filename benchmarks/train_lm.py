@@ -23,6 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import save_record
 from starfish_plugin.demo.text import (
     HELD_OUT_SHARE,
     TEXT_CHECKPOINT,
@@ -108,8 +109,7 @@ def main() -> None:
         "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
         "command": "python -m benchmarks.train_lm " + " ".join(sys.argv[1:]),
     })
-    (CHECKPOINT_DIR / f"{TEXT_CHECKPOINT}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(json.dumps(meta, indent=2))
+    save_record(CHECKPOINT_DIR / f"{TEXT_CHECKPOINT}.json", meta)
 
 
 if __name__ == "__main__":
