@@ -33,3 +33,20 @@ def test_bad_dataset_is_a_clean_error(capsys):
         main(["demo", "--dataset", "cifar"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_every_command_has_working_help(capsys):
+    """--help of the tool and of every subcommand prints (argparse formats '%' in help texts, so
+    one unescaped percent sign crashed `starfish heal --help`)."""
+    from starfish_plugin.cli.main import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.choices and "heal" in a.choices).choices
+    assert {"heal", "eval", "bench", "demo"} <= set(commands)
+    for argv in [["--help"]] + [[name, "--help"] for name in commands]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0, argv
+        out = capsys.readouterr().out
+        assert out.startswith("usage: starfish"), argv
+        if argv[0] in ("heal", "eval", "bench"):
+            assert "(default:" in out, argv

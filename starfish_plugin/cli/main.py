@@ -391,7 +391,7 @@ def _add_heal(sub: Any, formats: list[str]) -> argparse.ArgumentParser:
 # HealConfig fields ``starfish heal`` exposes as --options, with their help; types, choices and
 # defaults are read from HealConfig itself.
 HEAL_OPTIONS: dict[str, str] = {
-    "recipe": "auto: row-norm warm start and lr 4e-3 for masked pruning from 50% (measured best); paper: as given",
+    "recipe": "auto: row-norm warm start and lr 4e-3 for masked pruning from 50%% (measured best); paper: as given",
     "epochs": "passes over the calibration set",
     "lr": "peak AdamW learning rate (cosine decay to min_lr)",
     "batch_size": "calibration images per optimizer step",
