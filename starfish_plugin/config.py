@@ -14,7 +14,7 @@ import torch
 from starfish_plugin.errors import ConfigError, UsageError
 
 BlockSelector = Sequence[str] | Callable[[str, torch.nn.Module], bool] | None
-LossName = Literal["cosine", "mse", "kl", "ce"]
+LossName = Literal["cosine", "mse", "kl", "ce", "next_token"]
 TargetMode = Literal["auto", "memory", "disk", "online"]
 InputMode = Literal["memory", "disk"]
 CosineReduction = Literal["auto", "token", "example"]
@@ -95,15 +95,18 @@ class HealConfig:
         recipe: ``"auto"`` (default): for masked pruning (unstructured from 50 % sparsity, or N:M)
             with ``lr`` and ``warm_start`` left at the paper's values, heal with the measured best
             recipe instead, ``warm_start="row_norm"`` and ``lr=4e-3`` (never below the paper's in
-            any cell of the recovery suite, far above it from 0.8 up and with small calibration
-            sets; the report says when it applied). Structured pruning and sparsity below 50 %
+            any cell of the vision recovery suite, far above it from 0.8 up and with small
+            calibration sets; on a decoder LM far above it at 70 % and 2:4, 0.15-0.3 perplexity
+            behind it at 50 % unstructured; the report says when it applied). Structured pruning and sparsity below 50 %
             keep the paper's recipe. ``"paper"``: exactly the fields as given.
         epochs: passes over the calibration set (paper: 10; 5 for large models).
         lr: peak AdamW learning rate, decayed per step by a cosine schedule to ``min_lr``.
         min_lr: final learning rate of the cosine schedule.
         batch_size: calibration images per optimizer step.
         weight_decay: AdamW weight decay (0 by default, as in the paper).
-        loss: ``"cosine"`` (STARFISH), ``"mse"``, ``"kl"``, ``"ce"``, a mixture such as
+        loss: ``"cosine"`` (STARFISH), ``"mse"``, ``"kl"``, ``"ce"`` (labels needed),
+            ``"next_token"`` (language models: cross-entropy of each next token of the calibration
+            text itself, padding left out; a baseline, since text labels itself), a mixture such as
             ``"cosine+kl"`` (equal weights) or a mapping ``{"cosine": 1.0, "kl": 0.5}``.
         blocks: block names, a predicate ``(name, module) -> bool``, or ``None`` to discover them.
         targets: ``"auto"`` (memory if the cache fits ``target_memory_budget``, else disk if it has
@@ -152,6 +155,9 @@ class HealConfig:
             (tens of seconds) and pays off on long heals of big models.
         compile_backend: the ``torch.compile`` backend: a registered name (``"inductor"``;
             ``"aot_eager"`` needs no C++ compiler) or a backend callable.
+        gradient_checkpointing: recompute each block's activations in the backward pass instead of
+            keeping them (``torch.utils.checkpoint``): less memory for long sequences or large
+            batches, about one more forward per step; the weights reached are the same.
         align_output: ``"auto"`` aligns the model's final output (its logits) as one more block
             when some pruned weights get no training signal from the blocks (a pruned classifier
             head after the last block); ``"always"``; ``"never"``.
@@ -188,6 +194,7 @@ class HealConfig:
     device: str | torch.device | None = _setting(None, group="runtime", resume_neutral=True)
     compile: CompileMode = _setting("none", group="runtime", choices=COMPILE_MODES, resume_neutral=True)
     compile_backend: str | Callable[..., Any] = _setting("inductor", group="runtime", resume_neutral=True)
+    gradient_checkpointing: bool = _setting(False, group="runtime", resume_neutral=True)
     restore_on_error: bool = _setting(True, group="runtime", resume_neutral=True)
     if_worse: IfWorse = _setting("warn", group="runtime", choices=IF_WORSE, resume_neutral=True)
     # reporting: what it measures and prints
@@ -243,6 +250,9 @@ class HealConfig:
             raise ConfigError(f"unknown loss term(s) {bad} in {self.loss!r}; choose from {list(LOSS_NAMES)}")
         if any(not 0 <= w < math.inf for w in terms.values()) or not any(w > 0 for w in terms.values()):
             raise ConfigError(f"loss weights must be finite and >= 0 with at least one > 0, got {terms}")
+        if terms.get("ce", 0) > 0 and terms.get("next_token", 0) > 0:
+            raise ConfigError(f"loss {self.loss!r} mixes 'ce' (a classifier's labels) and 'next_token' (a language "
+                              "model's own tokens); they cannot be mixed: keep one")
         return terms
 
     def validate(self) -> None:

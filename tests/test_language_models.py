@@ -11,8 +11,9 @@ from torch import nn
 from torch.nn.utils import prune
 
 import starfish_plugin as starfish
-from starfish_plugin.core.losses import cosine_distance, logit_kl
+from starfish_plugin.core.losses import cosine_distance, logit_kl, next_token_ce
 from starfish_plugin.core.nm_pattern import check_nm
+from starfish_plugin.errors import CalibrationError
 
 transformers = pytest.importorskip("transformers")
 VOCAB, LENGTH, PAD = 64, 12, 0
@@ -62,7 +63,7 @@ def _heal(dense: nn.Module, calibration: dict[str, torch.Tensor], loss: str = "c
 
 
 @pytest.mark.parametrize("arch, loss", [("llama", "cosine"), ("gpt2", "cosine"), ("llama", "mse"),
-                                        ("llama", "kl")])
+                                        ("llama", "kl"), ("gpt2", "next_token")])
 def test_padding_tokens_do_not_change_the_heal(arch, loss):
     dense = MODELS[arch]()
     tokens = padded_tokens()
@@ -116,3 +117,126 @@ def test_wanda_2_4_on_a_llama_heals_and_stays_2_4():
     sparsifier.squash_mask()
     for n in names:
         check_nm(pruned.get_parameter(f"model.layers.{n}"), n, 2, 4)
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_next_token_loss_is_the_models_own_language_modelling_loss(arch):
+    model, tokens = MODELS[arch](), padded_tokens(8)
+    labels = tokens["input_ids"].masked_fill(tokens["attention_mask"] == 0, -100)  # HF's ignore index
+    with torch.no_grad():
+        out = model(**tokens, labels=labels)
+    ours = next_token_ce(out.logits, tokens["input_ids"], tokens["attention_mask"])
+    torch.testing.assert_close(ours, out.loss)
+    shifted = torch.where(tokens["attention_mask"].bool(), tokens["input_ids"], 5)  # other padding ids
+    assert next_token_ce(out.logits, shifted, tokens["attention_mask"]) == ours
+
+
+def test_next_token_heal_lowers_the_loss_it_trains_and_needs_token_ids():
+    dense = tiny_llama()
+    tokens = padded_tokens()
+    pruned, report = _heal(dense, tokens, "next_token")
+    assert report.epoch_losses[-1] < report.epoch_losses[0] and report.mask_unchanged
+    images = torch.randn(16, 3, 8, 8)
+    classifier = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(144, 10))
+    pruned_classifier = copy.deepcopy(classifier)
+    prune.l1_unstructured(pruned_classifier[2], "weight", amount=0.5)
+    before = {k: v.clone() for k, v in pruned_classifier.state_dict().items()}
+    with pytest.raises(CalibrationError, match="next_token.*integer token ids"):
+        starfish.heal(pruned_classifier, classifier, images, loss="next_token", blocks=["0", "2"], quiet=True)
+    assert all(torch.equal(before[k], v) for k, v in pruned_classifier.state_dict().items())
+
+
+@pytest.mark.parametrize("form", ["prune_hook", "parametrization"])
+def test_a_pruned_tied_lm_head_stays_tied_and_masked(form):
+    """A Llama with tie_word_embeddings: the LM head's weight is the embedding's. Pruning the head
+    prunes that shared tensor; healing keeps it shared, keeps the mask, leaves the embedding's
+    masked entries as they were, and does not warm-start it (scaling the head's rows would scale
+    the embedding)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+                                      tie_word_embeddings=True)
+    dense = transformers.LlamaForCausalLM(config).eval()
+    assert dense.lm_head.weight is dense.model.embed_tokens.weight
+    dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
+    pruned = prune_decoder_(copy.deepcopy(dense))
+    if form == "prune_hook":
+        prune.l1_unstructured(pruned.lm_head, "weight", amount=0.6)
+        shared = pruned.lm_head.weight_orig
+        mask = pruned.lm_head.weight_mask.bool()
+    else:
+        from torch.ao.pruning import WeightNormSparsifier
+
+        sparsifier = WeightNormSparsifier(sparsity_level=1.0, sparse_block_shape=(1, 4), zeros_per_block=2)
+        sparsifier.prepare(pruned, [{"tensor_fqn": "lm_head.weight"}])
+        sparsifier.step()
+        shared = pruned.lm_head.parametrizations.weight.original
+        mask = pruned.lm_head.parametrizations.weight[0].mask.bool()
+    assert shared is pruned.model.embed_tokens.weight and not mask.all()
+    embedding_before = shared.detach().clone()
+    report = starfish.heal(pruned, dense, padded_tokens(), epochs=2, batch_size=8, quiet=True)
+    head = pruned.lm_head
+    shared_after = head.weight_orig if form == "prune_hook" else head.parametrizations.weight.original
+    assert shared_after is pruned.model.embed_tokens.weight  # still tied
+    assert report.mask_unchanged and report.recipe_applied
+    assert torch.equal(pruned.lm_head.weight[~mask], torch.zeros_like(pruned.lm_head.weight[~mask]))
+    assert torch.equal(shared_after.detach()[~mask], embedding_before[~mask])  # masked entries untouched
+    assert not torch.equal(shared_after.detach()[mask], embedding_before[mask])  # surviving ones trained
+    assert report.warm_start_rescaled == len(starfish.find_masks(pruned)) - 1  # all but the tied head
+    assert all(torch.equal(dense_state[k], v) for k, v in dense.state_dict().items())
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_gradient_checkpointing_reaches_the_same_weights_and_puts_everything_back(arch):
+    dense, tokens = MODELS[arch](), padded_tokens()
+    plain, report = _heal(dense, tokens)
+    pruned = prune_decoder_(copy.deepcopy(dense))
+    recomputed = starfish.heal(pruned, dense, tokens, epochs=2, batch_size=8, diagnostic_samples=32, quiet=True,
+                               gradient_checkpointing=True)
+    assert recomputed.epoch_losses == report.epoch_losses
+    for (name, a), (_, b) in zip(plain.named_parameters(), pruned.named_parameters()):
+        assert torch.equal(a, b), name
+    layers = pruned.model.layers if arch == "llama" else pruned.transformer.h
+    assert all("forward" not in layer.__dict__ for layer in layers) and pruned.config.use_cache
+
+
+def test_a_bf16_language_model_heals_in_bf16():
+    dense = tiny_llama().to(torch.bfloat16)
+    pruned = prune_decoder_(copy.deepcopy(dense))
+    report = starfish.heal(pruned, dense, padded_tokens(), epochs=2, batch_size=8, quiet=True)
+    assert report.epoch_losses[-1] < report.epoch_losses[0]
+    assert report.mask_unchanged and report.masked_weights_zero
+    assert {p.dtype for p in pruned.parameters()} == {torch.bfloat16}
+
+
+def test_torch_pruning_mlp_width_pruned_llama_heals():
+    from starfish_plugin.demo.text import prune_llama_mlp_width_
+
+    dense, tokens = tiny_llama(), padded_tokens()
+    pruned = copy.deepcopy(dense)
+    prune_llama_mlp_width_(pruned, tokens["input_ids"][:2], 0.5)
+    for layer, dense_layer in zip(pruned.model.layers, dense.model.layers):
+        assert layer.mlp.gate_proj.out_features == dense_layer.mlp.gate_proj.out_features // 2
+        assert layer.self_attn.q_proj.weight.shape == dense_layer.self_attn.q_proj.weight.shape
+    report = starfish.heal(pruned, dense, tokens, epochs=3, batch_size=8, quiet=True)
+    assert report.parameters_pruned < report.parameters_dense and report.macs_pruned < report.macs_dense
+    assert report.epoch_losses[-1] < report.epoch_losses[0]
+    assert sum(report.block_cosine_after.values()) > sum(report.block_cosine_before.values())
+
+
+def test_next_token_edge_cases_are_clear():
+    """int32 token ids train (cross_entropy takes int64 targets: converted); 'ce' and 'next_token'
+    cannot be mixed; a module listed twice is checkpointed once and put back."""
+    from starfish_plugin.core.recompute import recompute_blocks
+    from starfish_plugin.errors import ConfigError
+
+    dense = tiny_llama()
+    tokens = padded_tokens()
+    short = {k: v.to(torch.int32) if k == "input_ids" else v for k, v in tokens.items()}
+    _, report = _heal(dense, short, "next_token")
+    assert report.epoch_losses[-1] < report.epoch_losses[0]
+    with pytest.raises(ConfigError, match="cannot be mixed"):
+        _heal(dense, tokens, "ce+next_token")
+    with recompute_blocks(dense, ["model.layers.0", "model.layers.0"]):
+        assert dense.config.use_cache is False
+    assert "forward" not in dense.model.layers[0].__dict__ and dense.config.use_cache

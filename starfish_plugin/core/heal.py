@@ -24,7 +24,7 @@ from starfish_plugin.core.costs import layer_macs, parameter_count
 from starfish_plugin.core.loop import Checkpointing, TrainLoop, TrainSetup
 from starfish_plugin.core.losses import HealLoss, cosine_distance
 from starfish_plugin.core.masks import read_masks
-from starfish_plugin.core.model_io import Inputs, attention_mask, call_model, describe_inputs, modules_called
+from starfish_plugin.core.model_io import Inputs, attention_mask, call_model, describe_inputs, modules_called, token_ids
 from starfish_plugin.core.modes import eval_mode
 from starfish_plugin.core.plan import SparsityPlan
 from starfish_plugin.core.recipe import resolve_recipe
@@ -134,22 +134,39 @@ def probe_structural(
             handle.remove()
 
 
-def check_logits(logits: object, data: CalibrationData, config: HealConfig) -> None:
+def check_logits(logits: object, data: CalibrationData, config: HealConfig, ids: torch.Tensor | None = None) -> None:
     """``kl`` needs ``[B, classes]`` or per-token ``[B, T, vocab]`` logits; ``ce`` needs ``[B, classes]``
-    logits and labels below ``classes``."""
-    ce = "ce" in config.loss_terms()
-    allowed = (2,) if ce else (2, 3)
+    logits and labels below ``classes``; ``next_token`` needs ``[B, T, vocab]`` logits of the
+    calibration tokens ``ids`` (a probe batch's), every id below ``vocab``."""
+    terms = {name for name, weight in config.loss_terms().items() if weight > 0}
+    ce, next_token = "ce" in terms, "next_token" in terms
+    allowed = (2,) if ce else (3,) if next_token else (2, 3)
     if not isinstance(logits, torch.Tensor) or logits.dim() not in allowed:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        wanted = "a classifier returning logits [B, classes]" if ce else "logits [B, classes] or [B, T, vocab]"
+        wanted = ("a classifier returning logits [B, classes]" if ce
+                  else "a language model returning logits [B, T, vocab]" if next_token
+                  else "logits [B, classes] or [B, T, vocab]")
         raise ConfigError(f"loss {config.loss!r} needs {wanted}, but the model returns {shape}; "
                           "use loss='cosine' or 'mse'")
-    if "ce" in config.loss_terms() and data.labels is not None:
+    if ce and data.labels is not None:
         low, high = int(data.labels.min()), int(data.labels.max())
         if low < 0 or high >= logits.shape[1]:
             raise CalibrationError(
                 f"calibration labels span {low}..{high} but the model has {logits.shape[1]} classes; "
                 "labels must be class indices in [0, classes)"
+            )
+    if next_token and ids is not None:
+        if ids.shape[1] < 2:
+            raise CalibrationError(f"loss 'next_token' needs sequences of at least 2 tokens, got {tuple(ids.shape)}")
+        if tuple(ids.shape) != tuple(logits.shape[:2]):
+            raise CalibrationError(
+                f"loss 'next_token' needs one logit row per input token, but token ids {tuple(ids.shape)} "
+                f"gave logits {tuple(logits.shape)}; pass the model's input_ids as calibration inputs"
+            )
+        if int(ids.min()) < 0 or int(ids.max()) >= logits.shape[-1]:
+            raise CalibrationError(
+                f"calibration token ids span {int(ids.min())}..{int(ids.max())} but the model's vocabulary "
+                f"has {logits.shape[-1]} entries; tokenize with the model's own tokenizer"
             )
 
 
@@ -262,6 +279,12 @@ class HealRun:
         config, dist = self.config, self.dist
         if self.loss_fn.needs_labels and self.data.labels is None:
             raise CalibrationError("loss 'ce' needs labels; pass (inputs, labels) batches or a labeled Dataset")
+        if self.loss_fn.needs_token_ids and token_ids(self.data.head(1)) is None:
+            raise CalibrationError(
+                f"loss 'next_token' needs calibration inputs of integer token ids [B, T] (a tensor, or dicts with "
+                f"'input_ids'), but the inputs are {describe_inputs(self.data.head(1))}; use loss='cosine' for other "
+                "models"
+            )
         check_input_dtype(self.data, self.dense)
         self.n_total = self.data.total if self.data.total is not None else len(self.data)
         if dist.active:
@@ -299,8 +322,8 @@ class HealRun:
                 f"{exc}. A {self.data.source} is read as a sequence of batches: if its items are single samples "
                 "(e.g. [C, H, W] images), stack them into one batch with torch.stack(items)"
             ) from exc
-        if loss_fn.needs_labels or loss_fn.needs_logits:
-            check_logits(dense_logits, self.data, config)
+        if loss_fn.needs_labels or loss_fn.needs_logits or loss_fn.needs_token_ids:
+            check_logits(dense_logits, self.data, config, token_ids(probe_x))
         blocks = list(self.choice.names)
         candidate = loss_fn.needs_blocks and OUTPUT_BLOCK not in blocks and config.align_output != "never"
         probe_blocks = blocks + [OUTPUT_BLOCK] if candidate else blocks

@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from starfish_plugin.config import HealConfig
-from starfish_plugin.core.blocks import capture_outputs
+from starfish_plugin.core.blocks import OUTPUT_BLOCK, capture_outputs
 from starfish_plugin.core.losses import HealLoss
-from starfish_plugin.core.model_io import Inputs, attention_mask, call_model, main_output
+from starfish_plugin.core.model_io import Inputs, attention_mask, call_model, main_output, token_ids
 from starfish_plugin.core.plan import SparsityPlan
+from starfish_plugin.core.recompute import recompute_blocks
 from starfish_plugin.data.calibration import CalibrationData
 from starfish_plugin.data.targets import DenseTargets
 from starfish_plugin.errors import CompileError, HealingWarning, NonFiniteError
@@ -195,7 +196,9 @@ class TrainLoop:
             )
         step = self.first_epoch * s.steps_per_epoch
         block_names = s.loss_fn.blocks if s.loss_fn.needs_blocks else []
-        with capture_outputs(s.model, block_names, detach=s.loss_fn.detach_at) as outputs:
+        recomputed = [b for b in s.loss_fn.blocks if b != OUTPUT_BLOCK] if s.config.gradient_checkpointing else []
+        with recompute_blocks(s.model, recomputed), \
+                capture_outputs(s.model, block_names, detach=s.loss_fn.detach_at) as outputs:
             for epoch in range(self.first_epoch, s.config.epochs):
                 epoch_start = time.perf_counter()
                 running, step = self._epoch(forward, outputs, step)
@@ -233,7 +236,7 @@ class TrainLoop:
             dense = s.targets.get(idx, x)
             s.plan.refresh()  # weights read without calling their module's prune hook
             logits = forward(x)
-            loss = s.loss_fn(outputs, logits, dense, y, attention_mask(x))  # in fp32 (the losses upcast)
+            loss = s.loss_fn(outputs, logits, dense, y, attention_mask(x), token_ids(x))  # in fp32 (the losses upcast)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.keeper.mask_grads()

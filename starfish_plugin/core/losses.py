@@ -71,8 +71,23 @@ def logit_kl(
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (t * t)
 
 
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of each next token of the calibration text (``logits[:, t]`` predicts
+    ``ids[:, t + 1]``), averaged over pairs whose two positions are both real tokens."""
+    pred = logits[:, :-1].float()
+    target = ids[:, 1:].to(logits.device, torch.long)  # cross_entropy takes int64 targets only
+    per_token = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
+    per_token = per_token.view(target.shape)
+    if tokens is None:
+        return per_token.mean()
+    real = tokens.to(logits.device).bool()
+    pairs = real[:, 1:] & real[:, :-1]
+    return per_token[pairs].mean() if pairs.any() else per_token.sum() * 0.0
+
+
 class HealLoss:
-    """A weighted sum of ``cosine``, ``mse`` (both over blocks), ``kl`` and ``ce`` (on logits)."""
+    """A weighted sum of ``cosine``, ``mse`` (both over blocks), ``kl``, ``ce`` and ``next_token``
+    (on logits)."""
 
     def __init__(
         self,
@@ -99,6 +114,10 @@ class HealLoss:
     def needs_labels(self) -> bool:
         return "ce" in self.terms
 
+    @property
+    def needs_token_ids(self) -> bool:
+        return "next_token" in self.terms
+
     def block_term(self, name: str, outputs, targets, tokens: torch.Tensor | None = None) -> torch.Tensor:
         try:
             if name == "cosine":
@@ -123,15 +142,20 @@ class HealLoss:
         targets: Mapping[str, torch.Tensor],
         labels: torch.Tensor | None,
         tokens: torch.Tensor | None = None,
+        ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The weighted loss; ``tokens``: the batch's ``[B, T]`` attention mask, if any (padding
-        tokens then count in no term)."""
+        tokens then count in no term); ``ids``: its ``[B, T]`` token ids (``next_token`` only)."""
         total: torch.Tensor | float = 0.0
         for name, weight in self.terms.items():
             if name in ("cosine", "mse"):
                 value = self.block_term(name, outputs, targets, tokens)
             elif name == "kl":
                 value = logit_kl(logits, targets["__logits__"], self.temperature, tokens)
+            elif name == "next_token":
+                if ids is None:
+                    raise CalibrationError("loss 'next_token' needs [B, T] integer token ids as calibration inputs")
+                value = next_token_ce(logits, ids, tokens)
             else:
                 if labels is None:
                     raise CalibrationError("loss 'ce' needs labels; pass (inputs, labels) calibration batches")

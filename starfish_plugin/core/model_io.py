@@ -96,6 +96,20 @@ def attention_mask(x: Inputs) -> torch.Tensor | None:
     return None
 
 
+def token_ids(x: Inputs) -> torch.Tensor | None:
+    """The batch's ``[B, T]`` integer token ids: the ``input_ids`` keyword, or the first positional
+    field (or the tensor itself) when it is a 2-D integer tensor; ``None`` otherwise."""
+    if isinstance(x, ModelInputs):
+        if "decoder_input_ids" in x.kwargs:  # an encoder-decoder: its logits follow the decoder's ids
+            return None
+        ids = x.kwargs.get("input_ids", x.args[0] if x.args else None)
+    else:
+        ids = x
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.dtype.is_floating_point:
+        return ids
+    return None
+
+
 def describe_inputs(x: Inputs) -> str:
     """Shape and dtype for error messages."""
     if isinstance(x, ModelInputs):

@@ -83,14 +83,26 @@ def resolve_device(pruned: nn.Module, dense: nn.Module, requested: str | torch.d
     return device
 
 
+def _toolkit_free_name(name: str) -> str:
+    """``lm_head.weight_orig`` (a prune hook) or ``lm_head.parametrizations.weight.original``
+    (a parametrization) as the dense model names it, ``lm_head.weight``."""
+    if name.endswith("_orig"):
+        return name[: -len("_orig")]
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[-3] == "parametrizations" and parts[-1] == "original":
+        return ".".join(parts[:-3] + [parts[-2]])
+    return name
+
+
 def check_architecture(pruned: nn.Module, dense: nn.Module, plan: SparsityPlan) -> None:
     """The pruned model, read through its plan, has the dense model's parameter names and shapes."""
-    trained = {id(e.parameter): e for e in plan}
+    trained = {id(e.parameter) for e in plan}
     canonical: dict[str, tuple[int, ...]] = {}
-    for name, p in pruned.named_parameters():
-        entry = trained.get(id(p))
-        canonical[entry.name if entry else name] = tuple(p.shape)
-    reference = {name: tuple(p.shape) for name, p in dense.named_parameters()}
+    # every name a parameter has: a tied weight (a language model's embedding and LM head) counts
+    # under both, and only the pruned side's toolkit location is renamed
+    for name, p in pruned.named_parameters(remove_duplicate=False):
+        canonical[_toolkit_free_name(name) if id(p) in trained else name] = tuple(p.shape)
+    reference = {name: tuple(p.shape) for name, p in dense.named_parameters(remove_duplicate=False)}
     missing = sorted(set(reference) - set(canonical))
     extra = sorted(set(canonical) - set(reference))
     if missing or extra:

@@ -46,12 +46,23 @@ def _layer_output(module: _Layer, x: torch.Tensor, weight: torch.Tensor) -> torc
     return y.transpose(0, 1).reshape(weight.shape[0], -1)
 
 
-def _eligible(entry: MaskedTensor, dense_modules: dict[str, nn.Module]) -> _Layer | None:
-    """The dense layer of a pruned ``weight`` of the same shape, or ``None`` if it cannot be rescaled."""
+def _tied_weights(model: nn.Module) -> set[int]:
+    """Ids of parameters the model holds under more than one name (a tied embedding and LM head)."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
+
+
+def _eligible(entry: MaskedTensor, dense_modules: dict[str, nn.Module], tied: set[int]) -> _Layer | None:
+    """The dense layer of a pruned ``weight`` of the same shape, or ``None`` if it cannot be rescaled
+    (also for a tied weight: scaling the LM head's rows would scale the embedding too)."""
     if not entry.name.endswith(".weight"):
         return None
     module = dense_modules.get(entry.name[: -len(".weight")])
     if not isinstance(module, _LAYERS) or tuple(module.weight.shape) != tuple(entry.parameter.shape):
+        return None
+    if id(module.weight) in tied:
         return None
     if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.padding_mode != "zeros":
         return None
@@ -71,13 +82,14 @@ def row_norm_warm_start_(
         inputs: batches of calibration inputs already on the models' device (padding tokens of
             batches with an ``attention_mask`` are left out).
         max_gain: gains are clipped to ``[1 / max_gain, max_gain]``; rows whose pruned output is
-            zero keep gain 1.
+            zero keep gain 1. Tied weights (an LM head sharing the embedding) are skipped.
 
     Returns:
         ``{"rescaled": [names], "skipped": [names], "median_gain": float}``.
     """
     modules = dict(dense.named_modules())
-    eligible = {e.name: (e, m) for e in plan if (m := _eligible(e, modules)) is not None}
+    tied = _tied_weights(dense)
+    eligible = {e.name: (e, m) for e in plan if (m := _eligible(e, modules, tied)) is not None}
     skipped = [e.name for e in plan if e.name not in eligible]
     sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     pruned_weights = {name: e.effective_weight().detach() for name, (e, _) in eligible.items()}
