@@ -268,6 +268,35 @@ def demo_text(results: Path) -> list[str]:
     ]
 
 
+LANGUAGE_COLUMNS = (("none", ""), ("cosine", "auto"), ("mse", "auto"), ("kl", "auto"), ("next_token", "auto"),
+                    ("cosine", "paper"), ("next_token", "paper"))
+LANGUAGE_PRUNINGS = {"magnitude_50": "magnitude 50 %", "magnitude_70": "magnitude 70 %", "wanda_50": "Wanda 50 %",
+                     "wanda_2_4": "Wanda 2:4", "tp_mlp_50": "Torch-Pruning MLP width 50 %"}
+
+
+def language(results: Path) -> list[str]:
+    """Held-out perplexity, mean ± std over seeds, per pruning (rows) and heal (columns); the best
+    heal of each row in bold (lowest perplexity)."""
+    d = _load("language_kjv.json", results)
+    cells: dict[tuple[str, str, str], list[float]] = {}
+    for r in d["rows"]:
+        cells.setdefault((r["pruning"], r["loss"], r["recipe"]), []).append(r["perplexity"])
+    lines = ["| pruning | pruned | cosine (STARFISH) | MSE | KL (logits) | next-token CE | cosine, paper recipe "
+             "| next-token CE, paper recipe | seeds |", "|---|" + "---:|" * 8]
+    lines.append(_row([f"dense: {d['dense_perplexity']:.2f}"] + [""] * 8))
+    for pruning, label in LANGUAGE_PRUNINGS.items():
+        row = {col: cells[(pruning, *col)] for col in LANGUAGE_COLUMNS if (pruning, *col) in cells}
+        if not row:
+            continue
+        heals = [col for col in row if col[0] != "none"]
+        best = min(heals, key=lambda col: statistics.mean(row[col])) if heals else None
+        missing = "= auto" if pruning.startswith("tp_") else "—"  # structured: auto keeps the paper's recipe
+        texts = [(f"**{_mean_std(row[col])}**" if col == best else _mean_std(row[col])) if col in row else missing
+                 for col in LANGUAGE_COLUMNS]
+        lines.append(_row([label, *texts, len(row[("none", "")]) if ("none", "") in row else 0]))
+    return lines
+
+
 def _pruning_label(pruning: str) -> str:
     if pruning.startswith("unstructured_"):
         return f"unstructured {float(pruning.split('_')[1]):.0%}"
@@ -321,6 +350,7 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "coverage": coverage,
     "kernels_cpu": kernels_cpu,
     "demo_text": demo_text,
+    "language": language,
 }
 
 
