@@ -26,7 +26,6 @@ import copy
 import json
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from torch.nn.utils import prune
 import starfish_plugin as starfish
 from benchmarks.common import RESULTS, hardware
 from starfish_plugin.demo.text import kjv_splits, load_text_checkpoint, perplexity, token_sequences
-from starfish_plugin.demo.text_demo import decoder_layers, wanda_24_
+from starfish_plugin.demo.text_demo import decoder_layers, wanda_, wanda_24_
 
 RESULT_FILE = RESULTS / "language_kjv.json"
 PRUNINGS = ("magnitude_50", "magnitude_70", "wanda_50", "wanda_2_4", "tp_mlp_50")
@@ -54,20 +53,6 @@ def magnitude_(model: nn.Module, amount: float) -> None:
             prune.l1_unstructured(module, "weight", amount=amount)
 
 
-def wanda_50_(model: nn.Module, calibration: torch.Tensor) -> None:
-    """torchao's ``WandaSparsifier`` at 50 % unstructured (per output row) on every decoder Linear."""
-    from torchao.sparsity import WandaSparsifier
-
-    names = [f"model.layers.{n}.weight" for n, m in decoder_layers(model).named_modules() if isinstance(m, nn.Linear)]
-    sparsifier = WandaSparsifier(sparsity_level=0.5)
-    sparsifier.prepare(model, [{"tensor_fqn": n} for n in names])
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for batch in calibration.split(32):
-            model(input_ids=batch)  # Wanda's activation observers
-    sparsifier.step()
-
-
 def torch_pruning_mlp_(model: nn.Module, calibration: torch.Tensor, ratio: float = 0.5) -> None:
     """Torch-Pruning's ``MetaPruner`` (L2 group magnitude) removes ``ratio`` of every decoder layer's
     MLP hidden units; attention, embedding and LM head are left whole, so block outputs keep their width."""
@@ -79,7 +64,7 @@ def torch_pruning_mlp_(model: nn.Module, calibration: torch.Tensor, ratio: float
 PRUNERS: dict[str, Callable[[nn.Module, torch.Tensor], Any]] = {
     "magnitude_50": lambda m, _: magnitude_(m, 0.5),
     "magnitude_70": lambda m, _: magnitude_(m, 0.7),
-    "wanda_50": wanda_50_,
+    "wanda_50": lambda m, c: wanda_(m, c, block_size=None),
     "wanda_2_4": wanda_24_,
     "tp_mlp_50": torch_pruning_mlp_,
 }

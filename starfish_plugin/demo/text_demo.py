@@ -22,10 +22,16 @@ def decoder_layers(model: nn.Module) -> nn.Module:
 
 def wanda_24_(model: nn.Module, calibration: torch.Tensor) -> Any:
     """torchao's ``WandaSparsifier`` 2:4 on every Linear of the decoder layers, masks as parametrizations."""
+    return wanda_(model, calibration, block_size=4)
+
+
+def wanda_(model: nn.Module, calibration: torch.Tensor, block_size: int | None = None) -> Any:
+    """torchao's ``WandaSparsifier`` at 50 % on every Linear of the decoder layers (per output row,
+    or N:M within blocks of ``block_size``: 4 gives 2:4); masks as parametrizations."""
     from torchao.sparsity import WandaSparsifier
 
     names = [f"model.layers.{n}.weight" for n, m in decoder_layers(model).named_modules() if isinstance(m, nn.Linear)]
-    sparsifier = WandaSparsifier(sparsity_level=0.5, semi_structured_block_size=4)
+    sparsifier = WandaSparsifier(sparsity_level=0.5, semi_structured_block_size=block_size)
     sparsifier.prepare(model, [{"tensor_fqn": n} for n in names])
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
