@@ -279,11 +279,10 @@ class HealRun:
         config, dist = self.config, self.dist
         if self.loss_fn.needs_labels and self.data.labels is None:
             raise CalibrationError("loss 'ce' needs labels; pass (inputs, labels) batches or a labeled Dataset")
-        if self.loss_fn.needs_token_ids and token_ids(self.data.head(1)) is None:
+        if self.loss_fn.needs_token_ids and token_ids(first := self.data.head(1)) is None:
             raise CalibrationError(
                 f"loss 'next_token' needs calibration inputs of integer token ids [B, T] (a tensor, or dicts with "
-                f"'input_ids'), but the inputs are {describe_inputs(self.data.head(1))}; use loss='cosine' for other "
-                "models"
+                f"'input_ids'), but the inputs are {describe_inputs(first)}; use loss='cosine' for other models"
             )
         check_input_dtype(self.data, self.dense)
         self.n_total = self.data.total if self.data.total is not None else len(self.data)

@@ -236,7 +236,8 @@ class TrainLoop:
             dense = s.targets.get(idx, x)
             s.plan.refresh()  # weights read without calling their module's prune hook
             logits = forward(x)
-            loss = s.loss_fn(outputs, logits, dense, y, attention_mask(x), token_ids(x))  # in fp32 (the losses upcast)
+            ids = token_ids(x) if s.loss_fn.needs_token_ids else None
+            loss = s.loss_fn(outputs, logits, dense, y, attention_mask(x), ids)  # in fp32 (the losses upcast)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.keeper.mask_grads()
