@@ -20,10 +20,10 @@ InputMode = Literal["memory", "disk"]
 CosineReduction = Literal["auto", "token", "example"]
 Trainable = Literal["pruned", "all"]
 BlockWeighting = Literal["uniform", "adaptive"]
-WarmStart = Literal["none", "row_norm"]
+WarmStart = Literal["none", "row_norm", "lstsq"]
 Precision = Literal["auto", "fp32", "bf16"]
 AlignOutput = Literal["auto", "always", "never"]
-IfWorse = Literal["warn", "restore"]
+IfWorse = Literal["restore", "warn"]
 Recipe = Literal["auto", "paper"]
 CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -92,13 +92,12 @@ class HealConfig:
     (``HealConfig.groups()``): the recipe, where data is kept, how it runs, what it reports.
 
     Args:
-        recipe: ``"auto"`` (default): for masked pruning (unstructured from 50 % sparsity, or N:M)
-            with ``lr`` and ``warm_start`` left at the paper's values, heal with the measured best
-            recipe instead, ``warm_start="row_norm"`` and ``lr=4e-3`` (never below the paper's in
-            any cell of the vision recovery suite, far above it from 0.8 up and with small
-            calibration sets; on a decoder LM far above it at 70 % and 2:4, 0.15-0.3 perplexity
-            behind it at 50 % unstructured; the report says when it applied). Structured pruning and sparsity below 50 %
-            keep the paper's recipe. ``"paper"``: exactly the fields as given.
+        recipe: ``"auto"`` (default): when ``lr`` and ``warm_start`` are left at the paper's
+            values, a short probe chooses them by measurement on the held-out samples: each warm
+            start (``row_norm``, ``lstsq``) is scored against none, then each learning rate of
+            6e-4, 2e-3 and 4e-3 (and the paper's recipe) trains a few steps from the best one; the
+            winner heals. The probe costs about ``probe_budget`` of the heal; the report lists
+            what it tried (``HealReport.recipe_probe``). ``"paper"``: exactly the fields as given.
         epochs: passes over the calibration set (paper: 10; 5 for large models).
         lr: peak AdamW learning rate, decayed per step by a cosine schedule to ``min_lr``.
         min_lr: final learning rate of the cosine schedule.
@@ -129,23 +128,40 @@ class HealConfig:
             ``"token"`` or ``"example"``.
         kl_temperature: softmax temperature of the ``kl`` term.
         target_memory_budget: bytes the in-memory target cache may take under ``targets="auto"``.
-        diagnostic_samples: calibration images used for per-block cosine before and after
-            (0 switches the diagnostics off).
+        diagnostic_samples: with ``holdout=0``, the training samples every state is judged on
+            (0 switches the judgement off).
         train_mode: heal with the pruned model in ``train()`` mode (dropout, batch-norm updates);
             by default it heals in ``eval()`` mode so that every frozen buffer stays frozen.
         quiet: silence the default progress bar and per-epoch lines.
         restore_on_error: if healing fails part-way (e.g. the loss turns NaN), put the trainable
             weights back as they were before healing (buffers such as batch-norm statistics too).
-        if_worse: what to do when healing lowered the mean block cosine on the diagnostic samples:
-            ``"warn"`` (a ``HealingWarning``; the healed weights stay) or ``"restore"`` (the weights,
-            and buffers, go back to those before healing, which scored better; the report says so).
+        holdout: fraction of the calibration samples held out of training to judge every state
+            on (at least 32 samples, or half of a set under 64; split by ``seed``). The healing
+            objective and the final output's cosine to the dense model are measured there before
+            healing, after the warm start and after every epoch. ``0``: judged on the first
+            ``diagnostic_samples`` training samples instead.
+        if_worse: ``"restore"`` (default): the heal returns the best judged state, one that
+            lowers the held-out objective without moving the final output further from the dense
+            model's; if none does, the pruned weights come back bit for bit (the report says
+            which). ``"warn"``: the last state stays, with a ``HealingWarning`` if it is worse.
+        patience: stop after this many epochs in a row without a better held-out state
+            (``None``: run every epoch; the cosine schedule needs its tail).
+        probe_budget: the share of the heal's cost ``recipe="auto"`` may spend probing (counted in
+            sample forward passes); ``0`` skips the probe and heals with the paper's recipe.
         block_weighting: ``"uniform"`` (the paper: every block's term counts the same) or
             ``"adaptive"`` (each block's term weighted by its current mismatch, the paper's
             suggested next step; experimental, see the recovery benchmark).
-        warm_start: ``"none"`` (the paper) or ``"row_norm"``: before training, scale each output
+        local_blocks: each block learns from its own output's loss only: every block's output
+            reaches the next block detached, so a block's weights are fitted to reproduce the dense
+            block's output from the pruned model's input to it (block-wise reconstruction as EBFT
+            does it with ``loss="mse"``, here trained jointly rather than one block after another).
+            ``False`` (the paper): every block's loss trains every weight before it.
+        warm_start: ``"none"`` (the paper); ``"row_norm"``: before training, scale each output
             row of every pruned Linear/Conv weight so its output norm on calibration inputs
-            matches the dense row's (our addition for high sparsity; see the recovery benchmark).
-        warm_start_samples: calibration images the warm start measures on.
+            matches the dense row's; ``"lstsq"``: solve each pruned layer's surviving weights in
+            closed form (masked ridge regression from the layer's inputs in the pruned model to
+            the dense layer's outputs, block by block; ``core/lstsq.py``).
+        warm_start_samples: calibration samples the warm start measures on.
         precision: ``"bf16"``: the pruned model's forward under bf16 autocast (weights, optimizer
             and losses stay fp32); ``"fp32"``; ``"auto"``: bf16 on CUDA devices that support it,
             fp32 elsewhere (the recovery benchmark's bf16 rows: same accuracy as fp32).
@@ -180,10 +196,14 @@ class HealConfig:
     trainable: Trainable = _setting("pruned", group="recipe", choices=TRAINABLE)
     align_output: AlignOutput = _setting("auto", group="recipe", choices=ALIGN_OUTPUT)
     block_weighting: BlockWeighting = _setting("uniform", group="recipe", choices=BLOCK_WEIGHTINGS, experimental=True)
+    local_blocks: bool = _setting(False, group="recipe")
     warm_start: WarmStart = _setting("none", group="recipe", choices=WARM_STARTS)
     warm_start_samples: int = _setting(256, group="recipe")
     train_mode: bool = _setting(False, group="recipe")
     precision: Precision = _setting("auto", group="recipe", choices=PRECISIONS)
+    holdout: float = _setting(0.1, group="recipe")
+    patience: int | None = _setting(None, group="recipe")
+    probe_budget: float = _setting(0.15, group="recipe")
     # storage: where calibration inputs, dense targets and checkpoints are kept
     targets: TargetMode = _setting("auto", group="storage", choices=TARGET_MODES, resume_neutral=True)
     inputs: InputMode = _setting("memory", group="storage", choices=INPUT_MODES, resume_neutral=True)
@@ -196,7 +216,7 @@ class HealConfig:
     compile_backend: str | Callable[..., Any] = _setting("inductor", group="runtime", resume_neutral=True)
     gradient_checkpointing: bool = _setting(False, group="runtime", resume_neutral=True)
     restore_on_error: bool = _setting(True, group="runtime", resume_neutral=True)
-    if_worse: IfWorse = _setting("warn", group="runtime", choices=IF_WORSE, resume_neutral=True)
+    if_worse: IfWorse = _setting("restore", group="runtime", choices=IF_WORSE, resume_neutral=True)
     # reporting: what it measures and prints
     diagnostic_samples: int = _setting(512, group="reporting", resume_neutral=True)
     quiet: bool = _setting(False, group="reporting", resume_neutral=True)
@@ -267,7 +287,7 @@ class HealConfig:
         _check_int("seed", self.seed, minimum=None)
         _check_int("diagnostic_samples", self.diagnostic_samples, minimum=0)
         _check_number("target_memory_budget", self.target_memory_budget, positive=False)
-        for name in ("train_mode", "quiet", "restore_on_error"):
+        for name in ("train_mode", "quiet", "restore_on_error", "local_blocks"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"HealConfig.{name} must be True or False, got {getattr(self, name)!r}")
         for f in dataclasses.fields(self):
@@ -281,10 +301,18 @@ class HealConfig:
         _check_device(self.device)
         self._check_compile()
         self._check_blocks()
-        if self.if_worse == "restore" and self.diagnostic_samples == 0:
+        _check_number("holdout", self.holdout, positive=False)
+        if self.holdout > 0.5:
+            raise ConfigError(f"HealConfig.holdout must be a fraction in [0, 0.5], got {self.holdout!r}")
+        _check_number("probe_budget", self.probe_budget, positive=False)
+        if self.probe_budget >= 1:
+            raise ConfigError(f"HealConfig.probe_budget must be a fraction in [0, 1), got {self.probe_budget!r}")
+        if self.patience is not None:
+            _check_int("patience", self.patience, minimum=1)
+        if self.if_worse == "restore" and self.holdout == 0 and self.diagnostic_samples == 0:
             raise ConfigError(
-                "HealConfig.if_worse='restore' compares block cosines before and after healing, which "
-                "diagnostic_samples=0 switches off; pass diagnostic_samples > 0 or if_worse='warn'"
+                "HealConfig.if_worse='restore' judges each state on held-out samples, which holdout=0 with "
+                "diagnostic_samples=0 switches off; pass holdout > 0 (e.g. 0.1) or if_worse='warn'"
             )
         self.loss_terms()
 

@@ -14,7 +14,8 @@ class HealReport:
     Attributes:
         epoch_losses: mean training loss of each epoch.
         block_cosine_before / block_cosine_after: mean cosine similarity of each block's output to
-            its dense target on the first ``diagnostic_samples`` calibration images.
+            its dense target on the judged samples (``judged_on``), for the pruned model and for
+            the state returned.
         seconds: wall-clock time of the whole call; ``train_seconds`` of the optimizer loop only.
         samples_per_second: calibration samples processed per second in the optimizer loop.
         peak_memory_bytes: peak memory and what was measured (``peak_memory_kind``).
@@ -33,10 +34,24 @@ class HealReport:
         compiled: the ``torch.compile`` mode of the training forward (``""``: eager).
         autocast: ``"bf16"`` when the pruned forward ran under bf16 autocast, else ``""``.
         world_size: processes that healed together (torchrun), 1 for one process.
-        warm_start_rescaled: tensors the row-norm warm start rescaled.
-        healing_worsened: the mean block cosine fell (a ``HealingWarning`` was issued).
-        worse_restored: it fell and ``if_worse="restore"`` put the weights from before healing back.
-        recipe_applied: what ``recipe="auto"`` changed, if anything (``""``: the config as given).
+        warm_start_changed: tensors the warm start changed (rescaled or solved).
+        judged_on: ``"held-out"`` (samples split off the calibration set, never trained on),
+            ``"training samples"`` (``holdout=0`` or a set too small to split) or ``""`` (no judgement).
+        held_out_samples: samples every state was judged on.
+        held_out_before / held_out_after: the healing objective there (lower is better) for the
+            pruned model and for the returned one; ``output_cosine_before`` / ``_after``: the
+            cosine of the final output to the dense model's (``None`` if not comparable).
+        held_out_history: every judged state in order: ``{stage, objective, mean_cosine, output_cosine}``.
+        returned_state: the state left in the model: ``"start"`` (the pruned weights, unchanged),
+            ``"warm start"`` or ``"epoch N"``.
+        stopped_early_after: the epoch after which ``patience`` stopped the heal (0: it did not).
+        diverged_in_epoch: the epoch whose loss (or held-out score) became NaN/Inf; the heal
+            stopped there and returned its best judged state (0: it did not diverge).
+        healing_worsened: the last state was worse than the start (``if_worse="warn"`` keeps it and
+            warns).
+        worse_restored: nothing beat the start, so the pruned weights were put back bit for bit.
+        recipe_applied: what ``recipe="auto"`` chose (``""``: the config as given).
+        recipe_probe: the probe's candidates, their held-out scores, its choice and cost.
         parameters_dense, parameters_pruned: parameter counts of both models (they differ when
             pruning removed structures, e.g. Torch-Pruning).
         macs_dense, macs_pruned: multiply-accumulates of their Linear/Conv layers per sample
@@ -78,10 +93,21 @@ class HealReport:
     compiled: str = ""
     autocast: str = ""
     world_size: int = 1
-    warm_start_rescaled: int = 0
+    warm_start_changed: int = 0
+    judged_on: str = ""
+    held_out_samples: int = 0
+    held_out_before: float = float("nan")
+    held_out_after: float = float("nan")
+    output_cosine_before: float | None = None
+    output_cosine_after: float | None = None
+    held_out_history: list[dict[str, Any]] = field(default_factory=list)
+    returned_state: str = ""
+    stopped_early_after: int = 0
+    diverged_in_epoch: int = 0
     healing_worsened: bool = False
     worse_restored: bool = False
     recipe_applied: str = ""
+    recipe_probe: dict[str, Any] = field(default_factory=dict)
     parameters_dense: int = 0
     parameters_pruned: int = 0
     macs_dense: int = 0
@@ -123,7 +149,8 @@ class HealReport:
             f"healed {self.adapter} model: {shape}, {len(self.blocks)} blocks ({self.block_rule or 'given'}), "
             f"loss={self.loss}, {self.steps} steps on {self.n_samples} samples",
             loss,
-            f"mean block cosine to the dense model {self.mean_cosine_before:.4f} -> {self.mean_cosine_after:.4f}",
+            f"mean block cosine to the dense model {self.mean_cosine_before:.4f} -> {self.mean_cosine_after:.4f}"
+            + (f" ({self.judged_on} samples)" if self.judged_on else ""),
             f"{self.seconds:.1f} s ({self.samples_per_second:.0f} samples/s in the loop), targets: {self.targets_mode}",
             f"mask unchanged: {self.mask_unchanged}, masked weights zero: {self.masked_weights_zero}",
         ]
@@ -135,11 +162,21 @@ class HealReport:
                    if self.resumed_after_epoch >= epochs else "")
             )
         if self.recipe_applied:
-            lines.append(self.recipe_applied)
+            probe = self.recipe_probe
+            cost = f" (probe {probe['seconds']:.1f} s)" if probe else ""
+            lines.append(self.recipe_applied + cost)
+        if self.judged_on:
+            output = ""
+            if self.output_cosine_before is not None and self.output_cosine_after is not None:
+                output = f", final-output cosine {self.output_cosine_before:.4f} -> {self.output_cosine_after:.4f}"
+            lines.append(f"judged on {self.held_out_samples} {self.judged_on} samples: objective "
+                         f"{self.held_out_before:.5f} -> {self.held_out_after:.5f}{output}; returned: "
+                         f"{self.returned_state}" + (f" (stopped early after epoch {self.stopped_early_after})"
+                                                     if self.stopped_early_after else ""))
         if self.worse_restored:
-            lines.append("healing lowered the mean block cosine: the weights from before healing were kept")
+            lines.append("nothing beat the pruned model on the judged samples: its weights were put back unchanged")
         elif self.healing_worsened:
-            lines.append("WARNING: healing lowered the mean block cosine (see the notes)")
+            lines.append("WARNING: the last state is worse than the pruned model on the judged samples (see the notes)")
         return "\n".join(lines)
 
 

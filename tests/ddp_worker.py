@@ -55,7 +55,8 @@ def main(out: Path, checkpoint_dir: str | None = None, crash_rank: int = -1, cra
         "cosine_before": report.block_cosine_before, "cosine_after": report.block_cosine_after,
         "notes": report.notes, "steps": report.steps, "n_samples": report.n_samples,
         "world_size": report.world_size, "compiled": report.compiled, "resumed_after_epoch": report.resumed_after_epoch,
-        "calibration_source": report.calibration_source,
+        "calibration_source": report.calibration_source, "held_out_samples": report.held_out_samples,
+        "held_out_history": report.held_out_history,
         "mask_unchanged": report.mask_unchanged, "masked_weights_zero": report.masked_weights_zero,
     }))
     dist.destroy_process_group()

@@ -40,3 +40,12 @@ def assert_state_equal(model: nn.Module, saved: dict[str, torch.Tensor]) -> None
     assert set(current) == set(saved)
     for key, value in saved.items():
         assert torch.equal(current[key], value), f"{key} changed"
+
+
+def improved_or_restored(report) -> bool:
+    """What a heal promises: the judged objective fell and the final output came no further from
+    the dense model's; or nothing did, and the pruned weights came back unchanged (the report says so)."""
+    if report.worse_restored:
+        return report.returned_state == "start" and report.held_out_after == report.held_out_before
+    output_ok = report.output_cosine_after is None or report.output_cosine_after >= report.output_cosine_before
+    return report.held_out_after < report.held_out_before and output_ok

@@ -56,7 +56,7 @@ def test_same_object_or_shared_weights(pruned, images, fast):
     [
         (torch.empty(0, 1, 8, 8), errors.CalibrationError, "empty"),
         ([], errors.CalibrationError, "empty"),
-        (torch.randn(4, 1, 6, 6), errors.CalibrationError, r"cannot take calibration batches of shape \(4, 1, 6, 6\)"),
+        (torch.randn(4, 1, 6, 6), errors.CalibrationError, r"cannot take calibration batches of shape \(\d, 1, 6, 6\)"),
         ([torch.randn(4, 1, 8, 8), torch.randn(4, 1, 6, 6)], errors.CalibrationError, "batch 1 has per-sample shape"),
         (torch.randint(0, 255, (4, 1, 8, 8), dtype=torch.uint8), errors.CalibrationTypeError, "dtype torch.uint8"),
         (torch.randn(4, 1, 8, 8, dtype=torch.float64), errors.CalibrationTypeError, "convert the inputs"),
@@ -184,8 +184,13 @@ def test_errors_are_value_or_type_errors():
 def test_divergence_restores_the_weights(pruned, dense, images):
     saved = state_copy(pruned)
     with pytest.raises(errors.NonFiniteError, match="Lower HealConfig.lr"):
-        starfish.heal(pruned, dense, images, lr=1e30, min_lr=1e29, epochs=1, quiet=True)
+        starfish.heal(pruned, dense, images, lr=1e30, min_lr=1e29, epochs=1, batch_size=16, quiet=True,
+                      if_worse="warn")
     assert_state_equal(pruned, saved)
+    with pytest.warns(errors.HealingWarning, match="healing diverged.*Lower HealConfig.lr"):  # the default
+        report = starfish.heal(pruned, dense, images, lr=1e30, min_lr=1e29, epochs=1, batch_size=16, quiet=True)
+    assert_state_equal(pruned, saved)
+    assert report.worse_restored and report.diverged_in_epoch == 1
 
 
 def test_a_failed_heal_in_train_mode_restores_batch_norm_statistics_too():
@@ -200,7 +205,7 @@ def test_a_failed_heal_in_train_mode_restores_batch_norm_statistics_too():
         if isinstance(m, nn.Conv2d):
             torch.nn.utils.prune.l1_unstructured(m, "weight", amount=0.5)
     saved = state_copy(pruned)
-    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    images = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # 16 train, 16 held out
 
     class StopAtStep3:
         @starfish.hookimpl
@@ -228,7 +233,7 @@ def test_calibration_on_the_meta_device_is_refused(pruned, dense, fast, guard):
 
 def test_calibration_shapes_users_bring_work_or_name_the_fix(pruned, dense, images, labels, fast, guard):
     report = starfish.heal(l1_prune_(copy.deepcopy(dense)), dense, (images, labels), fast, loss="ce")
-    assert report.calibration_source == "(inputs, labels) pair" and report.n_samples == 64
+    assert report.calibration_source == "(inputs, labels) pair" and report.n_samples + report.held_out_samples == 64
     with pytest.raises(errors.CalibrationError, match=r"read as a sequence of batches.*torch.stack\(items\)"):
         starfish.heal(pruned, dense, list(images), fast)  # single [C, H, W] images in a list
     with pytest.raises(errors.MaskNotFoundError, match="starfish_plugin.adapters.nm_layouts.infer_masks_from_zeros"):

@@ -33,9 +33,9 @@ def test_disk_cache_heals_exactly_like_the_memory_cache(dense, images, fast, tmp
         assert torch.equal(a, b)
     (cache,) = tmp_path.glob("targets-*")  # one subdirectory per fingerprint
     meta = json.loads((cache / "meta.json").read_text())
-    assert meta["n_samples"] == len(images) and set(meta["fingerprint"]) == {
+    assert meta["n_samples"] == r_disk.n_samples and set(meta["fingerprint"]) == {  # the training part only
         "dense model", "calibration set", "block selection"}
-    on_disk = sum(len(images) * e["row_bytes"] for e in meta["entries"].values())
+    on_disk = sum(r_disk.n_samples * e["row_bytes"] for e in meta["entries"].values())
     assert on_disk == r_mem.target_cache_bytes
 
 

@@ -14,6 +14,7 @@ import torch
 from helpers import l1_prune_
 
 import starfish_plugin as starfish
+from starfish_plugin.core.holdout import split_rows
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -41,21 +42,26 @@ def test_two_ranks_heal_like_one_process(dense, tmp_path):
     # DDP keeps the ranks in lockstep: identical weights, identical (globally averaged) losses
     assert ranks[0]["weights"] == ranks[1]["weights"]
     assert ranks[0]["epoch_losses"] == ranks[1]["epoch_losses"]
+    # both ranks judge alike: the held-out samples are split off the whole set, then shared out
+    assert ranks[0]["held_out_history"] == ranks[1]["held_out_history"]
     for r in ranks:
-        assert r["n_samples"] == 64 and r["steps"] == 3 * 8  # half the data each, 8 steps of 8 per epoch
+        # 32 of 128 held out; half of the other 96 each: 6 steps of 8 per epoch
+        assert r["n_samples"] == 48 and r["steps"] == 3 * 6 and r["held_out_samples"] == 32
         assert r["mask_unchanged"] and r["masked_weights_zero"]
         assert r["world_size"] == 2
-        assert any(f"rank {r['rank']} of 2 (gloo), 64 of 128 calibration samples" in n for n in r["notes"])
+        assert any(f"rank {r['rank']} of 2 (gloo), 48 of 96 calibration samples" in n for n in r["notes"])
         assert list((tmp_path / "cache" / f"rank{r['rank']}-of-2").glob("targets-*/meta.json"))  # its own shard's cache
 
-    # the same heal in one process (batch 16 over all 128 samples, 8 steps per epoch)
+    # the same heal in one process (batch 16 over the same 96 training samples, 6 steps per epoch)
     images = torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     single = starfish.heal(l1_prune_(copy.deepcopy(dense)), dense, images, epochs=3, lr=3e-3, batch_size=16,
                            quiet=True, diagnostic_samples=64)
+    # the same held-out samples and starting weights: the same starting score (summed over ranks)
+    assert ranks[0]["held_out_history"][0]["objective"] == pytest.approx(single.held_out_before, rel=1e-5)
     ddp_losses = ranks[0]["epoch_losses"]
-    # Same data, same number of steps, different batch composition: within 5 % per epoch.
+    # Same data, same number of steps (6 per epoch), different batch composition: within 10 % per epoch.
     for a, b in zip(ddp_losses, single.epoch_losses):
-        assert abs(a - b) <= 0.05 * b, (ddp_losses, single.epoch_losses)
+        assert abs(a - b) <= 0.1 * b, (ddp_losses, single.epoch_losses)
     mean_after = sum(ranks[0]["cosine_after"].values()) / len(ranks[0]["cosine_after"])
     mean_single = sum(single.block_cosine_after.values()) / len(single.block_cosine_after)
     assert abs(mean_after - mean_single) < 0.01
@@ -73,13 +79,18 @@ def test_two_ranks_with_a_compiled_forward_and_inputs_on_disk(dense, tmp_path):
     assert ranks[0]["weights"] == ranks[1]["weights"]
     for r in ranks:
         assert r["compiled"] != "" and r["calibration_source"] == "list (inputs on disk)"
-        assert r["n_samples"] == 64 and r["mask_unchanged"] and r["masked_weights_zero"]
+        assert r["n_samples"] == 48 and r["mask_unchanged"] and r["masked_weights_zero"]
     assert not list((tmp_path / "cache").glob("starfish-inputs-*")), "an inputs file outlived the heal"
+    # each rank held out 16 of its own 64 samples: one process trains on the same 96
     images = torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    single = starfish.heal(l1_prune_(copy.deepcopy(dense)), dense, images, epochs=3, lr=3e-3, batch_size=16,
-                           quiet=True, diagnostic_samples=0)
+    train = torch.cat([torch.arange(r, 128, 2)[split_rows(64, 0.1, 0, held=16)[0]] for r in (0, 1)])
+    single = starfish.heal(l1_prune_(copy.deepcopy(dense)), dense, images[train], epochs=3, lr=3e-3, batch_size=16,
+                           quiet=True, holdout=0, diagnostic_samples=0, if_worse="warn")
+    # the same samples in other batches (each rank shuffles its own share), 6 steps per epoch: the same
+    # curve within 25 % (a rank that trained on other data, or gradients not averaged, would be far off)
     for a, b in zip(ranks[0]["epoch_losses"], single.epoch_losses):
-        assert abs(a - b) <= 0.05 * b, (ranks[0]["epoch_losses"], single.epoch_losses)
+        assert abs(a - b) <= 0.25 * b, (ranks[0]["epoch_losses"], single.epoch_losses)
+    assert ranks[0]["epoch_losses"][-1] < 0.5 * ranks[0]["epoch_losses"][0]
 
 
 @pytest.mark.slow
@@ -87,8 +98,8 @@ def test_a_rank_that_dies_is_recovered_by_resuming(tmp_path):
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
     assert _torchrun(clean).returncode == 0
     ckpt = str(tmp_path / "state")
-    # rank 1 dies abruptly at step 13 (epoch 2 of 3, 8 steps per epoch): torchrun stops the job
-    died = _torchrun(crashed, ckpt, "1", "13")
+    # rank 1 dies abruptly at step 9 (epoch 2 of 3, 6 steps per epoch): torchrun stops the job
+    died = _torchrun(crashed, ckpt, "1", "9")
     assert died.returncode != 0 and not (crashed / "rank0.json").exists()
     assert sorted(p.name for p in Path(ckpt).glob("*.pt")) == [
         "heal_checkpoint_rank0-of-2.pt", "heal_checkpoint_rank1-of-2.pt"]
@@ -99,6 +110,7 @@ def test_a_rank_that_dies_is_recovered_by_resuming(tmp_path):
     assert all(r["resumed_after_epoch"] == 1 for r in ranks)
     assert ranks[0]["weights"] == ranks[1]["weights"] == reference[0]["weights"]
     assert ranks[0]["epoch_losses"] == reference[0]["epoch_losses"]
+    assert ranks[0]["held_out_history"] == reference[0]["held_out_history"]  # judged alike across the crash
 
 
 @pytest.mark.slow

@@ -20,7 +20,9 @@ def test_heal_lowers_the_alignment_loss_and_raises_block_cosine(pruned, dense, i
     assert report.mean_cosine_after > report.mean_cosine_before
     assert all(report.block_cosine_after[b] > report.block_cosine_before[b] for b in report.blocks)
     assert report.blocks == ["blocks.0", "blocks.1"]
-    assert report.steps == 3 * 4 and report.n_samples == 64
+    # 64 images: 32 held out (at least 32), 32 train at batch 16
+    assert report.steps == 3 * 2 and report.n_samples == 32 and report.held_out_samples == 32
+    assert report.judged_on == "held-out" and report.returned_state.startswith("epoch")
     assert report.samples_per_second > 0 and report.peak_memory_bytes > 0
 
 
@@ -97,7 +99,7 @@ def test_every_calibration_form_heals_identically(form, dense, images, labels, f
     report = starfish.heal(pruned, dense, calibration, fast)
     reference = l1_prune_(copy.deepcopy(dense))
     starfish.heal(reference, dense, images, fast)
-    assert report.n_samples == 64
+    assert report.n_samples == 32 and report.held_out_samples == 32
     for (_, a), (_, b) in zip(prunable_linears(pruned), prunable_linears(reference)):
         torch.testing.assert_close(a.weight_orig, b.weight_orig)
 
@@ -203,3 +205,20 @@ def test_bf16_autocast_heals_and_auto_means_fp32_on_cpu(dense, images, fast):
     auto = starfish.heal(l1_prune_(copy.deepcopy(dense)), dense, images, fast)
     fp32 = starfish.heal(l1_prune_(copy.deepcopy(dense)), dense, images, fast, precision="fp32")
     assert auto.autocast == "" and auto.epoch_losses == fp32.epoch_losses
+
+
+def test_local_blocks_train_each_block_on_its_own_loss_only(dense, images, fast):
+    """With ``local_blocks`` the second block's loss never reaches the first block's weights: they
+    end exactly as in a heal that aligns the first block alone."""
+    settings = dict(recipe="paper", if_worse="warn")
+    both = l1_prune_(copy.deepcopy(dense))
+    starfish.heal(both, dense, images, fast, blocks=["blocks.0", "blocks.1"], local_blocks=True, **settings)
+    first = l1_prune_(copy.deepcopy(dense))
+    report = starfish.heal(first, dense, images, fast, blocks=["blocks.0"], **settings)
+    assert report.output_aligned  # blocks.1 and the head learn from the output, detached at blocks.0
+    for (name, a), (_, b) in zip(prunable_linears(both), prunable_linears(first)):
+        if name.startswith("blocks.0."):
+            assert torch.equal(a.weight_orig, b.weight_orig), name
+    joint = l1_prune_(copy.deepcopy(dense))
+    starfish.heal(joint, dense, images, fast, blocks=["blocks.0", "blocks.1"], **settings)
+    assert not torch.equal(joint.blocks[0].mlp.fc1.weight_orig, both.blocks[0].mlp.fc1.weight_orig)

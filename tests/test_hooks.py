@@ -92,7 +92,7 @@ def test_heal_failed_fires_after_the_weights_are_restored(pruned, dense, images,
     pm.register(recorder)
     try:
         with pytest.raises(starfish_errors().NonFiniteError):
-            starfish.heal(pruned, dense, images, lr=1e30, min_lr=1e29, epochs=1)
+            starfish.heal(pruned, dense, images, lr=1e30, min_lr=1e29, epochs=1, batch_size=16, if_worse="warn")
     finally:
         pm.unregister(recorder)
     # restored before the hook ran, and the stale prune attribute refreshed too

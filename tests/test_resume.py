@@ -46,8 +46,8 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_heal(dense, images, fast
     full = starfish.heal(reference, dense, images, cfg)
 
     resumable = cfg.replace(checkpoint_dir=str(tmp_path / "ckpt"))
-    # 64 images at batch 16: 4 steps per epoch; stop in the middle of epoch 3
-    model = _interrupted(dense, images, resumable, at_step=10)
+    # 64 images, 32 held out: 2 steps per epoch at batch 16; stop in the middle of epoch 3
+    model = _interrupted(dense, images, resumable, at_step=5)
     assert_state_equal(model, state_copy(l1_prune_(copy.deepcopy(dense))))  # restored on the interrupt
     report = starfish.heal(model, dense, images, resumable)
     assert report.resumed_after_epoch == 2

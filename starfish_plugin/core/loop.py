@@ -7,9 +7,9 @@ import time
 import types
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -107,6 +107,7 @@ class Checkpointing:
     settings: dict[str, Any]
     fingerprint: dict[str, str]
     state: HealState | None = None  # the checkpoint found there (checked to belong to this heal)
+    extra: dict[str, Any] = field(default_factory=dict)  # saved with every epoch (the probe's choice)
 
 
 @dataclass
@@ -126,6 +127,29 @@ class TrainSetup:
     checkpointing: Checkpointing | None
     n_total: int
     steps_per_epoch: int
+    rows: torch.Tensor | None = None  # train on these samples only (positions in ``data``)
+    epoch_hook: EpochHook | None = None  # judges each epoch; may stop the heal early
+
+
+class EpochHook(Protocol):
+    """What the loop asks after every epoch (the held-out judgement, ``core/keep_best.py``)."""
+
+    def after_epoch(self, epoch: int) -> bool:
+        """Score the state after ``epoch`` (1-based); return whether to stop here."""
+
+    @property
+    def last_score(self) -> float | None:
+        """The last held-out objective, for the progress hooks."""
+
+    @property
+    def keeps_best(self) -> bool:
+        """Whether the heal returns its best judged state (then a diverged loss stops it instead of raising)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold to judge alike after a resume."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Restore from a checkpoint; return whether that heal had stopped early."""
 
 
 def non_finite_cause(config: HealConfig, params: list[nn.Parameter], targets_mode: str) -> str:
@@ -181,6 +205,8 @@ class TrainLoop:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.losses: list[float] = []
         self.first_epoch = 0
+        self.stopped_after = 0  # the epoch after which the epoch hook stopped the heal (0: it did not)
+        self.diverged = 0  # the epoch whose loss became NaN/Inf, when the epoch hook keeps the best state
         self.compiled = "" if config.compile == "none" else config.compile
 
     def run(self) -> tuple[list[float], int]:
@@ -197,13 +223,20 @@ class TrainLoop:
         step = self.first_epoch * s.steps_per_epoch
         block_names = s.loss_fn.blocks if s.loss_fn.needs_blocks else []
         recomputed = [b for b in s.loss_fn.blocks if b != OUTPUT_BLOCK] if s.config.gradient_checkpointing else []
+        trained = 0
+        detach = {s.loss_fn.detach_at} if s.loss_fn.detach_at is not None else set()
+        if s.config.local_blocks:  # each block learns from its own loss only (block-wise reconstruction)
+            detach |= set(block_names) - {OUTPUT_BLOCK}
         with recompute_blocks(s.model, recomputed), \
-                capture_outputs(s.model, block_names, detach=s.loss_fn.detach_at) as outputs:
+                capture_outputs(s.model, block_names, detach=detach) as outputs:
             for epoch in range(self.first_epoch, s.config.epochs):
                 epoch_start = time.perf_counter()
                 running, step = self._epoch(forward, outputs, step)
-                self._end_epoch(epoch, (s.dist.sum(running) / s.n_total).item(), epoch_start)
-        return self.losses, s.config.epochs - self.first_epoch
+                trained += 1
+                if self._end_epoch(epoch, (s.dist.sum(running) / s.n_total).item(), epoch_start):
+                    self.stopped_after = 0 if self.diverged else epoch + 1
+                    break
+        return self.losses, trained
 
     def _resume(self) -> None:
         s = self.s
@@ -217,8 +250,11 @@ class TrainLoop:
         self.schedule.load_state_dict(state.scheduler)
         self.generator.set_state(state.generator)
         self.first_epoch, self.losses = state.epoch, list(state.epoch_losses)
+        if s.epoch_hook is not None and s.epoch_hook.load_state_dict(state.extra):
+            self.stopped_after = state.epoch
+            self.first_epoch = s.config.epochs  # that heal had stopped early: nothing is left to train
         assert s.checkpointing is not None
-        self.notes.append(f"resumed from {s.checkpointing.path} after epoch {self.first_epoch} of {s.config.epochs}")
+        self.notes.append(f"resumed from {s.checkpointing.path} after epoch {state.epoch} of {s.config.epochs}")
         if self.first_epoch >= s.config.epochs:
             warnings.warn(
                 f"{s.checkpointing.path} holds a finished heal of this model: its weights are returned without "
@@ -231,7 +267,7 @@ class TrainLoop:
         batch_size = s.dist.batch_size(s.config.batch_size)
         n_batches = s.steps_per_epoch if s.dist.active else None  # ranks split shards into equal step counts
         running = torch.zeros((), device=s.device)
-        for idx, x, y in s.data.batches(batch_size, self.generator, n_batches):
+        for idx, x, y in s.data.batches(batch_size, self.generator, n_batches, s.rows):
             x = x.to(s.device, non_blocking=True)
             dense = s.targets.get(idx, x)
             s.plan.refresh()  # weights read without calling their module's prune hook
@@ -249,19 +285,26 @@ class TrainLoop:
             s.hooks.starfish_step_ended(step=step, total_steps=self.total_steps, config=s.config)
         return running, step
 
-    def _end_epoch(self, epoch: int, mean: float, epoch_start: float) -> None:
+    def _end_epoch(self, epoch: int, mean: float, epoch_start: float) -> bool:
+        """Check the loss, judge the epoch, save the checkpoint, tell the hooks; return whether to stop."""
         s, config = self.s, self.s.config
         if not math.isfinite(mean):
+            if s.epoch_hook is not None and s.epoch_hook.keeps_best:
+                self.diverged = epoch + 1  # stop here: the heal returns its best judged state
+                return True
             state_word = "restored" if config.restore_on_error else "left as they were (restore_on_error=False)"
             raise NonFiniteError(
                 f"the healing loss became {mean} in epoch {epoch + 1}; the weights were {state_word}. "
                 + non_finite_cause(config, s.params, s.targets.plan.mode)
             )
         self.losses.append(mean)
+        hook = s.epoch_hook
+        stop = hook.after_epoch(epoch + 1) if hook is not None else False
         if s.checkpointing is not None:
             save_state(s.checkpointing.path, HealState(
                 epoch + 1, self.losses, list(s.params), self.optimizer.state_dict(), self.schedule.state_dict(),
                 self.generator.get_state(), s.checkpointing.settings, s.checkpointing.fingerprint,
+                {**s.checkpointing.extra, **(hook.state_dict() if hook is not None else {})},
             ))
         s.hooks.starfish_epoch_ended(
             epoch=epoch + 1,
@@ -270,4 +313,6 @@ class TrainLoop:
             lr=self.schedule.get_last_lr()[0],
             seconds=time.perf_counter() - epoch_start,
             config=config,
+            held_out=hook.last_score if hook is not None else None,
         )
+        return stop

@@ -1,33 +1,91 @@
-"""``HealConfig(recipe="auto")``: the measured best recipe for the plan at hand.
+"""Recipes: the warm starts a heal can begin with, and what ``recipe="auto"`` chooses among.
 
-The rule is what the recovery suite supports (docs/results.md, "Beyond the paper"): on masked
-pruning, unstructured at 0.5 to 0.95 and 2:4, ``warm_start="row_norm"`` with ``lr=4e-3`` was never
-below the paper's recipe beyond the seed std, and far above it from 0.8 up (+2.7 at 0.9, +10.9
-at 0.95 with 1,000 images; +10.9 and +49.7 with 256). Nothing was measured for structured pruning
-or below 50 % sparsity, so those keep the paper's recipe.
+``recipe="auto"`` (the default) measures instead of assuming: when the user left ``lr`` and
+``warm_start`` at the paper's values, a short probe (``core/probe.py``) scores each warm start on
+the held-out samples, then trains each learning rate briefly from the best one and heals with the
+winner. ``recipe="paper"``, or any ``lr`` / ``warm_start`` the user sets, is used as given.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
 from starfish_plugin.config import HealConfig
+from starfish_plugin.core.lstsq import lstsq_recover_
+from starfish_plugin.core.modes import eval_mode
 from starfish_plugin.core.plan import SparsityPlan
+from starfish_plugin.core.warm_start import row_norm_warm_start_
+from starfish_plugin.data.calibration import CalibrationData
 
 PAPER = HealConfig(recipe="paper")
-MEASURED_BEST = {"warm_start": "row_norm", "lr": 4e-3}
-MIN_SPARSITY = 0.5
+PROBE_WARM_STARTS = ("row_norm", "lstsq")  # scored against no warm start
+PROBE_LRS = (6e-4, 2e-3, 4e-3)  # trained briefly from the chosen warm start; 6e-4 is the paper's
 
 
-def resolve_recipe(config: HealConfig, plan: SparsityPlan) -> tuple[HealConfig, str]:
-    """The config the heal runs with, and a note saying what ``recipe="auto"`` did (``""`` if nothing)."""
-    if config.recipe != "auto":
-        return config, ""
-    if config.lr != PAPER.lr or config.warm_start != PAPER.warm_start:
-        return config, ""  # the user chose these: respected
-    if plan.structural or plan.sparsity < MIN_SPARSITY:
-        return config, ""
-    changes = ", ".join(f"{k}={v!r}" for k, v in MEASURED_BEST.items())
-    note = (
-        f"recipe='auto': {plan.sparsity:.1%} masked sparsity, so healing uses {changes} (the measured best; "
-        "recipe='paper' keeps the paper's lr=6e-4 without warm start)"
-    )
-    return config.replace(**MEASURED_BEST), note
+@dataclass(frozen=True)
+class Candidate:
+    """One recipe the probe tries: a warm start and a peak learning rate."""
+
+    warm_start: str
+    lr: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.warm_start}, lr={self.lr:g}"
+
+
+def auto_applies(config: HealConfig) -> bool:
+    """Whether ``recipe="auto"`` may choose: the user left ``lr`` and ``warm_start`` as the paper has them."""
+    return config.recipe == "auto" and config.lr == PAPER.lr and config.warm_start == PAPER.warm_start
+
+
+def lr_candidates(warm_start: str) -> list[Candidate]:
+    """The learning rates tried from ``warm_start``, and the paper's recipe if it is not among them."""
+    out = [Candidate(warm_start, lr) for lr in PROBE_LRS]
+    if warm_start != "none":
+        out.append(Candidate("none", PAPER.lr))
+    return out
+
+
+@torch.no_grad()
+def apply_warm_start(
+    kind: str,
+    plan: SparsityPlan,
+    pruned: nn.Module,
+    dense: nn.Module,
+    data: CalibrationData,
+    config: HealConfig,
+    device: torch.device,
+    blocks: Sequence[str],
+) -> tuple[str, int]:
+    """Apply warm start ``kind`` (``"row_norm"`` or ``"lstsq"``) on the first ``warm_start_samples``
+    calibration samples, in place; return a report note and the number of tensors changed."""
+    with eval_mode(pruned), eval_mode(dense):  # never update batch-norm statistics (train_mode heals)
+        return _apply(kind, plan, pruned, dense, data, config, device, blocks)
+
+
+def _apply(
+    kind: str, plan: SparsityPlan, pruned: nn.Module, dense: nn.Module, data: CalibrationData, config: HealConfig,
+    device: torch.device, blocks: Sequence[str],
+) -> tuple[str, int]:
+    n = min(config.warm_start_samples, len(data))
+    batches = [x.to(device) for x in data.head(n).split(config.batch_size)]
+    if kind == "row_norm":
+        result = row_norm_warm_start_(plan, dense, batches)
+        note = (f"warm start row_norm on {n} samples: {len(result['rescaled'])} tensors rescaled, "
+                f"median gain {result['median_gain']:.2f}")
+        changed, skipped = result["rescaled"], result["skipped"]
+    elif kind == "lstsq":
+        solved = lstsq_recover_(plan, pruned, dense, batches, blocks)
+        note = (f"warm start lstsq on {n} samples: {len(solved['solved'])} tensors solved in closed form "
+                f"({solved['rows']} rows, {solved['passes']} passes)")
+        changed, skipped = solved["solved"], solved["skipped"]
+    else:
+        raise ValueError(f"unknown warm start {kind!r}")
+    if skipped:
+        note += f"; left as they were (not a same-shape Linear/Conv weight, or tied): {skipped[:5]}"
+    return note, len(changed)

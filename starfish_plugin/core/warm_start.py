@@ -46,7 +46,7 @@ def _layer_output(module: _Layer, x: torch.Tensor, weight: torch.Tensor) -> torc
     return y.transpose(0, 1).reshape(weight.shape[0], -1)
 
 
-def _tied_weights(model: nn.Module) -> set[int]:
+def tied_weights(model: nn.Module) -> set[int]:
     """Ids of parameters the model holds under more than one name (a tied embedding and LM head)."""
     seen: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -54,7 +54,7 @@ def _tied_weights(model: nn.Module) -> set[int]:
     return {key for key, count in seen.items() if count > 1}
 
 
-def _eligible(entry: MaskedTensor, dense_modules: dict[str, nn.Module], tied: set[int]) -> _Layer | None:
+def eligible_layer(entry: MaskedTensor, dense_modules: dict[str, nn.Module], tied: set[int]) -> _Layer | None:
     """The dense layer of a pruned ``weight`` of the same shape, or ``None`` if it cannot be rescaled
     (also for a tied weight: scaling the LM head's rows would scale the embedding too)."""
     if not entry.name.endswith(".weight"):
@@ -88,8 +88,8 @@ def row_norm_warm_start_(
         ``{"rescaled": [names], "skipped": [names], "median_gain": float}``.
     """
     modules = dict(dense.named_modules())
-    tied = _tied_weights(dense)
-    eligible = {e.name: (e, m) for e in plan if (m := _eligible(e, modules, tied)) is not None}
+    tied = tied_weights(dense)
+    eligible = {e.name: (e, m) for e in plan if (m := eligible_layer(e, modules, tied)) is not None}
     skipped = [e.name for e in plan if e.name not in eligible]
     sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     pruned_weights = {name: e.effective_weight().detach() for name, (e, _) in eligible.items()}

@@ -49,17 +49,23 @@ class CalibrationData:
         return self.inputs[:n]
 
     def shard(self, rank: int, world: int) -> CalibrationData:
-        """Samples ``rank, rank + world, ...`` (a view: no copy in memory, the same file on disk)."""
+        """Samples ``rank, rank + world, ...`` (the same file on disk)."""
         if self.total is not None:
             return self  # already this rank's shard (written so by load_calibration)
-        labels = None if self.labels is None else self.labels[rank::world]
-        rows = torch.arange(rank, len(self), world)
+        shard = self.subset(torch.arange(rank, len(self), world))
+        shard.total = len(self)
+        return shard
+
+    def subset(self, rows: torch.Tensor) -> CalibrationData:
+        """The samples at positions ``rows``, in that order (inputs on disk stay in their file,
+        read through a view; the owner keeps removing the file on ``close``)."""
 
         def pick(value):
-            return value.subset(rows) if isinstance(value, DiskInputs) else value[rank::world]
+            return value.subset(rows) if isinstance(value, DiskInputs) else value[rows]
 
         inputs = self.inputs.map(pick) if isinstance(self.inputs, ModelInputs) else pick(self.inputs)
-        return CalibrationData(inputs, labels, self.source, total=len(self))
+        labels = None if self.labels is None else self.labels[rows]
+        return CalibrationData(inputs, labels, self.source, total=self.total)
 
     def fingerprint(self) -> str:
         """Hash of the inputs (computed once; the disk cache and checkpoints both use it). The
@@ -86,22 +92,25 @@ class CalibrationData:
                 value.close()
 
     def batches(
-        self, batch_size: int, generator: torch.Generator | None = None, n_batches: int | None = None
+        self, batch_size: int, generator: torch.Generator | None = None, n_batches: int | None = None,
+        rows: torch.Tensor | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor | ModelInputs, torch.Tensor | None]]:
         """Yield ``(indices, inputs, labels)``; shuffled when a generator is given.
 
         With ``n_batches`` (distributed healing: every rank must step equally often) the samples
-        are split into exactly that many batches of near-equal size instead.
+        are split into exactly that many batches of near-equal size instead. With ``rows``, only
+        those samples are read (the indices yielded are still positions in the whole set).
         """
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        pool = torch.arange(len(self)) if rows is None else rows
+        n = len(pool)
+        order = pool[torch.randperm(n, generator=generator)] if generator is not None else pool
         if n_batches is not None:
             for idx in torch.tensor_split(order, n_batches):
                 yield idx, self.inputs[idx], None if self.labels is None else self.labels[idx]
             return
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
-            if generator is None:
+            if generator is None and rows is None:
                 sl = slice(start, start + len(idx))
                 yield idx, self.inputs[sl], None if self.labels is None else self.labels[sl]
             else:

@@ -209,7 +209,7 @@ def starfish_step_ended(step: int, total_steps: int, config: HealConfig) -> None
 
 @hookspec
 def starfish_epoch_ended(
-    epoch: int, epochs: int, loss: float, lr: float, seconds: float, config: HealConfig
+    epoch: int, epochs: int, loss: float, lr: float, seconds: float, config: HealConfig, held_out: float | None
 ) -> None:
     """Fires after every epoch.
 
@@ -219,6 +219,8 @@ def starfish_epoch_ended(
     :param lr: learning rate after the epoch's last step.
     :param seconds: wall-clock seconds of the epoch.
     :param config: the effective ``HealConfig``.
+    :param held_out: the healing objective on the held-out samples after the epoch (lower is
+        better), or ``None`` when the heal has no held-out judgement.
 
     Return value ignored. All implementations are called.
     """

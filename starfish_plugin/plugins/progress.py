@@ -43,10 +43,11 @@ def starfish_step_ended(step, total_steps, config) -> None:
 
 
 @hookimpl
-def starfish_epoch_ended(epoch, epochs, loss, lr, seconds, config) -> None:
+def starfish_epoch_ended(epoch, epochs, loss, lr, seconds, config, held_out) -> None:
     if config.quiet:
         return
-    line = f"[starfish] epoch {epoch}/{epochs}  loss {loss:.5f}  lr {lr:.2e}  {seconds:.1f}s"
+    judged = f"  held-out {held_out:.5f}" if held_out is not None else ""
+    line = f"[starfish] epoch {epoch}/{epochs}  loss {loss:.5f}{judged}  lr {lr:.2e}  {seconds:.1f}s"
     if _bar is not None:
         _bar.set_postfix_str(f"epoch {epoch}/{epochs} loss {loss:.4f}", refresh=False)
         _bar.write(line, file=sys.stderr)

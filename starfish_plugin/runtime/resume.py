@@ -15,7 +15,7 @@ from starfish_plugin.errors import CheckpointError
 from starfish_plugin.runtime.atomic import write_atomically
 from starfish_plugin.runtime.fingerprint import weights_fingerprint
 
-VERSION = 1
+VERSION = 2  # 2: the held-out judgement (best state, scores) travels with the optimizer state
 # Settings that change nothing the optimizer computes (compiling: only float rounding); a checkpoint
 # resumes across them.
 
@@ -38,6 +38,7 @@ class HealState:
     generator: torch.Tensor
     settings: dict[str, Any] = field(default_factory=dict)
     fingerprint: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # the epoch hook's state (held-out judgement)
 
 
 def checkpoint_path(directory: str | os.PathLike, rank: int = 0, world: int = 1) -> Path:
@@ -54,7 +55,7 @@ def save_state(path: Path, state: HealState) -> None:
         "version": VERSION, "epoch": state.epoch, "epoch_losses": state.epoch_losses,
         "params": [p.detach().cpu() for p in state.params], "optimizer": state.optimizer,
         "scheduler": state.scheduler, "generator": state.generator, "settings": state.settings,
-        "fingerprint": state.fingerprint,
+        "fingerprint": state.fingerprint, "extra": state.extra,
     }
     write_atomically(path, lambda tmp: torch.save(payload, tmp), lambda reason: CheckpointError(
         f"writing the heal checkpoint {path} failed ({reason}); free space there or pass another "
@@ -98,4 +99,4 @@ def load_state(path: Path, settings: dict[str, Any], fingerprint: dict[str, str]
             "same models and calibration set, or delete it / pass another checkpoint_dir to start over"
         )
     return HealState(raw["epoch"], list(raw["epoch_losses"]), raw["params"], raw["optimizer"], raw["scheduler"],
-                     raw["generator"], theirs, raw["fingerprint"])
+                     raw["generator"], theirs, raw["fingerprint"], raw.get("extra", {}))
