@@ -98,7 +98,9 @@ class HealConfig:
             6e-4, 2e-3 and 4e-3 (and the paper's recipe) trains a few steps from the best one; the
             winner heals. The probe costs about ``probe_budget`` of the heal; the report lists
             what it tried (``HealReport.recipe_probe``). ``"paper"``: exactly the fields as given.
-        epochs: passes over the calibration set (paper: 10; 5 for large models).
+        epochs: passes over the calibration set (paper: 10; 5 for large models). ``0`` with a
+            warm start: the warm start alone, judged like any state (``warm_start="lstsq",
+            epochs=0`` is closed-form recovery with no training).
         lr: peak AdamW learning rate, decayed per step by a cosine schedule to ``min_lr``.
         min_lr: final learning rate of the cosine schedule.
         batch_size: calibration images per optimizer step.
@@ -277,8 +279,14 @@ class HealConfig:
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the first invalid field and the values it accepts."""
-        for name in ("epochs", "batch_size", "warm_start_samples"):
+        for name in ("batch_size", "warm_start_samples"):
             _check_int(name, getattr(self, name), minimum=1)
+        _check_int("epochs", self.epochs, minimum=0)
+        if self.epochs == 0 and self.warm_start == "none":
+            raise ConfigError(
+                "HealConfig.epochs=0 heals with the warm start alone, and warm_start is 'none'; pass "
+                "warm_start='lstsq' (closed-form recovery) or 'row_norm', or epochs >= 1"
+            )
         for name in ("lr", "min_lr", "kl_temperature"):
             _check_number(name, getattr(self, name), positive=True)
         if self.min_lr > self.lr:

@@ -27,6 +27,7 @@ class Arch:
     text: bool = False
     keep: Callable[[nn.Module], list[nn.Module]] = field(default=lambda m: [])  # heads, embeddings
     tp_kwargs: Callable[[nn.Module], dict] = field(default=lambda m: {})
+    image: int = IMAGE  # side of the square calibration images (vision models only)
 
     def calibration(self, n: int, seed: int = 0) -> object:
         g = torch.Generator().manual_seed(seed)
@@ -35,7 +36,7 @@ class Arch:
             mask = torch.ones(n, SEQ, dtype=torch.long)
             mask[n // 2 :, -3:] = 0  # some padded sequences
             return {"input_ids": ids, "attention_mask": mask}
-        return torch.randn(n, 3, IMAGE, IMAGE, generator=g)
+        return torch.randn(n, 3, self.image, self.image, generator=g)
 
 
 def _last_linear(model: nn.Module) -> list[nn.Module]:
@@ -221,6 +222,236 @@ ARCHS: list[Arch] = [
     Arch("hf_gpt2", _hf("GPT2Config", "GPT2LMHeadModel", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2,
                         n_positions=SEQ, bos_token_id=0, eos_token_id=0, use_cache=False),
          text=True, keep=_hf_keep),
+]
+
+
+# More architecture families, built as small; some need a larger input (``image``).
+
+
+def _last_layer(model: nn.Module) -> list[nn.Module]:
+    """The output layer, a Linear or (SqueezeNet's) a 1x1 Conv2d."""
+    return [[m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]]
+
+
+def _all_linear_heads(model: nn.Module) -> list[nn.Module]:
+    """CrossViT's two classifier heads, one per branch (their logits are averaged)."""
+    return list(model.head)
+
+
+def _hidden_only(*suffixes: str) -> Callable[[nn.Module], list[nn.Module]]:
+    """Like ``_mlp_hidden_only``, for MLPs whose first layer is named otherwise."""
+    def keep(model: nn.Module) -> list[nn.Module]:
+        return [m for name, m in model.named_modules()
+                if isinstance(m, (nn.Linear, nn.Conv2d)) and not name.endswith(suffixes)]
+
+    return keep
+
+
+def _qkv_heads(model: nn.Module) -> dict:
+    """``num_heads`` for every attention with a fused ``qkv`` Linear (timm's and its families' own)."""
+    return {"num_heads": {m.qkv: m.num_heads for m in model.modules()
+                          if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(m.num_heads, int)}}
+
+
+def _hf_fused_whole_heads(model: nn.Module) -> dict:
+    """Fused query/key/value projections (Phi-3's ``qkv_proj``, GPT-NeoX's ``query_key_value``) with
+    rotary embeddings: whole heads, as ``_hf_whole_heads``."""
+    heads = {}
+    for m in model.modules():
+        for qkv in ("qkv_proj", "query_key_value"):
+            if isinstance(getattr(m, qkv, None), nn.Linear):
+                heads[getattr(m, qkv)] = m.config.num_attention_heads
+    return {"num_heads": heads, "prune_num_heads": True, "prune_head_dims": False, "head_pruning_ratio": 0.5}
+
+
+def _timm_mobilevit() -> nn.Module:
+    from timm.models.byobnet import ByobNet, ByoModelCfg
+    from timm.models.mobilevit import _inverted_residual_block, _mobilevit_block
+
+    return ByobNet(ByoModelCfg(
+        blocks=(
+            _inverted_residual_block(d=1, c=8, s=1, br=2.0),
+            _inverted_residual_block(d=1, c=16, s=2, br=2.0),
+            _mobilevit_block(d=1, c=24, s=2, transformer_dim=32, transformer_depth=1, patch_size=2, br=2.0),
+            _mobilevit_block(d=1, c=32, s=2, transformer_dim=32, transformer_depth=1, patch_size=2, br=2.0),
+        ),
+        stem_chs=8, stem_type="3x3", stem_pool="", downsample="", act_layer="silu", num_features=64,
+    ), num_classes=10)
+
+
+def _levit() -> nn.Module:
+    from timm.models.levit import Levit
+
+    return Levit(img_size=IMAGE, embed_dim=(16, 24, 32), key_dim=8, depth=(1, 1, 1), num_heads=(1, 2, 2),
+                 num_classes=10)
+
+
+def _efficientformer_v2() -> nn.Module:
+    from timm.models.efficientformer_v2 import EfficientFormerV2
+
+    return EfficientFormerV2(depths=(1, 1, 1, 1), embed_dims=(8, 16, 32, 64), num_vit=1, img_size=IMAGE,
+                             distillation=False, num_classes=10)
+
+
+def _edgenext() -> nn.Module:
+    from timm.models.edgenext import EdgeNeXt
+
+    return EdgeNeXt(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), heads=(1, 1, 2, 2), num_classes=10)
+
+
+def _convit() -> nn.Module:
+    from timm.models.convit import ConVit
+
+    return ConVit(img_size=IMAGE, patch_size=8, embed_dim=32, depth=2, num_heads=2, local_up_to_layer=1,
+                  num_classes=10)
+
+
+def _tv_maxvit() -> nn.Module:
+    from torchvision.models.maxvit import MaxVit
+
+    return MaxVit(input_size=(IMAGE, IMAGE), stem_channels=8, partition_size=2, block_channels=[16, 32],
+                  block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10)
+
+
+def _repvgg() -> nn.Module:
+    from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
+
+    blocks = tuple(ByoBlockCfg(type="rep", d=1, c=c) for c in (8, 16, 32, 64))
+    return ByobNet(ByoModelCfg(blocks=blocks, stem_type="rep", stem_chs=8), num_classes=10)
+
+
+def _mobileone() -> nn.Module:
+    from timm.models.byobnet import ByobNet, ByoModelCfg, _mobileone_bcfg
+
+    blocks = _mobileone_bcfg(d=(1, 1, 1, 1), wf=(0.125,) * 4, num_conv_branches=2)  # widths 8, 16, 32, 64
+    return ByobNet(ByoModelCfg(blocks=blocks, stem_type="one", stem_chs=8), num_classes=10)
+
+
+def _repvit() -> nn.Module:
+    from timm.models.repvit import RepVit
+
+    return RepVit(img_size=IMAGE, embed_dim=(8, 16, 32, 64), depth=(1, 1, 1, 1), distillation=False, num_classes=10)
+
+
+def _fastvit() -> nn.Module:
+    from functools import partial
+
+    from timm.models.fastvit import FastVit, RepConditionalPosEnc
+
+    return FastVit(layers=(1, 1, 1, 1), embed_dims=(8, 16, 32, 64), mlp_ratios=(2,) * 4,
+                   token_mixers=("repmixer", "repmixer", "repmixer", "attention"),
+                   pos_embs=(None, None, None, partial(RepConditionalPosEnc, spatial_shape=(7, 7))), num_classes=10)
+
+
+def _twins_svt() -> nn.Module:
+    from timm.models.twins import Twins
+
+    return Twins(img_size=IMAGE, embed_dims=(8, 16, 32, 64), num_heads=(1, 1, 2, 2), mlp_ratios=(2,) * 4,
+                 depths=(2, 2, 2, 1), sr_ratios=(4, 2, 1, 1), wss=(4, 2, 2, 1), num_classes=10)
+
+
+def _focalnet() -> nn.Module:
+    from timm.models.focalnet import FocalNet
+
+    return FocalNet(embed_dim=8, depths=(1, 1, 1, 1), drop_path_rate=0.0, num_classes=10)
+
+
+def _crossvit() -> nn.Module:
+    from timm.models.crossvit import CrossVit
+
+    return CrossVit(img_size=IMAGE, patch_size=(8, 16), embed_dim=(16, 32), depth=((1, 1, 0),), num_heads=(1, 2),
+                    mlp_ratio=(2.0, 2.0, 1.0), num_classes=10)
+
+
+def _mvitv2() -> nn.Module:
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    return MultiScaleVit(MultiScaleVitCfg(depths=(1, 1, 1, 1), embed_dim=8, num_heads=1), img_size=(IMAGE, IMAGE),
+                         num_classes=10)
+
+
+def _nest() -> nn.Module:
+    from timm.models.nest import Nest
+
+    return Nest(img_size=IMAGE, patch_size=4, embed_dims=(16, 32, 64), num_heads=(1, 2, 2), depths=(1, 1, 1),
+                num_classes=10)
+
+
+def _tv_efficientnet_v2() -> nn.Module:
+    from functools import partial
+
+    from torchvision.models.efficientnet import EfficientNet, FusedMBConvConfig, MBConvConfig
+
+    setting = [
+        FusedMBConvConfig(1, 3, 1, 8, 8, 1),
+        FusedMBConvConfig(4, 3, 2, 8, 16, 1),
+        MBConvConfig(4, 3, 2, 16, 32, 1, width_mult=1.0, depth_mult=1.0),
+        MBConvConfig(4, 3, 2, 32, 48, 1, width_mult=1.0, depth_mult=1.0),
+    ]
+    return EfficientNet(setting, dropout=0.2, num_classes=10, last_channel=128,
+                        norm_layer=partial(nn.BatchNorm2d, eps=1e-3))
+
+
+_TINY_LM = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                use_cache=False)
+
+MORE_ARCHS: list[Arch] = [
+    # hybrid convolution-attention
+    Arch("timm_coatnet", _timm("test_coatnet", img_size=IMAGE), keep=_mlp_hidden_only),
+    Arch("timm_mobilevit", _seeded(_timm_mobilevit), keep=_last_linear, tp_kwargs=_qkv_heads),
+    Arch("timm_levit", _seeded(_levit), keep=_last_linear),
+    Arch("timm_efficientformer_v2", _seeded(_efficientformer_v2), keep=_last_linear),
+    Arch("timm_edgenext", _seeded(_edgenext), keep=_last_linear, tp_kwargs=_qkv_heads),
+    Arch("timm_convit", _seeded(_convit), keep=_last_linear, tp_kwargs=_qkv_heads),
+    Arch("tv_maxvit", _seeded(_tv_maxvit), keep=_hidden_only("mlp_layer.1")),
+    # re-parameterisable (multi-branch for training)
+    Arch("timm_repvgg", _seeded(_repvgg), keep=_last_linear),
+    Arch("timm_mobileone", _seeded(_mobileone), keep=_last_linear),
+    Arch("timm_repvit", _seeded(_repvit), keep=_last_linear),
+    Arch("timm_fastvit", _seeded(_fastvit), keep=_last_linear, tp_kwargs=_qkv_heads),
+    # multi-scale / hierarchical
+    Arch("timm_twins_svt", _seeded(_twins_svt), keep=_last_linear, tp_kwargs=_qkv_heads),
+    Arch("timm_focalnet", _seeded(_focalnet), keep=_last_linear),
+    Arch("timm_crossvit", _seeded(_crossvit), keep=_all_linear_heads, tp_kwargs=_qkv_heads),
+    Arch("timm_mvitv2", _seeded(_mvitv2), keep=_last_linear, tp_kwargs=_qkv_heads),
+    Arch("timm_nest", _seeded(_nest), keep=_last_linear, tp_kwargs=_qkv_heads),
+    # torchvision
+    Arch("tv_mnasnet", _seeded(lambda: torchvision.models.MNASNet(0.25, num_classes=10)), keep=_last_linear),
+    Arch("tv_squeezenet", _seeded(lambda: torchvision.models.squeezenet1_1(num_classes=10)), keep=_last_layer),
+    Arch("tv_efficientnet_v2", _seeded(_tv_efficientnet_v2), keep=_last_linear),
+    Arch("tv_mobilenet_v2", _seeded(lambda: torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.25)),
+         keep=_last_linear),
+    Arch("tv_googlenet", _seeded(lambda: torchvision.models.GoogLeNet(num_classes=10, aux_logits=False,
+                                                                      init_weights=True)),
+         keep=_last_linear),  # fixed Inception widths: 5.6 M parameters
+    # Hugging Face decoder language models
+    Arch("hf_qwen2", _hf("Qwen2Config", "Qwen2ForCausalLM", **_TINY_LM, num_key_value_heads=2),
+         text=True, keep=_hf_keep, tp_kwargs=_hf_whole_heads),
+    Arch("hf_mistral", _hf("MistralConfig", "MistralForCausalLM", **_TINY_LM, num_key_value_heads=2),
+         text=True, keep=_hf_keep, tp_kwargs=_hf_whole_heads),
+    Arch("hf_gemma", _hf("GemmaConfig", "GemmaForCausalLM", **_TINY_LM, num_key_value_heads=2, head_dim=16),
+         text=True, keep=_hf_keep, tp_kwargs=_hf_whole_heads),
+    Arch("hf_phi", _hf("PhiConfig", "PhiForCausalLM", **_TINY_LM, num_key_value_heads=2),
+         text=True, keep=_hf_keep, tp_kwargs=_hf_whole_heads),
+    Arch("hf_phi3", _hf("Phi3Config", "Phi3ForCausalLM", **_TINY_LM, num_key_value_heads=2, bos_token_id=1,
+                        eos_token_id=2, pad_token_id=0), text=True, keep=_hf_keep, tp_kwargs=_hf_fused_whole_heads),
+    Arch("hf_gpt_neox", _hf("GPTNeoXConfig", "GPTNeoXForCausalLM", **_TINY_LM),
+         text=True, keep=_hf_keep, tp_kwargs=_hf_fused_whole_heads),
+    Arch("hf_opt", _hf("OPTConfig", "OPTForCausalLM", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=64,
+                       use_cache=False), text=True, keep=_hf_keep, tp_kwargs=_hf_heads),
+    # Hugging Face vision models
+    Arch("hf_dinov2", _hf("Dinov2Config", "Dinov2ForImageClassification", hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, mlp_ratio=2, image_size=IMAGE, patch_size=8, num_labels=10),
+         keep=_hf_keep, tp_kwargs=_hf_heads),
+    Arch("hf_mobilevit", _hf("MobileViTConfig", "MobileViTForImageClassification", image_size=IMAGE,
+                             hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
+                             num_attention_heads=2, num_labels=10), keep=_hf_keep, tp_kwargs=_hf_heads),
+    Arch("hf_resnet", _hf("ResNetConfig", "ResNetForImageClassification", embedding_size=8,
+                          hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], layer_type="basic", num_labels=10),
+         keep=_last_linear),
+    Arch("hf_convnextv2", _hf("ConvNextV2Config", "ConvNextV2ForImageClassification", hidden_sizes=[8, 16, 32, 64],
+                              depths=[1, 1, 2, 1], num_labels=10), keep=_last_linear),
 ]
 
 

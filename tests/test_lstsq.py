@@ -149,3 +149,16 @@ def test_hugging_face_conv1d_weights_are_solved_in_their_own_layout():
     # that direction, so compare what the layer computes
     with torch.no_grad():
         torch.testing.assert_close(pruned(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_closed_form_recovery_on_its_own_is_a_heal_with_no_epochs(dense, images):
+    pruned = l1_prune_(copy.deepcopy(dense), 0.8)
+    report = starfish.heal(pruned, dense, images, warm_start="lstsq", epochs=0, quiet=True)
+    assert report.steps == 0 and report.epoch_losses == [] and "no epochs" in report.summary()
+    assert [h["stage"] for h in report.held_out_history] == ["start", "warm start"]
+    assert report.returned_state == "warm start" and report.held_out_after < report.held_out_before
+    assert report.mask_unchanged and report.masked_weights_zero
+    saved = state_copy(pruned)
+    with pytest.raises(starfish.errors.ConfigError, match="epochs=0 heals with the warm start alone"):
+        starfish.heal(pruned, dense, images, epochs=0)
+    assert_state_equal(pruned, saved)

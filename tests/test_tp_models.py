@@ -387,3 +387,68 @@ def test_hf_llama_head_dims_pruned_is_refused_with_the_rotary_fix():
     ):
         _hf_step(dense, _tokens(4))
     assert_state_equal(dense, saved)
+
+
+def _tiny_llama_with_cache():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=2, intermediate_size=64)  # use_cache=True: the default
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _whole_heads(model):
+    attn = [m for m in model.modules() if hasattr(m, "q_proj")]
+    return {"num_heads": {p: 2 for a in attn for p in (a.q_proj, a.k_proj, a.v_proj)}, "prune_num_heads": True,
+            "prune_head_dims": False, "head_pruning_ratio": 0.5}
+
+
+def test_a_hugging_face_decoder_with_its_cache_on_prunes_through_meta_pruner_and_heals():
+    from helpers import improved_or_restored
+
+    from starfish_plugin.adapters.tp_build import meta_pruner
+
+    dense = _tiny_llama_with_cache()
+    ids = torch.randint(0, 128, (64, 12), generator=torch.Generator().manual_seed(0))
+    keep = lambda m: [m.lm_head, m.model.embed_tokens]  # noqa: E731
+    direct = copy.deepcopy(dense)
+    with pytest.raises(AttributeError, match="grad_fn"):  # Torch-Pruning 1.6.1 itself cannot trace the cache
+        tp.pruner.MetaPruner(direct, {"input_ids": ids[:2]}, importance=tp.importance.MagnitudeImportance(p=2),
+                             pruning_ratio=0.3, ignored_layers=keep(direct), **_whole_heads(direct))
+    model = copy.deepcopy(dense)
+    pruner = meta_pruner(model, {"input_ids": ids[:2]}, importance=tp.importance.MagnitudeImportance(p=2),
+                         pruning_ratio=0.3, ignored_layers=keep(model), **_whole_heads(model))
+    assert model.config.use_cache  # put back once the graph is built
+    handle = starfish.attach(pruner, dense, {"input_ids": ids}, epochs=2, batch_size=16, quiet=True)
+    pruner.step()
+    report = handle.reports[-1]
+    assert report.parameters_pruned < report.parameters_dense and improved_or_restored(report)
+    model(input_ids=ids[:2])
+
+
+def test_meta_pruner_turns_a_torch_pruning_failure_into_a_clear_error():
+    from starfish_plugin.adapters.tp_build import meta_pruner
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    with pytest.raises(errors.PrunerError, match=r"could not build the dependency graph of Sequential: RuntimeError"):
+        meta_pruner(model, torch.randn(1, 5, 8, 8), importance=tp.importance.MagnitudeImportance(p=2),
+                    pruning_ratio=0.3)  # inputs with 5 channels: Torch-Pruning's trace fails
+
+
+def test_hugging_face_swin_pruned_as_a_user_would_is_a_clear_error_not_a_raw_one():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2],
+                                     window_size=4, num_labels=10)
+    dense = transformers.SwinForImageClassification(config).eval()
+    model = copy.deepcopy(dense)
+    heads = {}
+    for m in model.modules():
+        if hasattr(m, "query") and hasattr(m, "num_attention_heads"):
+            heads.update({m.query: m.num_attention_heads, m.key: m.num_attention_heads, m.value: m.num_attention_heads})
+    images = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pruner = tp.pruner.MetaPruner(model, images[:2], importance=tp.importance.MagnitudeImportance(p=2),
+                                  pruning_ratio=0.3, ignored_layers=[model.classifier], num_heads=heads)
+    starfish.attach(pruner, dense, images, epochs=1, quiet=True)
+    with pytest.raises(errors.PrunerError, match="relative_position_bias.*ignored_layers"):
+        pruner.step()

@@ -448,12 +448,13 @@ class HealRun:
                 warmed = self._choose_recipe(setup, kept, backup, state)
                 if state is None and self.config.warm_start != "none" and not warmed:
                     self._warm_start()
-                loop = TrainLoop(setup, self.notes)
-                self.epoch_losses, self.epochs_run = loop.run()
-            self.facts.update(resumed_after_epoch=loop.first_epoch if state is not None else 0,
-                              compiled=loop.compiled, autocast="bf16" if loop.use_bf16 else "",
-                              stopped_early_after=loop.stopped_after)
-            self._check_divergence(loop.diverged)
+                if self.config.epochs > 0:  # epochs=0: the warm start alone
+                    loop = TrainLoop(setup, self.notes)
+                    self.epoch_losses, self.epochs_run = loop.run()
+                    self.facts.update(resumed_after_epoch=loop.first_epoch if state is not None else 0,
+                                      compiled=loop.compiled, autocast="bf16" if loop.use_bf16 else "",
+                                      stopped_early_after=loop.stopped_after)
+                    self._check_divergence(loop.diverged)
         except BaseException as exc:
             if config.restore_on_error:
                 _put_back(kept, backup)
