@@ -44,11 +44,9 @@ def auto_applies(config: HealConfig) -> bool:
 
 
 def lr_candidates(warm_start: str) -> list[Candidate]:
-    """The learning rates tried from ``warm_start``, and the paper's recipe if it is not among them."""
-    out = [Candidate(warm_start, lr) for lr in PROBE_LRS]
-    if warm_start != "none":
-        out.append(Candidate("none", PAPER.lr))
-    return out
+    """The learning rates tried from ``warm_start`` (the paper's first). The paper's recipe itself
+    (no warm start, its rate) is among them unless a warm start scored better than none."""
+    return [Candidate(warm_start, lr) for lr in PROBE_LRS]
 
 
 @torch.no_grad()
