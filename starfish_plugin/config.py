@@ -93,11 +93,12 @@ class HealConfig:
 
     Args:
         recipe: ``"auto"`` (default): when ``lr`` and ``warm_start`` are left at the paper's
-            values, a short probe chooses them by measurement on the held-out samples: each warm
-            start (``row_norm``, ``lstsq``) is scored against none, then each learning rate of
-            6e-4, 2e-3 and 4e-3 (and the paper's recipe) trains a few steps from the best one; the
-            winner heals. The probe costs about ``probe_budget`` of the heal; the report lists
-            what it tried (``HealReport.recipe_probe``). ``"paper"``: exactly the fields as given.
+            values, a short probe chooses them by measurement on the held-out samples: the
+            ``row_norm`` warm start is scored against none, then each learning rate of 6e-4, 2e-3
+            and 4e-3 trains a few steps from the better start (or, on a small budget, one step is
+            scaled to each: a line search); the winner heals. The probe costs about
+            ``probe_budget`` of the heal; the report lists what it tried
+            (``HealReport.recipe_probe``). ``"paper"``: exactly the fields as given.
         epochs: passes over the calibration set (paper: 10; 5 for large models). ``0`` with a
             warm start: the warm start alone, judged like any state (``warm_start="lstsq",
             epochs=0`` is closed-form recovery with no training).

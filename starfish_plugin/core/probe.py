@@ -2,8 +2,8 @@
 
 Two stages, every score on the held-out samples:
 
-1. Warm starts. Each of ``row_norm`` and ``lstsq`` is applied to the pruned weights and scored; the
-   best one that improves on no warm start is kept (no training, so this stage is cheap).
+1. Warm starts. Each of ``PROBE_WARM_STARTS`` (``row_norm``) is applied to the pruned weights and
+   scored; the best one that improves on no warm start is kept (no training: this stage is cheap).
 2. Learning rates. From that warm start, each rate of ``PROBE_LRS`` trains a few steps on a fixed
    subset of the training samples, with the same cosine schedule squeezed into those steps, and is
    scored; the lowest objective wins. When the budget affords fewer than two steps each, one step
