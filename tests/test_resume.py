@@ -171,3 +171,41 @@ def test_a_checkpoint_write_that_fails_is_a_clear_error_and_leaves_nothing(tmp_p
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "REFUSED writing the heal checkpoint" in out.stdout, out.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_keeps_the_probes_choice_and_the_judgement(dense, tmp_path):
+    """recipe="auto": the probe runs once; a resumed heal takes its choice from the checkpoint,
+    judges alike, and ends with the weights, scores and returned state of an uninterrupted heal."""
+    images = torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    cfg = starfish.HealConfig(epochs=4, batch_size=16, quiet=True, probe_budget=0.9)
+    reference = l1_prune_(copy.deepcopy(dense), 0.8)
+    full = starfish.heal(reference, dense, images, cfg)
+    assert full.recipe_probe["steps"] >= 1
+    resumable = cfg.replace(checkpoint_dir=str(tmp_path / "ckpt"))
+    plugin = Interrupt(at_step=35)  # 224 training images at batch 16: 14 steps per epoch, so in epoch 3
+    plugin_manager().register(plugin)
+    model = l1_prune_(copy.deepcopy(dense), 0.8)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            starfish.heal(model, dense, images, resumable)
+    finally:
+        plugin_manager().unregister(plugin)
+    report = starfish.heal(model, dense, images, resumable)
+    assert report.resumed_after_epoch == 2 and report.recipe_probe == {}
+    assert any("as the probe chose before the interruption" in n for n in report.notes)
+    assert report.config["lr"] == full.config["lr"] and report.config["warm_start"] == full.config["warm_start"]
+    assert report.held_out_history == full.held_out_history and report.returned_state == full.returned_state
+    for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_heal_stopped_early_resumes_to_the_same_result(dense, images, fast, tmp_path):
+    cfg = fast.replace(lr=3.0, patience=1, epochs=5, checkpoint_dir=str(tmp_path))
+    first = l1_prune_(copy.deepcopy(dense))
+    report = starfish.heal(first, dense, images, cfg)
+    assert report.stopped_early_after == 1 and report.worse_restored
+    second = l1_prune_(copy.deepcopy(dense))
+    with pytest.warns(errors.HealingWarning, match="finished heal"):
+        again = starfish.heal(second, dense, images, cfg)
+    assert again.worse_restored and again.held_out_history == report.held_out_history
+    assert_state_equal(second, state_copy(first))

@@ -391,8 +391,8 @@ def _add_heal(sub: Any, formats: list[str]) -> argparse.ArgumentParser:
 # HealConfig fields ``starfish heal`` exposes as --options, with their help; types, choices and
 # defaults are read from HealConfig itself.
 HEAL_OPTIONS: dict[str, str] = {
-    "recipe": "auto: row-norm warm start and lr 4e-3 for masked pruning from 50%% (measured best); paper: as given",
-    "epochs": "passes over the calibration set",
+    "recipe": "auto: warm start and lr chosen by a short probe on the held-out samples; paper: as given",
+    "epochs": "passes over the calibration set (0 with --warm-start: the warm start alone)",
     "lr": "peak AdamW learning rate (cosine decay to min_lr)",
     "batch_size": "calibration images per optimizer step",
     "seed": "seed of the calibration shuffle",
@@ -401,13 +401,17 @@ HEAL_OPTIONS: dict[str, str] = {
     "inputs": "disk: calibration images decoded batch by batch into a file, not held in RAM",
     "cache_dir": "directory of the disk cache of dense targets (reused when it matches)",
     "checkpoint_dir": "save state each epoch; rerun the same command to resume",
-    "warm_start": "row_norm: rescale pruned rows to the dense output norms before training",
+    "warm_start": "row_norm: rescale pruned rows to the dense output norms; lstsq: solve them in closed form",
     "precision": "auto: bf16 autocast on CUDA, fp32 elsewhere",
     "compile": "torch.compile mode for the pruned model's training forward",
     "compile_backend": "torch.compile backend",
     "device": "e.g. cuda:0 (default: the models' device, cpu here)",
-    "if_worse": "restore: keep the weights from before healing if healing lowered the mean block cosine",
+    "holdout": "share of the calibration set held out to judge every state (at least 32 samples)",
+    "if_worse": "restore: the best judged state, or the pruned weights if none beats them; warn: the last state",
+    "patience": "stop after this many epochs without a better held-out state",
+    "probe_budget": "share of the heal's cost the recipe=auto probe may spend",
 }
+CLI_TYPES: dict[str, type] = {"patience": int}  # fields whose default (None) says nothing of their type
 
 
 def _add_heal_recipe(heal: argparse.ArgumentParser) -> None:
@@ -420,7 +424,8 @@ def _add_heal_recipe(heal: argparse.ArgumentParser) -> None:
     fields = {f.name: f for f in dataclasses.fields(HealConfig)}
     for name, help_text in HEAL_OPTIONS.items():
         default = fields[name].default
-        kind = type(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else str
+        kind = CLI_TYPES.get(name) or (
+            type(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else str)
         heal.add_argument(
             "--" + name.replace("_", "-"), type=kind, choices=HealConfig.choices(name),
             help=help_text if default is None else f"{help_text} (default: {default})",
