@@ -8,8 +8,7 @@ import math
 import resource
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,51 +19,49 @@ from torch import nn
 from starfish_plugin.config import HealConfig
 from starfish_plugin.core.alignment import ChannelIndex, channel_index, select_channels
 from starfish_plugin.core.best_state import BestState
-from starfish_plugin.core.blocks import OUTPUT_BLOCK, BlockChoice, capture_outputs, resolve_blocks
+from starfish_plugin.core.blocks import OUTPUT_BLOCK, BlockChoice, resolve_blocks
 from starfish_plugin.core.costs import layer_macs, parameter_count
 from starfish_plugin.core.holdout import HeldOutJudge, holdout_size, split_rows
 from starfish_plugin.core.keep_best import KeepBest
 from starfish_plugin.core.loop import Checkpointing, TrainLoop, TrainSetup, non_finite_cause
-from starfish_plugin.core.losses import HealLoss, cosine_distance
+from starfish_plugin.core.losses import HealLoss
 from starfish_plugin.core.lstsq import lstsq_macs
 from starfish_plugin.core.masks import read_masks
 from starfish_plugin.core.model_io import (
-    Inputs,
-    call_model,
     describe_inputs,
-    main_output,
     modules_called,
     token_ids,
 )
 from starfish_plugin.core.modes import eval_mode
+from starfish_plugin.core.output_alignment import choose_output_alignment
 from starfish_plugin.core.plan import SparsityPlan
 from starfish_plugin.core.probe import ProbeContext, chosen_config, run_probe
 from starfish_plugin.core.recipe import Candidate, apply_warm_start, auto_applies
+from starfish_plugin.core.trainable import trainable_only, trainable_parameters
 from starfish_plugin.core.validation import (
     check_architecture,
+    check_directories,
     check_dtypes,
     check_finite_weights,
     check_input_dtype,
+    check_logits,
     check_models,
     probe_forward,
+    probe_structural,
     resolve_device,
+    same_output_shape,
     unrelated_weights,
 )
 from starfish_plugin.data.calibration import CalibrationData, load_calibration
 from starfish_plugin.data.targets import LOGITS, DenseTargets, check_finite, dense_outputs, plan_targets
 from starfish_plugin.errors import (
     AdapterError,
-    BlockError,
     CalibrationError,
     CheckpointError,
-    ConfigError,
     HealingWarning,
-    ModelMismatchError,
     NonFiniteError,
-    NothingToTrainError,
 )
 from starfish_plugin.report import HealReport
-from starfish_plugin.runtime.atomic import directory_problem
 from starfish_plugin.runtime.distributed import DistContext, dist_context
 from starfish_plugin.runtime.fingerprint import model_fingerprint, weights_fingerprint
 from starfish_plugin.runtime.locks import exclusive_lock
@@ -72,104 +69,11 @@ from starfish_plugin.runtime.resume import HealState, checkpoint_path, load_stat
 from starfish_plugin.runtime.signals import signals_as_exceptions
 
 
-@contextmanager
-def trainable_only(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
-    """Freeze every parameter of ``model`` except ``params``; restore the flags on exit."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    keep = {id(p) for p in params}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(id(p) in keep)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 @torch.no_grad()
 def _put_back(tensors: list[torch.Tensor], backup: list[torch.Tensor]) -> None:
     """Copy the saved weights (and buffers) back in place."""
     for t, saved in zip(tensors, backup, strict=True):
         t.copy_(saved)
-
-
-def probe_structural(
-    pruned: nn.Module, blocks: list[str], x: Inputs, plan: SparsityPlan
-) -> tuple[dict, list[str]]:
-    """Block outputs of a structurally pruned model on one input and the order in which its
-    modules finished, or a clear error if it cannot run."""
-    order: list[str] = []
-    handles = [
-        module.register_forward_hook(lambda _m, _a, _o, name=name: order.append(name))
-        for name, module in pruned.named_modules()
-        if name in plan.kept_out_channels
-    ]
-    try:
-        return dense_outputs(pruned, blocks, x, False, label="pruned"), order
-    except (RuntimeError, ValueError, IndexError, AssertionError) as exc:
-        raise ModelMismatchError(
-            f"the pruned {type(pruned).__name__} fails a forward on a calibration input of "
-            f"{describe_inputs(x)}: {exc}. If attention heads or widths were pruned, its attention modules' "
-            f"num_heads / head_dim must match the new shapes. {plan.hint}"
-        ) from exc
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@torch.no_grad()
-def _same_output_shape(pruned: nn.Module, dense_output: object, x: Inputs) -> bool:
-    """Whether the pruned model's main output has the dense one's shape (per sample)."""
-    out = main_output(call_model(pruned, x))
-    return (isinstance(out, torch.Tensor) and isinstance(dense_output, torch.Tensor)
-            and out.shape[1:] == dense_output.shape[1:])
-
-
-def check_logits(logits: object, data: CalibrationData, config: HealConfig, ids: torch.Tensor | None = None) -> None:
-    """``kl`` needs ``[B, classes]`` or per-token ``[B, T, vocab]`` logits; ``ce`` needs ``[B, classes]``
-    logits and labels below ``classes``; ``next_token`` needs ``[B, T, vocab]`` logits of the
-    calibration tokens ``ids`` (a probe batch's), every id below ``vocab``."""
-    terms = {name for name, weight in config.loss_terms().items() if weight > 0}
-    ce, next_token = "ce" in terms, "next_token" in terms
-    allowed = (2,) if ce else (3,) if next_token else (2, 3)
-    if not isinstance(logits, torch.Tensor) or logits.dim() not in allowed:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        wanted = ("a classifier returning logits [B, classes]" if ce
-                  else "a language model returning logits [B, T, vocab]" if next_token
-                  else "logits [B, classes] or [B, T, vocab]")
-        raise ConfigError(f"loss {config.loss!r} needs {wanted}, but the model returns {shape}; "
-                          "use loss='cosine' or 'mse'")
-    if ce and data.labels is not None:
-        low, high = int(data.labels.min()), int(data.labels.max())
-        if low < 0 or high >= logits.shape[1]:
-            raise CalibrationError(
-                f"calibration labels span {low}..{high} but the model has {logits.shape[1]} classes; "
-                "labels must be class indices in [0, classes)"
-            )
-    if next_token and ids is not None:
-        if ids.shape[1] < 2:
-            raise CalibrationError(f"loss 'next_token' needs sequences of at least 2 tokens, got {tuple(ids.shape)}")
-        if tuple(ids.shape) != tuple(logits.shape[:2]):
-            raise CalibrationError(
-                f"loss 'next_token' needs one logit row per input token, but token ids {tuple(ids.shape)} "
-                f"gave logits {tuple(logits.shape)}; pass the model's input_ids as calibration inputs"
-            )
-        if int(ids.min()) < 0 or int(ids.max()) >= logits.shape[-1]:
-            raise CalibrationError(
-                f"calibration token ids span {int(ids.min())}..{int(ids.max())} but the model's vocabulary "
-                f"has {logits.shape[-1]} entries; tokenize with the model's own tokenizer"
-            )
-
-
-def check_directories(config: HealConfig) -> None:
-    """``cache_dir`` and ``checkpoint_dir``, when they will be used, can hold files (checked before
-    any work, so a heal never fails on them after an epoch)."""
-    uses_cache = config.inputs == "disk" or config.targets in ("disk", "auto")
-    for name, path, used in (("cache_dir", config.cache_dir, uses_cache),
-                             ("checkpoint_dir", config.checkpoint_dir, True)):
-        problem = directory_problem(path) if path is not None and used else None
-        if problem is not None:
-            raise ConfigError(f"HealConfig.{name} {path} cannot hold files: {problem}; pass a writable directory")
 
 
 def _peak_memory(device: torch.device) -> tuple[int, str]:
@@ -356,13 +260,13 @@ class HealRun:
         output_comparable = True
         if plan.structural:  # e.g. Torch-Pruning: widths may differ from the dense model
             pruned_out, order = probe_structural(pruned, probe_blocks, probe_x[:1], plan)
-            if not _same_output_shape(pruned, dense_logits, probe_x[:1]):
+            if not same_output_shape(pruned, dense_logits, probe_x[:1]):
                 output_comparable = False  # the output itself was narrowed: not comparable
                 candidate, probe_blocks = False, blocks
             index, alignment = channel_index(plan, pruned, probe_blocks, probe_out, pruned_out, order)
             select_channels(probe_out, index)
         if loss_fn.needs_blocks:
-            blocks, loss_fn.detach_at, untrained = _choose_output_alignment(
+            blocks, loss_fn.detach_at, untrained = choose_output_alignment(
                 pruned, plan, blocks, candidate, probe_x, probe_out, config, self.notes
             )
             self.facts["untrained_tensors"] = untrained
@@ -643,120 +547,3 @@ class HealRun:
             + ([f"blocks kept in fp32 (outside fp16 range): {targets.fp32_blocks}"] if targets.fp32_blocks else []),
             config=config.to_dict(),
         )
-
-
-def params_without_signal(
-    model: nn.Module,
-    plan: SparsityPlan,
-    params: list[nn.Parameter],
-    blocks: list[str],
-    x: Inputs,
-    targets: dict[str, torch.Tensor],
-    reduction: str,
-) -> tuple[list[nn.Parameter], list[str]]:
-    """The tensors of ``params`` that no block's output depends on (no gradient reaches them) on
-    the batch ``x``, and the blocks in the order they ran; ``targets`` holds the dense outputs of
-    ``blocks`` on ``x``."""
-    with trainable_only(model, params), torch.enable_grad(), capture_outputs(model, blocks) as outputs:
-        plan.refresh()
-        call_model(model, x)
-        order = list(outputs)
-        loss = sum(cosine_distance(outputs[b].float(), targets[b], reduction) for b in blocks)
-        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
-            return list(params), order
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [p for p, g in zip(params, grads) if g is None], order
-
-
-def _names_of(plan: SparsityPlan, params: list[nn.Parameter]) -> list[str]:
-    ids = {id(p) for p in params}
-    return [e.name for e in plan if id(e.parameter) in ids]
-
-
-def _choose_output_alignment(
-    pruned: nn.Module,
-    plan: SparsityPlan,
-    blocks: list[str],
-    candidate: bool,
-    probe_x: Inputs,
-    probe_out: dict[str, torch.Tensor],
-    config: HealConfig,
-    notes: list[str],
-) -> tuple[list[str], str | None, list[str]]:
-    """``blocks``, with the model's final output added when pruned weights would otherwise get no
-    training signal (``align_output="auto"``) or when asked (``"always"``); and the block whose
-    output is detached on its way to the rest of the model, so that the output's loss trains only
-    the weights after the blocks and leaves the block alignment to the blocks' own losses.
-
-    Raises:
-        BlockError: no pruned weight gets any training signal from the chosen blocks.
-    """
-    params = plan.parameters()
-    detach_at = None
-    x = probe_x[: min(8, len(probe_x))]
-    targets = {name: out[: len(x)] for name, out in probe_out.items()}
-    silent, order = params_without_signal(pruned, plan, params, blocks, x, targets, config.cosine_reduction)
-    if candidate and (config.align_output == "always" or silent):
-        why = (
-            "asked (align_output='always')"
-            if not silent
-            else (
-                f"{len(silent)} pruned tensor(s) outside every block get no signal from the blocks: "
-                f"{_names_of(plan, silent)[:5]}"
-            )
-        )
-        last = order[-1] if order else None
-        notes.append(
-            f"the model's final output is aligned as one more block {OUTPUT_BLOCK!r}: {why}; its loss "
-            f"trains only the weights after the last block ({last})"
-        )
-        blocks = blocks + [OUTPUT_BLOCK]
-        silent, _ = params_without_signal(pruned, plan, params, blocks, x, targets, config.cosine_reduction)
-        detach_at = last
-    if silent and len(silent) == len(params):
-        raise BlockError(
-            f"none of the {len(params)} pruned tensors of {type(pruned).__name__} gets a training signal from the "
-            f"blocks {blocks[:6]}: no block output depends on them (e.g. {_names_of(plan, silent)[:3]}). Choose "
-            f"blocks that contain or follow the pruned layers (HealConfig.blocks), or align the final output "
-            f"(align_output='auto' or 'always')"
-        )
-    if silent:
-        notes.append(
-            f"{len(silent)} pruned tensor(s) get no training signal and stay as pruned: {_names_of(plan, silent)[:5]}"
-        )
-    return blocks, detach_at, _names_of(plan, silent)
-
-
-def trainable_parameters(
-    model: nn.Module, plan: SparsityPlan, which: str, notes: list[str] | None = None
-) -> list[nn.Parameter]:
-    """The plan's tensors (``"pruned"``), or every floating parameter of ``model`` (``"all"``),
-    less those the user froze (``requires_grad=False``): they stay as they are.
-
-    Raises:
-        NothingToTrainError: every pruned tensor is frozen, or has no surviving entry.
-    """
-    params = plan.parameters()
-    if which == "all":
-        seen = {id(p) for p in params}
-        params += [p for p in model.parameters() if p.is_floating_point() and id(p) not in seen]
-    frozen = [p for p in params if not p.requires_grad]
-    if frozen and len(frozen) == len(params):
-        raise NothingToTrainError(
-            f"every tensor healing would train ({len(params)}) has requires_grad=False: nothing can be trained. "
-            "If the pruned model is a copy of a frozen dense model, call pruned.requires_grad_(True) first; "
-            "tensors you froze on purpose stay frozen"
-        )
-    if frozen:
-        names = {id(p): n for n, p in model.named_parameters()}
-        if notes is not None:
-            notes.append(f"{len(frozen)} tensor(s) frozen by requires_grad=False stay as they are: "
-                         f"{[names.get(id(p), '?') for p in frozen][:5]}")
-        params = [p for p in params if p.requires_grad]
-    in_plan = {id(e.parameter): e for e in plan}
-    if all(id(p) in in_plan and not bool(in_plan[id(p)].mask.any()) for p in params):
-        raise NothingToTrainError(
-            f"every pruned tensor to train is pruned to nothing (no surviving entry in "
-            f"{[e.name for e in plan][:5]}): there is no weight to heal. Prune less, or heal with trainable='all'"
-        )
-    return params

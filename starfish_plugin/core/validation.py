@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from starfish_plugin.config import HealConfig
 from starfish_plugin.core.model_io import Inputs, call_model, describe_inputs, main_output
 from starfish_plugin.core.plan import SparsityPlan
 from starfish_plugin.data.calibration import CalibrationData
+from starfish_plugin.data.targets import dense_outputs
 from starfish_plugin.errors import (
     CalibrationError,
     CalibrationTypeError,
@@ -16,6 +18,7 @@ from starfish_plugin.errors import (
     NonFiniteError,
     UsageError,
 )
+from starfish_plugin.runtime.atomic import directory_problem
 
 
 def check_models(pruned: object, dense: object) -> None:
@@ -191,3 +194,82 @@ def unrelated_weights(pruned: nn.Module, dense: nn.Module, plan: SparsityPlan) -
         f"over {len(cosines)} pruned tensors; a pruned copy scores 1.0): is `dense` the model `pruned` was made "
         "from? Healing aligns the pruned model with this dense model's outputs whatever it is"
     )
+
+
+def check_logits(logits: object, data: CalibrationData, config: HealConfig, ids: torch.Tensor | None = None) -> None:
+    """``kl`` needs ``[B, classes]`` or per-token ``[B, T, vocab]`` logits; ``ce`` needs ``[B, classes]``
+    logits and labels below ``classes``; ``next_token`` needs ``[B, T, vocab]`` logits of the
+    calibration tokens ``ids`` (a probe batch's), every id below ``vocab``."""
+    terms = {name for name, weight in config.loss_terms().items() if weight > 0}
+    ce, next_token = "ce" in terms, "next_token" in terms
+    allowed = (2,) if ce else (3,) if next_token else (2, 3)
+    if not isinstance(logits, torch.Tensor) or logits.dim() not in allowed:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        wanted = ("a classifier returning logits [B, classes]" if ce
+                  else "a language model returning logits [B, T, vocab]" if next_token
+                  else "logits [B, classes] or [B, T, vocab]")
+        raise ConfigError(f"loss {config.loss!r} needs {wanted}, but the model returns {shape}; "
+                          "use loss='cosine' or 'mse'")
+    if ce and data.labels is not None:
+        low, high = int(data.labels.min()), int(data.labels.max())
+        if low < 0 or high >= logits.shape[1]:
+            raise CalibrationError(
+                f"calibration labels span {low}..{high} but the model has {logits.shape[1]} classes; "
+                "labels must be class indices in [0, classes)"
+            )
+    if next_token and ids is not None:
+        if ids.shape[1] < 2:
+            raise CalibrationError(f"loss 'next_token' needs sequences of at least 2 tokens, got {tuple(ids.shape)}")
+        if tuple(ids.shape) != tuple(logits.shape[:2]):
+            raise CalibrationError(
+                f"loss 'next_token' needs one logit row per input token, but token ids {tuple(ids.shape)} "
+                f"gave logits {tuple(logits.shape)}; pass the model's input_ids as calibration inputs"
+            )
+        if int(ids.min()) < 0 or int(ids.max()) >= logits.shape[-1]:
+            raise CalibrationError(
+                f"calibration token ids span {int(ids.min())}..{int(ids.max())} but the model's vocabulary "
+                f"has {logits.shape[-1]} entries; tokenize with the model's own tokenizer"
+            )
+
+
+def check_directories(config: HealConfig) -> None:
+    """``cache_dir`` and ``checkpoint_dir``, when they will be used, can hold files (checked before
+    any work, so a heal never fails on them after an epoch)."""
+    uses_cache = config.inputs == "disk" or config.targets in ("disk", "auto")
+    for name, path, used in (("cache_dir", config.cache_dir, uses_cache),
+                             ("checkpoint_dir", config.checkpoint_dir, True)):
+        problem = directory_problem(path) if path is not None and used else None
+        if problem is not None:
+            raise ConfigError(f"HealConfig.{name} {path} cannot hold files: {problem}; pass a writable directory")
+
+
+def probe_structural(
+    pruned: nn.Module, blocks: list[str], x: Inputs, plan: SparsityPlan
+) -> tuple[dict, list[str]]:
+    """Block outputs of a structurally pruned model on one input and the order in which its
+    modules finished, or a clear error if it cannot run."""
+    order: list[str] = []
+    handles = [
+        module.register_forward_hook(lambda _m, _a, _o, name=name: order.append(name))
+        for name, module in pruned.named_modules()
+        if name in plan.kept_out_channels
+    ]
+    try:
+        return dense_outputs(pruned, blocks, x, False, label="pruned"), order
+    except (RuntimeError, ValueError, IndexError, AssertionError) as exc:
+        raise ModelMismatchError(
+            f"the pruned {type(pruned).__name__} fails a forward on a calibration input of "
+            f"{describe_inputs(x)}: {exc}. If attention heads or widths were pruned, its attention modules' "
+            f"num_heads / head_dim must match the new shapes. {plan.hint}"
+        ) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def same_output_shape(pruned: nn.Module, dense_output: object, x: Inputs) -> bool:
+    """Whether the pruned model's main output has the dense one's shape (per sample)."""
+    out = main_output(call_model(pruned, x))
+    return (isinstance(out, torch.Tensor) and isinstance(dense_output, torch.Tensor)
+            and out.shape[1:] == dense_output.shape[1:])
