@@ -21,6 +21,7 @@ The rule, fixed before any result was seen:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import signal
 import statistics
@@ -63,11 +64,16 @@ TP_SECONDS = 60
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
 
 
-def _images(split: str, n: int, size: int) -> torch.Tensor:
-    """Fashion-MNIST images of ``split``, resized to ``size`` and given three channels, normalized."""
+@functools.cache
+def _fashion_mnist(split: str) -> torch.Tensor:
     from starfish_plugin.demo.datasets import load_fashion_mnist
 
-    x, _ = load_fashion_mnist(split)
+    return load_fashion_mnist(split)[0]
+
+
+def _images(split: str, n: int, size: int) -> torch.Tensor:
+    """Fashion-MNIST images of ``split``, resized to ``size`` and given three channels, normalized."""
+    x = _fashion_mnist(split)
     x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]]
     x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False)
     return ((x - FMNIST_MEAN) / FMNIST_STD).expand(-1, 3, -1, -1).contiguous()
@@ -119,8 +125,8 @@ def _block_cosine(model: nn.Module, dense: nn.Module, x: Any, blocks: list[str])
     with capture_outputs(model, blocks) as out, capture_outputs(dense, blocks) as ref:
         _call(model.eval(), x)
         _call(dense, x)
-        if any(out[b].shape != ref[b].shape for b in blocks):
-            return None
+        if any(b not in out or b not in ref or out[b].shape != ref[b].shape for b in blocks):
+            return None  # a block the forward skips, or one whose width pruning changed
         return sum(1.0 - float(cosine_distance(out[b], ref[b], "auto", tokens)) for b in blocks) / len(blocks)
 
 
@@ -227,8 +233,9 @@ def run_case(arch: Any, toolkit: str) -> dict[str, Any]:
     row["seconds"] = time.perf_counter() - start
     after = _unseen(model, dense, unseen, blocks)
     restored = report.worse_restored and all(torch.equal(v, pruned_state[k]) for k, v in _state(model).items())
-    judged_ok = restored or (report.held_out_after < report.held_out_before and (
-        report.output_cosine_after is None or report.output_cosine_after >= report.output_cosine_before))
+    before_cos, after_cos = report.output_cosine_before, report.output_cosine_after
+    output_ok = before_cos is None or after_cos is None or after_cos >= before_cos
+    judged_ok = restored or (report.held_out_after < report.held_out_before and output_ok)
     before_out, after_out = row["unseen_before"]["output"], after["output"]
     unseen_ok = restored or (before_out is not None and after_out is not None and after_out >= before_out)
     return row | {
@@ -276,11 +283,21 @@ def run(only: list[str]) -> None:
                 continue
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                row = run_case(arch, toolkit)
+                try:
+                    row = run_case(arch, toolkit)
+                except Exception as exc:  # noqa: BLE001 - the benchmark's own failure: recorded, not fatal
+                    row = {"architecture": arch.name, "toolkit": toolkit, "status": "error",
+                           "reason": f"benchmark: {type(exc).__name__}: {exc}"[:300]}
             row["new_family"] = arch in MORE_ARCHS
             row["group"] = GROUP_OF[arch.name]
             print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
             rows.append(row)
+            _write(rows + [old[key] for key in old if key not in {(r["architecture"], r["toolkit"]) for r in rows}],
+                   hardware())  # after every case: an interrupted run keeps what it measured
+    print(json.dumps(summarize(rows), indent=1))
+
+
+def _write(rows: list[dict[str, Any]], machine: dict[str, Any]) -> None:
     OUT.write_text(json.dumps({
         "benchmark": "coverage_matrix", "rule": __doc__.split("The rule, fixed before any result was seen:")[1]
         .split("    python")[0].strip(),
@@ -288,9 +305,8 @@ def run(only: list[str]) -> None:
                     f"or King James bytes), {N_UNSEEN} unseen (test split); global L1 0.7 over Linear/Conv, "
                     "torch.ao WeightNormSparsifier 2:4 on Linear, Torch-Pruning MetaPruner 0.3 (L2 magnitude) "
                     "through starfish.attach; every heal with HealConfig() defaults",
-        "summary": summarize(rows), "hardware": hardware(), "rows": rows,
+        "summary": summarize(rows), "hardware": machine, "rows": rows,
     }, indent=1))
-    print(json.dumps(summarize(rows), indent=1))
 
 
 if __name__ == "__main__":
