@@ -79,7 +79,7 @@ PRUNING_LABELS = {
 HEAL_SETTINGS: dict[tuple[str, str], dict[str, Any]] = {
     ("cosine", "default"): {},
     ("cosine", "paper"): {"recipe": "paper"},
-    ("closed_form", "lstsq"): {"warm_start": "lstsq", "epochs": 0},
+    ("closed_form", "lstsq"): {"warm_start": "lstsq", "epochs": 0, "if_worse": "warn"},  # kept even if judged worse
     ("mse", "block_local"): {"loss": "mse", "local_blocks": True, "recipe": "paper"},
 }
 # Rows measured before the held-out judgement (2026-12-03: every sequence trained on, the last state

@@ -479,12 +479,18 @@ class HealRun:
                               f"the last ({judgement.history[-1][0]}) scored {last.objective:.5f}")
         if config.if_worse == "warn" and not last.improves_on(start) and len(judgement.history) > 1:
             self.facts["healing_worsened"] = True
+            if judgement.history[-1][0] == "warm start":  # no epoch trained: the warm start alone
+                causes = (f"the {config.warm_start} warm start moved the judged blocks or the output away from the "
+                          "dense model's; heal with epochs >= 1 from it, or use another warm start")
+            else:
+                causes = (f"a learning rate too high for this model (lr={config.lr:g}; try lr={config.lr / 4:g}), "
+                          f"or blocks that do not suit it (chosen by: {self.choice.rule}; pass "
+                          "HealConfig.blocks=[...])")
             message = (
                 f"healing did not improve the held-out score (objective {start.objective:.5f} -> "
                 f"{last.objective:.5f}, final-output cosine {start.output_cosine} -> {last.output_cosine}); the "
-                f"last weights stay (if_worse='warn'). Likely causes: a learning rate too high for this model "
-                f"(lr={config.lr:g}; try lr={config.lr / 4:g}), or blocks that do not suit it (chosen by: "
-                f"{self.choice.rule}; pass HealConfig.blocks=[...]); if_worse='restore' keeps the best state"
+                f"last weights stay (if_worse='warn'). Likely cause: {causes}; if_worse='restore' keeps the best "
+                "state"
             )
             warnings.warn(message, HealingWarning, stacklevel=5)
             self.notes.append(message)
