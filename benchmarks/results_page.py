@@ -391,6 +391,26 @@ def recovery_baselines(results: Path) -> list[str]:
     return lines
 
 
+def recovery_warm_starts(results: Path) -> list[str]:
+    """Each warm start then training (the paper's lr and 4e-3): the held-out objective right after
+    the warm start, and top-1 after training, mean ± std over seeds."""
+    lines = ["| sparsity | warm start | held-out objective: pruned → after the warm start | top-1 after training, "
+             "lr 6e-4 | top-1 after training, lr 4e-3 |", "|---:|---|---:|---:|---:|"]
+    for s in (*SPARSITIES, "2_4"):
+        path = results / f"recovery_warm_starts_{s}.json"
+        if not path.exists():
+            continue
+        runs = json.loads(path.read_text())["runs"]
+        for warm in ("none", "row_norm", "lstsq"):
+            mine = [r for r in runs if r["warm_start"] == warm]
+            start = statistics.mean(r["held_out_start"] for r in mine)
+            warmed = [r["held_out_warm"] for r in mine if r["held_out_warm"] is not None]
+            after = f"{start:.4f} → {statistics.mean(warmed):.4f}" if warmed else f"{start:.4f}"
+            tops = [_mean_std([r["top1"] for r in mine if r["lr"] == lr]) for lr in (6e-4, 4e-3)]
+            lines.append(_row([s.replace("_", ":"), warm, after, *tops]))
+    return lines
+
+
 def probe_overhead(results: Path) -> list[str]:
     d = _load("probe_overhead.json", results)
     lines = ["| heal | default (probe included) s | the probe's choice given s | overhead | chose | same weights |",
@@ -456,6 +476,7 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "coverage_summary": coverage_summary,
     "recovery_baselines": recovery_baselines,
     "probe_overhead": probe_overhead,
+    "recovery_warm_starts": recovery_warm_starts,
     "kernels_cpu": kernels_cpu,
     "demo_text": demo_text,
     "language": language,

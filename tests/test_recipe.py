@@ -65,7 +65,8 @@ def test_the_probe_leaves_no_trace_when_it_chooses_no_warm_start(dense, many_ima
     choice = report.recipe_probe["choice"]
     fixed = l1_prune_(copy.deepcopy(dense), 0.8)
     again = starfish.heal(fixed, dense, many_images, epochs=6, batch_size=16, quiet=True, recipe="paper",
-                          lr=choice["lr"], warm_start=choice["warm_start"])
+                          lr=choice["lr"], warm_start=choice["warm_start"],
+                          warm_start_samples=report.recipe_probe["warm_start_samples"] or 256)
     assert again.held_out_history[-1] == report.held_out_history[-1]
     a, b = state_copy(model), state_copy(fixed)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -25,7 +25,6 @@ from starfish_plugin.core.holdout import HeldOutJudge, holdout_size, split_rows
 from starfish_plugin.core.keep_best import KeepBest
 from starfish_plugin.core.loop import Checkpointing, TrainLoop, TrainSetup, non_finite_cause
 from starfish_plugin.core.losses import HealLoss
-from starfish_plugin.core.lstsq import lstsq_macs
 from starfish_plugin.core.masks import read_masks
 from starfish_plugin.core.model_io import (
     describe_inputs,
@@ -407,7 +406,7 @@ class HealRun:
             self.notes.append(f"recipe='auto': {choice.name}, as the probe chose before the interruption")
         else:
             context = ProbeContext(setup, self.keeper.judge, self.keeper.judgement.start, kept, backup,
-                                   self._apply_warm_start, self._warm_start_cost, config.probe_budget)
+                                   self._apply_warm_start, config.probe_budget)
             result = run_probe(context)
             choice = result.choice
             self.facts["recipe_probe"] = result.to_dict()
@@ -424,21 +423,9 @@ class HealRun:
         self.facts["recipe_applied"] = f"recipe='auto' chose warm_start={choice.warm_start!r}, lr={choice.lr:g}"
         return warmed
 
-    def _apply_warm_start(self, kind: str) -> tuple[str, int]:
+    def _apply_warm_start(self, kind: str, samples: int | None = None) -> tuple[str, int]:
         return apply_warm_start(kind, self.plan, self.pruned, self.dense, self.data, self.config, self.device,
-                                [b for b in self.blocks if b != OUTPUT_BLOCK])
-
-    def _warm_start_cost(self, kind: str) -> float:
-        """What warm start ``kind`` costs, in sample-forwards (``lstsq``: a pass per block, and its
-        sums and solves counted in forwards of the model)."""
-        n = min(self.config.warm_start_samples, len(self.data))
-        if kind != "lstsq":
-            return float(n)
-        one = self.data.head(1).to(self.device)
-        with eval_mode(self.pruned):
-            per_sample = max(1, layer_macs(self.pruned, one))
-            extra = lstsq_macs(self.plan, self.pruned, self.dense, one, n)
-        return n * max(1, len(self.blocks)) + extra / per_sample
+                                [b for b in self.blocks if b != OUTPUT_BLOCK], samples)
 
     def _warm_start(self) -> None:
         """Apply the configured warm start and judge the state it leaves."""

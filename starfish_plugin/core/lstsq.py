@@ -311,33 +311,6 @@ def _solve(layer: _Layer, ridge: float, memory_budget: int) -> int:
 
 
 @torch.no_grad()
-def lstsq_macs(plan: SparsityPlan, pruned: nn.Module, dense: nn.Module, x: Inputs, n_samples: int) -> int:
-    """About how many multiply-accumulates ``lstsq_recover_`` spends on ``n_samples`` samples like
-    ``x`` (one sample) beyond its forward passes: the sums and the solves (conjugate gradients
-    counted at their iteration cap)."""
-    layers, _ = _eligible_layers(plan, dense, pruned)
-    rows_per_sample: dict[int, int] = {}
-
-    def note(layer: _Layer, args: tuple) -> None:
-        rows_per_sample.setdefault(id(layer), _columns(layer.pruned, args[0], None).shape[1])
-
-    handles = [layer.pruned.register_forward_pre_hook(lambda _m, a, layer=layer: note(layer, a)) for layer in layers]
-    try:
-        call_model(pruned, x)
-    finally:
-        for h in handles:
-            h.remove()
-    total = 0
-    for layer in layers:
-        if id(layer) not in rows_per_sample:
-            continue
-        d, out = layer.width, layer.rows_of(layer.entry.parameter).shape[0]
-        total += 2 * n_samples * rows_per_sample[id(layer)] * layer.groups * d * d
-        total += out * d**3 // 3 if d <= DIRECT_MAX_WIDTH else out * d * d * 2 * CG_ITERATIONS
-    return total
-
-
-@torch.no_grad()
 def lstsq_recover_(
     plan: SparsityPlan,
     pruned: nn.Module,

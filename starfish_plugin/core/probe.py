@@ -11,10 +11,11 @@ Two stages, every score on the held-out samples:
    rate, so this is a line search along it, for the cost of one step.
 
 The probe costs at most ``probe_budget`` of the heal, counted in sample-forwards (a training
-sample costs three: forward and backward; a warm start its passes and, for ``lstsq``, its sums
-and solves in the same units): a warm start that does not fit is not tried, and the stage-2
-steps are what is left; if not even the line search fits, stage 2 is skipped and the paper's
-learning rate is used. Every
+sample costs three: forward and backward; the row-norm warm start two). The cheapest
+learning-rate stage (the line search) is set aside first; the warm start measures on as many
+calibration samples as the rest affords (up to ``warm_start_samples``; not tried under
+``MIN_WARM_SAMPLES``); the stage-2 steps are what is left; if not even the line search fits,
+stage 2 is skipped and the paper's learning rate is used. Every
 candidate starts from the same weights, and afterwards the pruned weights are back exactly as
 they were. The probe is deterministic: same seed, same choice.
 """
@@ -32,7 +33,15 @@ import torch
 from starfish_plugin.config import HealConfig
 from starfish_plugin.core.holdout import HeldOutJudge, HeldOutScore
 from starfish_plugin.core.loop import TrainLoop, TrainSetup
-from starfish_plugin.core.recipe import PAPER, PROBE_WARM_STARTS, Candidate, lr_candidates
+from starfish_plugin.core.recipe import (
+    MIN_WARM_SAMPLES,
+    PAPER,
+    PROBE_LRS,
+    PROBE_WARM_STARTS,
+    WARM_UNITS_PER_SAMPLE,
+    Candidate,
+    lr_candidates,
+)
 from starfish_plugin.errors import NonFiniteError
 
 PROBE_SEED_OFFSET = 104729  # the probe's sample subset has its own random stream
@@ -61,6 +70,7 @@ class ProbeResult:
     warm_changed: int = 0  # tensors it changed
     candidates: list[dict[str, Any]] = field(default_factory=list)  # warm_start, lr, objective, output_cosine
     over_budget: list[str] = field(default_factory=list)  # warm starts not tried: they cost more than the budget
+    warm_start_samples: int = 0  # the samples the warm starts measured on (fewer than configured on a small budget)
     steps: int = 0  # training steps per learning-rate candidate (0: stage 2 skipped)
     line_search: bool = False  # stage 2 took one step and scaled it to each rate
     samples: int = 0  # training samples each candidate saw
@@ -71,7 +81,8 @@ class ProbeResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "choice": {"warm_start": self.choice.warm_start, "lr": self.choice.lr},
-            "warm_starts": self.warm_starts, "over_budget": self.over_budget, "candidates": self.candidates,
+            "warm_starts": self.warm_starts, "over_budget": self.over_budget,
+            "warm_start_samples": self.warm_start_samples, "candidates": self.candidates,
             "steps": self.steps, "line_search": self.line_search,
             "samples": self.samples, "budget_sample_forwards": self.budget_units,
             "cost_sample_forwards": self.units, "seconds": self.seconds,
@@ -99,8 +110,7 @@ class ProbeContext:
     start: HeldOutScore
     tensors: list[torch.Tensor]  # what a restore puts back: the trained tensors (and train-mode buffers)
     backup: list[torch.Tensor]  # ``tensors`` as they were before healing
-    warm_start: Callable[[str], tuple[str, int]]  # apply a warm start in place: (report note, tensors changed)
-    warm_cost: Callable[[str], float]  # what a warm start costs, in sample-forwards
+    warm_start: Callable[[str, int], tuple[str, int]]  # apply one in place on n samples: (note, tensors changed)
     budget: float  # fraction of the heal's cost the probe may take
 
 
@@ -193,18 +203,23 @@ def run_probe(ctx: ProbeContext) -> ProbeResult:
     per_eval = ctx.start.samples * (1 if ctx.judge.cache is not None else 2)
     budget = ctx.budget * _heal_units(ctx)
     units = 0.0
-    # stage 1: warm starts, scored without training
+    s = ctx.setup
+    # the learning-rate stage's cheapest form (a line search) is set aside first: the rate matters most
+    line_search = TRAIN_COST * s.dist.batch_size(s.config.batch_size) * s.dist.world + len(PROBE_LRS) * per_eval
+    # stage 1: warm starts, scored without training, on as many samples as the rest of the budget affords
     scores = {"none": ctx.start}
     warmed: dict[str, list[torch.Tensor]] = {"none": ctx.backup}
     notes: dict[str, tuple[str, int]] = {}
     skipped: list[str] = []
+    samples = 0
     for kind in PROBE_WARM_STARTS:
-        cost = ctx.warm_cost(kind) + per_eval
-        if units + cost > budget:
+        affordable = (budget - line_search - units - per_eval) / WARM_UNITS_PER_SAMPLE[kind]
+        samples = int(min(s.config.warm_start_samples, len(s.data), affordable))
+        if samples < min(MIN_WARM_SAMPLES, len(s.data)) or samples < 1:
             skipped.append(kind)
             continue
-        notes[kind] = ctx.warm_start(kind)
-        units += cost
+        notes[kind] = ctx.warm_start(kind, samples)
+        units += WARM_UNITS_PER_SAMPLE[kind] * samples + per_eval
         if notes[kind][1]:
             scores[kind] = ctx.judge.score()
             warmed[kind] = [t.detach().clone() for t in tensors]
@@ -214,7 +229,7 @@ def run_probe(ctx: ProbeContext) -> ProbeResult:
         if kind != "none" and score.improves_on(scores[best_warm]):
             best_warm = kind
     result = ProbeResult(Candidate(best_warm, PAPER.lr), {k: v.objective for k, v in scores.items()},
-                         over_budget=skipped)
+                         over_budget=skipped, warm_start_samples=samples if notes else 0)
     units += _learning_rates(ctx, result, warmed[best_warm], units, budget, per_eval)
     _put(tensors, ctx.backup)
     if result.choice.warm_start != "none":

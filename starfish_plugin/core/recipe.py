@@ -27,6 +27,10 @@ PAPER = HealConfig(recipe="paper")
 # training (vision suite, 1,000 images x 10 epochs: at 0.9 86.80 vs row_norm's 87.37 at lr 4e-3,
 # at 0.95 83.38 vs 85.35; python -m benchmarks.recovery warm_starts), and costs about an epoch.
 PROBE_WARM_STARTS = ("row_norm",)
+# What a warm start costs per calibration sample, in forward passes of the model: row_norm runs the
+# dense model and one more product per pruned layer.
+WARM_UNITS_PER_SAMPLE = {"row_norm": 2.0}
+MIN_WARM_SAMPLES = 32  # the probe tries a warm start only when it affords at least this many samples
 PROBE_LRS = (6e-4, 2e-3, 4e-3)  # trained briefly from the chosen warm start; 6e-4 is the paper's
 
 
@@ -63,18 +67,20 @@ def apply_warm_start(
     config: HealConfig,
     device: torch.device,
     blocks: Sequence[str],
+    samples: int | None = None,
 ) -> tuple[str, int]:
     """Apply warm start ``kind`` (``"row_norm"`` or ``"lstsq"``) on the first ``warm_start_samples``
-    calibration samples, in place; return a report note and the number of tensors changed."""
+    calibration samples (``samples`` if given), in place; return a report note and the number of
+    tensors changed."""
+    n = min(samples if samples is not None else config.warm_start_samples, len(data))
     with eval_mode(pruned), eval_mode(dense):  # never update batch-norm statistics (train_mode heals)
-        return _apply(kind, plan, pruned, dense, data, config, device, blocks)
+        return _apply(kind, plan, pruned, dense, data, config, device, blocks, n)
 
 
 def _apply(
     kind: str, plan: SparsityPlan, pruned: nn.Module, dense: nn.Module, data: CalibrationData, config: HealConfig,
-    device: torch.device, blocks: Sequence[str],
+    device: torch.device, blocks: Sequence[str], n: int,
 ) -> tuple[str, int]:
-    n = min(config.warm_start_samples, len(data))
     batches = [x.to(device) for x in data.head(n).split(config.batch_size)]
     if kind == "row_norm":
         result = row_norm_warm_start_(plan, dense, batches)
