@@ -133,3 +133,19 @@ def test_explicit_disk_without_room_is_refused_before_anything_changes(dense, im
     with pytest.raises(errors.TargetCacheError, match="GiB free; pass another HealConfig.cache_dir"):
         cache.build(iter(()), estimate_bytes=10**18)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fresh_build_is_never_taken_for_an_abandoned_one(dense, images, fast, tmp_path):
+    """A concurrent builder creates its lock file a moment before locking it: a young unlocked build
+    is left alone, an old one (its heal died) is removed."""
+    import os
+    import time
+
+    young, old = tmp_path / ".building-young", tmp_path / ".building-old"
+    for build in (young, old):
+        build.mkdir()
+        (build / ".lock").touch()
+    hour_ago = time.time() - 3600
+    os.utime(old, (hour_ago, hour_ago))
+    _heal(dense, images, fast, targets="disk", cache_dir=str(tmp_path))
+    assert young.exists() and not old.exists()

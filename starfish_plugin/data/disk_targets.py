@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
@@ -37,9 +38,18 @@ VERSION = 2
 META = "meta.json"
 LOCK = ".lock"
 PREFIX = "targets-"
+BUILD_GRACE_SECONDS = 600  # a build this young is never removed as abandoned
 FILE_NAME = re.compile(r"target_\d{3}\.bin")
 FP16_MAX = float(torch.finfo(torch.float16).max)
 LOGITS = "__logits__"  # the key under which starfish_plugin.data.targets stores logits
+
+
+def _age(path: Path) -> float:
+    """Seconds since ``path`` was last modified (0 if it is gone)."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def free_bytes(directory: Path) -> int:
@@ -265,13 +275,16 @@ class DiskTargetCache:
             )
 
     def evict_unused(self) -> None:
-        """Remove the caches in ``root`` that are not this one and that no heal holds (and builds
-        abandoned by a heal that died)."""
+        """Remove the caches in ``root`` that are not this one and that no heal holds, and builds
+        abandoned by a heal that died (unlocked, and older than ``BUILD_GRACE_SECONDS``: a builder
+        creates its lock file a moment before it locks it)."""
         if not self.root.exists():
             return
         for other in list(self.root.glob(PREFIX + "*")) + list(self.root.glob(".building-*")):
             if other == self.directory and self._lock is not None:
                 continue
+            if other.name.startswith(".building-") and _age(other) < BUILD_GRACE_SECONDS:
+                continue  # its builder may be between creating its lock file and locking it
             fd = locks.try_exclusive(other / LOCK, create=False)
             if fd is None and ((other / LOCK).exists() or other.name.startswith(".building-")):
                 continue  # another heal reads or builds it (a build takes its lock right after mkdtemp)
