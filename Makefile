@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.starfish-installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+# pytest-xdist workers for `make test` (each takes one torch thread; see tests/conftest.py).
+TEST_WORKERS ?= 2
 
 .PHONY: setup data demo demo-text test test-fast lint bench bench-structured bench-recovery bench-targets bench-inputs bench-compile bench-gpu clean
 
@@ -39,7 +41,7 @@ demo-text: setup data
 	$(BIN)/starfish demo --task text
 
 test: setup data lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # The quick loop while editing: lint, types, and every test not marked slow.
 test-fast: setup lint

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from torch import nn
 import starfish_plugin as starfish
 from starfish_plugin.plugins.manager import reset_plugin_manager
 
-torch.set_num_threads(2)
+# Under pytest-xdist (`make test` runs two workers) each worker takes one core.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(autouse=True)
