@@ -162,3 +162,49 @@ def test_closed_form_recovery_on_its_own_is_a_heal_with_no_epochs(dense, images)
     with pytest.raises(starfish.errors.ConfigError, match="epochs=0 heals with the warm start alone"):
         starfish.heal(pruned, dense, images, epochs=0)
     assert_state_equal(pruned, saved)
+
+
+class _ResidualMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.up, self.act, self.down = nn.Linear(12, 24), nn.Linear(24, 48), nn.GELU(), nn.Linear(48, 24)
+        self.out = nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.out(h + self.down(self.act(self.up(h))))
+
+
+def test_a_layer_whose_inputs_torch_pruning_removed_is_solved_onto_the_dense_outputs():
+    tp = pytest.importorskip("torch_pruning")
+    torch.manual_seed(0)
+    dense = _ResidualMLP().eval()
+    pruned = copy.deepcopy(dense)
+    x = torch.randn(512, 12, generator=torch.Generator().manual_seed(3))
+    tp.pruner.MetaPruner(pruned, x[:2], importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.5,
+                         ignored_layers=[pruned.inp, pruned.down, pruned.out]).step()
+    assert pruned.down.in_features == 24 < dense.down.in_features  # the hidden units went
+    plan = starfish.find_masks(pruned, dense)
+    unseen = x[256:]
+
+    def error() -> float:
+        with torch.no_grad():
+            return float((pruned(unseen) - dense(unseen)).pow(2).mean())
+
+    before = error()
+    result = lstsq_recover_(plan, pruned, dense, [x[:128], x[128:256]])
+    # the output projection keeps its outputs: solved; the up projection lost outputs: left as it was
+    assert result["solved"] == ["down.weight"] and "up.weight" in result["skipped"]
+    assert error() < 0.5 * before
+
+
+def test_a_closed_form_that_finds_no_layer_to_solve_says_so():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 4)).eval()
+    pruned = copy.deepcopy(dense)
+    prune.l1_unstructured(pruned[0], "weight", amount=0.5)  # an embedding: no closed form for it
+    ids = torch.randint(0, 50, (64, 6), generator=torch.Generator().manual_seed(4))
+    with pytest.warns(starfish.errors.HealingWarning, match="lstsq warm start changed no weight"):
+        report = starfish.heal(pruned, dense, ids, blocks=["1", "2"], warm_start="lstsq", epochs=0, if_worse="warn",
+                              quiet=True)
+    assert report.warm_start_changed == 0 and any("0.weight" in note for note in report.notes)

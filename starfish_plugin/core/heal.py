@@ -466,7 +466,10 @@ class HealRun:
                               f"the last ({judgement.history[-1][0]}) scored {last.objective:.5f}")
         if config.if_worse == "warn" and not last.improves_on(start) and len(judgement.history) > 1:
             self.facts["healing_worsened"] = True
-            if judgement.history[-1][0] == "warm start":  # no epoch trained: the warm start alone
+            if judgement.history[-1][0] == "warm start" and not self.facts.get("warm_start_changed"):
+                causes = (f"the {config.warm_start} warm start changed no weight: no pruned layer here is one it "
+                          "can solve (report.notes names those it skipped); heal with epochs >= 1")
+            elif judgement.history[-1][0] == "warm start":  # no epoch trained: the warm start alone
                 causes = (f"the {config.warm_start} warm start moved the judged blocks or the output away from the "
                           "dense model's; heal with epochs >= 1 from it, or use another warm start")
             else:

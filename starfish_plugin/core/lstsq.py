@@ -100,7 +100,7 @@ def _eligible_layers(plan: SparsityPlan, dense: nn.Module, pruned: nn.Module) ->
     layers, skipped = [], []
     for entry in plan:
         transposed = _is_conv1d_of(entry, dense_modules, tied)
-        module = dense_modules[entry.name[: -len(".weight")]] if transposed else eligible_layer(
+        module = dense_modules[entry.name[: -len(".weight")]] if transposed else _solvable_layer(
             entry, dense_modules, tied)
         if not transposed and (not isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d)
                                or isinstance(getattr(module, "padding", 0), str)):
@@ -112,6 +112,23 @@ def _eligible_layers(plan: SparsityPlan, dense: nn.Module, pruned: nn.Module) ->
         width = entry.parameter.shape[0] if transposed else entry.parameter[0].numel()
         layers.append(_Layer(entry, module, owner, groups, width, transposed=transposed))
     return layers, skipped
+
+
+def _solvable_layer(entry: MaskedTensor, dense_modules: dict[str, nn.Module], tied: set[int]) -> nn.Module | None:
+    """The dense layer of a pruned ``weight`` with the same outputs: the same shape, or (structured
+    pruning, e.g. an MLP's output projection after Torch-Pruning removed hidden units) fewer input
+    channels, whose solution maps the pruned layer's own inputs onto the dense layer's outputs."""
+    module = eligible_layer(entry, dense_modules, tied)
+    if module is not None or not entry.name.endswith(".weight"):
+        return module
+    module = dense_modules.get(entry.name[: -len(".weight")])
+    if not isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d) or id(module.weight) in tied:
+        return None
+    dense_shape, pruned_shape = tuple(module.weight.shape), tuple(entry.parameter.shape)
+    same_outputs = dense_shape[0] == pruned_shape[0] and dense_shape[2:] == pruned_shape[2:]
+    if not same_outputs or getattr(module, "groups", 1) != 1 or getattr(module, "padding_mode", "zeros") != "zeros":
+        return None  # fewer outputs need kept indices; grouped convolutions with removed channels are left alone
+    return module
 
 
 def _is_conv1d_of(entry: MaskedTensor, dense_modules: dict[str, nn.Module], tied: set[int]) -> bool:
@@ -335,8 +352,8 @@ def lstsq_recover_(
 
     Returns:
         ``{"solved": [names], "skipped": [names], "passes": int, "rows": int}``: skipped are
-        weights that are not a same-shape Linear/Conv1d/Conv2d of the dense model (or are tied, or
-        never ran on these inputs).
+        weights that are not a Linear/Conv1d/Conv2d with the dense layer's outputs (the same shape,
+        or fewer input channels after structured pruning; or are tied, or never ran on these inputs).
     """
     layers, skipped = _eligible_layers(plan, dense, pruned)
     if not layers or not batches:

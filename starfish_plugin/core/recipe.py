@@ -95,5 +95,5 @@ def _apply(
     else:
         raise ValueError(f"unknown warm start {kind!r}")
     if skipped:
-        note += f"; left as they were (not a same-shape Linear/Conv weight, or tied): {skipped[:5]}"
+        note += f"; left as they were (not a Linear/Conv weight this warm start can change, or tied): {skipped[:5]}"
     return note, len(changed)
