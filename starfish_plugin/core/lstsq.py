@@ -118,9 +118,9 @@ def _solvable_layer(entry: MaskedTensor, dense_modules: dict[str, nn.Module], ti
     """The dense layer of a pruned ``weight`` with the same outputs: the same shape, or (structured
     pruning, e.g. an MLP's output projection after Torch-Pruning removed hidden units) fewer input
     channels, whose solution maps the pruned layer's own inputs onto the dense layer's outputs."""
-    module = eligible_layer(entry, dense_modules, tied)
-    if module is not None or not entry.name.endswith(".weight"):
-        return module
+    same_shape = eligible_layer(entry, dense_modules, tied)
+    if same_shape is not None or not entry.name.endswith(".weight"):
+        return same_shape
     module = dense_modules.get(entry.name[: -len(".weight")])
     if not isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d) or id(module.weight) in tied:
         return None
