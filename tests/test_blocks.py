@@ -71,3 +71,19 @@ def test_unknown_model_asks_for_blocks():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(BlockError, match=r"blocks=\['name', \.\.\.\]"):
         starfish.find_blocks(model)
+
+
+def test_blocks_held_in_a_module_list_of_module_lists_are_the_ones_that_run():
+    # timm Twins keeps each stage's blocks in a ModuleList inside ``blocks``: a ModuleList is never
+    # called, so the blocks are what it holds
+    from timm.models.twins import Twins
+
+    model = Twins(img_size=32, embed_dims=(8, 16, 32, 64), num_heads=(1, 1, 2, 2), mlp_ratios=(2,) * 4,
+                  depths=(2, 2, 2, 1), sr_ratios=(4, 2, 1, 1), wss=(4, 2, 2, 1), num_classes=10).eval()
+    names = starfish.find_blocks(model)
+    assert names == ["blocks.0.0", "blocks.0.1", "blocks.1.0", "blocks.1.1", "blocks.2.0", "blocks.2.1", "blocks.3.0"]
+    ran: list[str] = []
+    for name in names:
+        model.get_submodule(name).register_forward_hook(lambda *_, name=name: ran.append(name))
+    model(torch.randn(2, 3, 32, 32))
+    assert ran == names

@@ -54,7 +54,9 @@ def _expand(prefix: str, container: nn.Module) -> list[str]:
     names = []
     for child_name, child in container.named_children():
         path = f"{prefix}.{child_name}"
-        if _is_stage(child):
+        if isinstance(child, nn.ModuleList):  # never called itself (Twins' stages): what it holds runs
+            names += [f"{path}.{n}" for n, c in child.named_children() if not _is_leaf(c)]
+        elif _is_stage(child):
             blocks = getattr(child, "blocks", None)
             inner = blocks if isinstance(blocks, (nn.Sequential, nn.ModuleList)) else child
             inner_prefix = f"{path}.blocks" if inner is not child else path
