@@ -41,7 +41,7 @@ demo-text: setup data
 	$(BIN)/starfish demo --task text
 
 test: setup data lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # The quick loop while editing: lint, types, and every test not marked slow.
 test-fast: setup lint

@@ -39,7 +39,6 @@ def test_residual_blocks_are_stages_of_one_block_class():
                     reason="Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist, "
                            "or set STARFISH_FASHION_MNIST to a folder with the IDX files)")
 def test_accuracy_matches_metadata():
-    torch.set_num_threads(2)
     images, labels = load_fashion_mnist("test")
     images, labels = images[:1000], labels[:1000]
     top1 = starfish.evaluate(load_checkpoint("resnet_fmnist"), zip(images.split(250), labels.split(250)))
