@@ -23,9 +23,9 @@ from starfish_plugin.core.warm_start import row_norm_warm_start_
 from starfish_plugin.data.calibration import CalibrationData
 
 PAPER = HealConfig(recipe="paper")
-# Scored against no warm start. lstsq is not among them: it starts better but ends worse after
-# training (vision suite, 1,000 images x 10 epochs: at 0.9 86.80 vs row_norm's 87.37 at lr 4e-3,
-# at 0.95 83.38 vs 85.35; python -m benchmarks.recovery warm_starts), and costs about an epoch.
+# Scored against no warm start. lstsq is not among them: after training it ends below row_norm
+# (vision suite, 1,000 images x 10 epochs, 3 seeds, lr 4e-3: 0.9 86.76 vs 87.32, 0.95 83.25 vs
+# 85.25, 2:4 87.92 vs 88.04; python -m benchmarks.recovery warm_starts), and costs about an epoch.
 PROBE_WARM_STARTS = ("row_norm",)
 # What a warm start costs per calibration sample, in forward passes of the model: row_norm runs the
 # dense model and one more product per pruned layer.
