@@ -134,10 +134,6 @@ def _unseen(model: nn.Module, dense: nn.Module, x: Any, blocks: list[str]) -> di
     return {"output": _output_cosine(model, dense, x), "blocks": _block_cosine(model, dense, x, blocks)}
 
 
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def _tp_pruner(arch: Any, model: nn.Module, example: Any) -> Any:
     import torch_pruning as tp
 
@@ -197,6 +193,7 @@ def _toolkit_alone(arch: Any, toolkit: str, dense: nn.Module, calibration: Any) 
 
 
 def run_case(arch: Any, toolkit: str) -> dict[str, Any]:
+    from helpers import state_copy
     from matrix_cases import example_batch
 
     import starfish_plugin as starfish
@@ -213,6 +210,7 @@ def run_case(arch: Any, toolkit: str) -> dict[str, Any]:
     except StarfishError as exc:
         return row | {"status": "refused", "reason": f"{type(exc).__name__}: {str(exc)[:300]}"}
     row["unseen_before"] = _unseen(alone, dense, unseen, blocks)
+    pruned_state = state_copy(alone)
     start = time.perf_counter()
     try:
         if toolkit == "torch_pruning":
@@ -221,9 +219,8 @@ def run_case(arch: Any, toolkit: str) -> dict[str, Any]:
             handle = starfish.attach(pruner, dense, calibration, quiet=True)
             pruner.step()
             report = handle.reports[-1]
-            pruned_state = _state(alone)
         else:
-            model, pruned_state = alone, _state(alone)
+            model = alone
             report = starfish.heal(model, dense, calibration, quiet=True)
     except StarfishError as exc:
         return row | {"status": "refused", "reason": f"{type(exc).__name__}: {str(exc)[:300]}"}
@@ -232,7 +229,7 @@ def run_case(arch: Any, toolkit: str) -> dict[str, Any]:
                       "traceback": traceback.format_exc(limit=-3)}
     row["seconds"] = time.perf_counter() - start
     after = _unseen(model, dense, unseen, blocks)
-    restored = report.worse_restored and all(torch.equal(v, pruned_state[k]) for k, v in _state(model).items())
+    restored = report.worse_restored and all(torch.equal(v, pruned_state[k]) for k, v in model.state_dict().items())
     before_cos, after_cos = report.output_cosine_before, report.output_cosine_after
     output_ok = before_cos is None or after_cos is None or after_cos >= before_cos
     judged_ok = restored or (report.held_out_after < report.held_out_before and output_ok)

@@ -146,6 +146,11 @@ def run_source(sparsity: float = 0.9) -> dict:
 # judgement, best state kept, recipe probed), the paper's recipe, closed-form recovery alone (masked
 # ridge per layer, no training), and EBFT-style block-wise MSE reconstruction (each block fitted to
 # its dense output from the pruned previous block's output). Same images, seeds and budget.
+def _label(sparsity: float | str) -> str:
+    """A sparsity as it appears in result file names (``2:4`` -> ``2_4``)."""
+    return str(sparsity).replace(":", "_")
+
+
 BASELINES = {
     "default": {},
     "paper": {"recipe": "paper"},
@@ -160,8 +165,7 @@ def run_baselines(sparsity: float | str, only: list[str] | None = None, n_calibr
     """Every ``BASELINES`` row (``only``: those, the others kept from the saved JSON) for one
     sparsity, 3 seeds: top-1 on the full test set, heal time, what the default chose and returned."""
     train_x, _, test, dense, base = _setup(sparsity)
-    label = str(sparsity).replace(":", "_")
-    saved = RESULTS / f"recovery_baselines_{label}.json"
+    saved = RESULTS / f"recovery_baselines_{_label(sparsity)}.json"
     runs = [r for r in json.loads(saved.read_text())["runs"] if r["method"] not in only] if only else []
     for seed in SEEDS:
         pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(1000 + seed))[:n_calibration]
@@ -291,14 +295,12 @@ def main() -> None:
     elif args.command == "sweep":
         print("saved", save("recovery_sweep", run_sweep()))
     elif args.command == "warm_starts":
-        label = str(args.sparsity).replace(":", "_")
-        print("saved", save(f"recovery_warm_starts_{label}", run_warm_starts(args.sparsity)))
+        print("saved", save(f"recovery_warm_starts_{_label(args.sparsity)}", run_warm_starts(args.sparsity)))
     elif args.command == "baselines":
-        label = str(args.sparsity).replace(":", "_")
-        print("saved", save(f"recovery_baselines_{label}", run_baselines(args.sparsity, args.only)))
+        print("saved", save(f"recovery_baselines_{_label(args.sparsity)}", run_baselines(args.sparsity, args.only)))
     elif args.command == "variant":
         result = run_variant(args.name, args.sparsity, args.images)
-        label = str(args.sparsity).replace(":", "_")
+        label = _label(args.sparsity)
         print("saved", save(f"recovery_variant_{args.name}_{label}_{args.images}", result))
     else:
         print("saved", save("recovery_source", run_source()))

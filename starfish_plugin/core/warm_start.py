@@ -33,29 +33,31 @@ class WarmStartResult(TypedDict):
     median_gain: float
 
 
+def _channels_first(module: _Layer, y: torch.Tensor) -> torch.Tensor:
+    """A layer's output ``y`` as ``[C, ...]``: one row per output channel."""
+    channels = module.weight.shape[0]
+    if isinstance(module, nn.Linear):
+        return y.reshape(-1, channels).T
+    return y.transpose(0, 1).reshape(channels, -1)
+
+
 def _layer_output(module: _Layer, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``module``'s output on ``x`` with ``weight`` and no bias, channels first: ``[C, ...]``."""
     if isinstance(module, nn.Linear):
-        return F.linear(x, weight).reshape(-1, weight.shape[0]).T
+        return _channels_first(module, F.linear(x, weight))
     if isinstance(module, nn.Conv1d):
         fn = F.conv1d
     elif isinstance(module, nn.Conv2d):
         fn = F.conv2d
     else:
         fn = F.conv3d
-    y = fn(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
-    return y.transpose(0, 1).reshape(weight.shape[0], -1)
+    return _channels_first(module, fn(x, weight, None, module.stride, module.padding, module.dilation, module.groups))
 
 
 def _without_bias(module: _Layer, y: torch.Tensor) -> torch.Tensor:
     """A layer's output ``y`` less its bias, channels first: ``[C, ...]`` (what ``_layer_output`` gives)."""
-    channels = module.weight.shape[0]
-    if isinstance(module, nn.Linear):
-        y = y.reshape(-1, channels)
-        return (y - module.bias if module.bias is not None else y).T
-    if module.bias is not None:
-        y = y - module.bias.reshape(1, -1, *([1] * (y.dim() - 2)))
-    return y.transpose(0, 1).reshape(channels, -1)
+    rows = _channels_first(module, y)
+    return rows - module.bias.unsqueeze(1) if module.bias is not None else rows
 
 
 def tied_weights(model: nn.Module) -> set[int]:
