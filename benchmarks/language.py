@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
@@ -109,6 +110,24 @@ def _data(seed: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict[str, A
     return dense, train[pick], token_sequences(tokenizer, splits["test"], length), meta
 
 
+@torch.no_grad()
+def fidelity(model: nn.Module, dense: nn.Module, sequences: torch.Tensor, batch_size: int = 32) -> dict[str, float]:
+    """How close ``model``'s next-token distributions are to the dense model's on ``sequences``:
+    the mean KL(dense || model) per token and the mean cosine of the two logit vectors (the
+    product's own criterion, "closer to the dense model on text the heal never saw")."""
+    model.eval()
+    dense.eval()
+    kl = cosine = 0.0
+    for start in range(0, len(sequences), batch_size):
+        ids = sequences[start: start + batch_size]
+        target = dense(input_ids=ids).logits.float()
+        logits = model(input_ids=ids).logits.float()
+        kl += float(F.kl_div(logits.log_softmax(-1), target.log_softmax(-1), log_target=True, reduction="sum"))
+        cosine += float(F.cosine_similarity(logits, target, dim=-1).sum())
+    tokens = sequences.numel()
+    return {"kl_to_dense": kl / tokens, "logit_cosine_to_dense": cosine / tokens}
+
+
 def _mean(values: dict[str, float]) -> float:
     return sum(values.values()) / max(1, len(values))
 
@@ -125,7 +144,8 @@ def run(pruning: str, seed: int, only: list[tuple[str, str]] | None = None) -> l
     removed = 1 - sum(p.numel() for p in pruned.parameters()) / sum(p.numel() for p in dense.parameters())
     sparsity = removed if plan.structural else plan.sparsity
     base = {"model": meta["name"], "pruning": pruning, "sparsity": round(sparsity, 4), "seed": seed}
-    rows = [{**base, "loss": "none", "recipe": "", "perplexity": perplexity(pruned, test)}]
+    rows = [{**base, "loss": "none", "recipe": "", "perplexity": perplexity(pruned, test),
+             **fidelity(pruned, dense, test)}]
     print(f"{pruning} seed {seed}: pruned perplexity {rows[0]['perplexity']:.2f}", flush=True)
     for loss, recipe in only or list(HEAL_SETTINGS):
         model = copy.deepcopy(pruned)
@@ -139,7 +159,8 @@ def run(pruning: str, seed: int, only: list[tuple[str, str]] | None = None) -> l
                      "returned_state": report.returned_state, "held_out_before": report.held_out_before,
                      "held_out_after": report.held_out_after, "mask_unchanged": report.mask_unchanged,
                      "mean_block_cosine_before": round(_mean(report.block_cosine_before), 4),
-                     "mean_block_cosine_after": round(_mean(report.block_cosine_after), 4)})
+                     "mean_block_cosine_after": round(_mean(report.block_cosine_after), 4),
+                     **fidelity(model, dense, test)})
         print(f"  {loss:<10} {recipe:<5} perplexity {rows[-1]['perplexity']:.2f} ({seconds:.0f} s)", flush=True)
     _merge(rows, dense_perplexity=perplexity(dense, test), meta=meta, n_test=len(test))
     return rows

@@ -21,6 +21,7 @@ import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -39,10 +40,10 @@ def _load(name: str, results: Path) -> dict:
     return json.loads((results / name).read_text())
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float], digits: int = 2) -> str:
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def _top1(runs: list[dict], loss: str | None = None) -> list[float]:
@@ -355,6 +356,28 @@ def language(results: Path) -> list[str]:
     return lines
 
 
+def language_fidelity(results: Path) -> list[str]:
+    """Rows of the language benchmark that also measured closeness to the dense model on the test
+    sequences (KL(dense || model) per token, logit cosine): mean ± std over seeds, per pruning and heal."""
+    d = _load("language_kjv.json", results)
+    cells: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in d["rows"]:
+        if "kl_to_dense" in r:
+            cells.setdefault((r["pruning"], r["loss"], r["recipe"]), []).append(r)
+    lines = ["| pruning | heal | seeds | perplexity | KL(dense ‖ model) per token | logit cosine to dense |",
+             "|---|---|---:|---:|---:|---:|"]
+    labels = {("none", ""): "pruned", ("cosine", "default"): "default", ("cosine", "paper"): "cosine, paper",
+              ("closed_form", "lstsq"): "closed-form only", ("mse", "block_local"): "block-wise MSE (EBFT-style)"}
+    for pruning, label in LANGUAGE_PRUNINGS.items():
+        for key, name in labels.items():
+            rows = cells.get((pruning, *key))
+            if rows:
+                lines.append(_row([label, name, str(len(rows)), _mean_std([r["perplexity"] for r in rows]),
+                                   _mean_std([r["kl_to_dense"] for r in rows], 4),
+                                   _mean_std([r["logit_cosine_to_dense"] for r in rows], 5)]))
+    return lines
+
+
 BASELINE_COLUMNS = {"default": "**default**", "paper": "cosine, paper", "closed_form": "closed-form only",
                     "block_mse": "block-wise MSE (EBFT-style)"}
 
@@ -481,6 +504,7 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "kernels_cpu": kernels_cpu,
     "demo_text": demo_text,
     "language": language,
+    "language_fidelity": language_fidelity,
 }
 
 
