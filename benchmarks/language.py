@@ -82,6 +82,7 @@ HEAL_SETTINGS: dict[tuple[str, str], dict[str, Any]] = {
     ("cosine", "paper"): {"recipe": "paper"},
     ("closed_form", "lstsq"): {"warm_start": "lstsq", "epochs": 0, "if_worse": "warn"},  # kept even if judged worse
     ("mse", "block_local"): {"loss": "mse", "local_blocks": True, "recipe": "paper"},
+    ("cosine", "sequential"): {"strategy": "sequential"},  # the default, one block at a time
 }
 # Rows measured before the held-out judgement (2026-12-03: every sequence trained on, the last state
 # returned); "rule_v1" is recipe="auto" as it was then: row-norm warm start and lr 4e-3 from 50 %
@@ -94,6 +95,7 @@ HEAL_LABELS = {
     ("cosine", "default"): "default (cosine, recipe probed, best held-out state)",
     ("cosine", "paper"): "cosine, paper recipe", ("closed_form", "lstsq"): "closed-form only (masked ridge)",
     ("mse", "block_local"): "block-wise MSE (EBFT-style)",
+    ("cosine", "sequential"): "default, strategy='sequential'",
     ("cosine", "rule_v1"): "cosine, earlier rule", ("mse", "rule_v1"): "MSE, earlier rule",
     ("kl", "rule_v1"): "KL, earlier rule", ("next_token", "rule_v1"): "next-token CE, earlier rule",
     ("cosine", "paper_v1"): "cosine, paper recipe (earlier)",

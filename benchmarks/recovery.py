@@ -157,6 +157,7 @@ BASELINES = {
     "closed_form": {"warm_start": "lstsq", "epochs": 0, "if_worse": "warn"},  # what it reaches, kept even if
     # the judgement would reject it (it can improve the output while its blocks align worse)
     "block_mse": {"recipe": "paper", "loss": "mse", "local_blocks": True},
+    "sequential": {"strategy": "sequential"},  # the default, one block at a time (issue 26's quality cost)
 }
 
 

@@ -378,6 +378,63 @@ def language_fidelity(results: Path) -> list[str]:
     return lines
 
 
+def strategies(results: Path) -> list[str]:
+    """The quality and time cost of ``strategy="sequential"`` against the joint default, both with
+    the default recipe, on the shipped LM (perplexity, lower is better) and ViT (top-1, higher is
+    better): mean ± std over seeds, and the ratio of median heal times."""
+    lines = ["| model, pruning | joint (default) | sequential | sequential − joint | heal s, joint / sequential "
+             "(median) |", "|---|---:|---:|---:|---:|"]
+
+    def add(label: str, joint: list[dict[str, Any]], seq: list[dict[str, Any]], key: str, seconds: str) -> None:
+        if not joint or not seq:
+            return
+        a, b = [r[key] for r in joint], [r[key] for r in seq]
+        ta, tb = statistics.median(r[seconds] for r in joint), statistics.median(r[seconds] for r in seq)
+        lines.append(_row([label, _mean_std(a), _mean_std(b), f"{statistics.mean(b) - statistics.mean(a):+.2f}",
+                           f"{ta:.1f} / {tb:.1f} ({tb / ta:.2f}×)"]))
+
+    lm = results / "language_kjv.json"
+    if lm.exists():
+        rows = json.loads(lm.read_text())["rows"]
+        for pruning, label in LANGUAGE_PRUNINGS.items():
+            mine = {k: [r for r in rows if (r["pruning"], r["loss"], r["recipe"]) == (pruning, "cosine", k)]
+                    for k in ("default", "sequential")}
+            add(f"kjv_llama, {label} (perplexity)", mine["default"], mine["sequential"], "perplexity", "heal_seconds")
+    for s in (*SPARSITIES, "2_4"):
+        path = results / f"recovery_baselines_{s}.json"
+        if path.exists():
+            runs = json.loads(path.read_text())["runs"]
+            add(f"vit_fmnist, {s.replace('_', ':')} (top-1 %)", [r for r in runs if r["method"] == "default"],
+                [r for r in runs if r["method"] == "sequential"], "top1", "heal_seconds")
+    return lines
+
+
+def scale_memory(results: Path) -> list[str]:
+    """Peak resident memory of one heal per size and strategy (fresh process each), with the
+    models' own footprint, the heal's time, the block cosine before and after, and the ratio of
+    the sequential peak to the joint one where both ran."""
+    d = _load("scale_memory.json", results)
+    lines = ["| parameters | strategy | peak RSS | of which the two models | heal s | mean block cosine | "
+             "mask unchanged | sequential / joint peak |", "|---:|---|---:|---:|---:|---:|---|---:|"]
+    joint = {r["size"]: r for r in d["rows"] if r["strategy"] == "joint" and r.get("fits")}
+    for r in d["rows"]:
+        gib = 1024**3
+        params = f"{r['params'] / 1e6:,.0f} M" if "params" in r else r["size"]
+        if not r.get("fits"):
+            cap = f"the {r['memory_cap_bytes'] / gib:.1f} GiB cap" if "memory_cap_bytes" in r else "memory"
+            at = f"; allocation failed at {r['peak_rss_bytes'] / gib:.1f} GiB" if "peak_rss_bytes" in r else ""
+            models = f"{r['models_rss_bytes'] / gib:.2f} GiB" if "models_rss_bytes" in r else ""
+            lines.append(_row([params, r["strategy"], f"does not fit in {cap}{at}", models, "", "", "", ""]))
+            continue
+        ratio = (f"{r['peak_rss_bytes'] / joint[r['size']]['peak_rss_bytes']:.2f}"
+                 if r["strategy"] == "sequential" and r["size"] in joint else "")
+        lines.append(_row([params, r["strategy"], f"{r['peak_rss_bytes'] / gib:.2f} GiB",
+                           f"{r['models_rss_bytes'] / gib:.2f} GiB", f"{r['seconds']:.0f}",
+                           f"{r['block_cosine_before']:.4f} → {r['block_cosine_after']:.4f}",
+                           "yes" if r["mask_unchanged"] else "NO", ratio]))
+    return lines
+
+
 BASELINE_COLUMNS = {"default": "**default**", "paper": "cosine, paper", "closed_form": "closed-form only",
                     "block_mse": "block-wise MSE (EBFT-style)"}
 
@@ -505,6 +562,8 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "demo_text": demo_text,
     "language": language,
     "language_fidelity": language_fidelity,
+    "strategies": strategies,
+    "scale_memory": scale_memory,
 }
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from starfish_plugin.config import HealConfig, resolve_config
-from starfish_plugin.core.heal import heal_with
+from starfish_plugin.core.entry import heal_with
 from starfish_plugin.core.masks import read_masks
 from starfish_plugin.core.plan import SparsityPlan
 from starfish_plugin.plugins.manager import plugin_manager

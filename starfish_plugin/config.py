@@ -25,6 +25,8 @@ Precision = Literal["auto", "fp32", "bf16"]
 AlignOutput = Literal["auto", "always", "never"]
 IfWorse = Literal["restore", "warn"]
 Recipe = Literal["auto", "paper"]
+Strategy = Literal["joint", "sequential"]
+SequentialInputs = Literal["pruned", "dense"]
 CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 LOSS_NAMES: tuple[str, ...] = get_args(LossName)
@@ -39,6 +41,8 @@ ALIGN_OUTPUT: tuple[str, ...] = get_args(AlignOutput)
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 IF_WORSE: tuple[str, ...] = get_args(IfWorse)
 RECIPES: tuple[str, ...] = get_args(Recipe)
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+SEQUENTIAL_INPUTS: tuple[str, ...] = get_args(SequentialInputs)
 
 GROUPS = ("recipe", "storage", "runtime", "reporting")
 
@@ -182,6 +186,15 @@ class HealConfig:
             head after the last block); ``"always"``; ``"never"``.
         trainable: ``"pruned"`` trains the surviving entries of the pruned tensors (the paper);
             ``"all"`` trains every parameter (masked entries still held at zero).
+        strategy: ``"joint"`` (default): every block trains at once, each block's loss reaching
+            every weight before it (the paper). ``"sequential"``: one block at a time, each healed
+            as a model of its own from the inputs that reach it (judged, probed, checkpointed like
+            a heal), so gradients and optimizer state exist for one block only; the whole model is
+            judged before and after, and comes back unchanged if it got worse. Block losses only
+            (``cosine``, ``mse``); pruned tensors outside the blocks are not trained.
+        sequential_inputs: under ``strategy="sequential"``, what each block is fed: ``"pruned"``
+            (default): the outputs of the healed pruned blocks before it, so later blocks learn to
+            correct what earlier ones could not; ``"dense"``: the dense model's inputs to it.
     """
 
     # recipe: what is trained, and how (changing any of these makes a different heal)
@@ -207,6 +220,8 @@ class HealConfig:
     holdout: float = _setting(0.1, group="recipe")
     patience: int | None = _setting(None, group="recipe")
     probe_budget: float = _setting(0.15, group="recipe")
+    strategy: Strategy = _setting("joint", group="recipe", choices=STRATEGIES)
+    sequential_inputs: SequentialInputs = _setting("pruned", group="recipe", choices=SEQUENTIAL_INPUTS)
     # storage: where calibration inputs, dense targets and checkpoints are kept
     targets: TargetMode = _setting("auto", group="storage", choices=TARGET_MODES, resume_neutral=True)
     inputs: InputMode = _setting("memory", group="storage", choices=INPUT_MODES, resume_neutral=True)

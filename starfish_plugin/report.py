@@ -56,6 +56,11 @@ class HealReport:
             pruning removed structures, e.g. Torch-Pruning).
         macs_dense, macs_pruned: multiply-accumulates of their Linear/Conv layers per sample
             (structural pruning only; 0 otherwise, where zeros save no dense compute).
+        strategy: ``"joint"`` or ``"sequential"`` (``HealConfig.strategy``).
+        sequential_blocks: under ``"sequential"``, each block's own heal in order: ``{block,
+            trained, inputs ("carried": the previous block's output; "captured": the model ran up to
+            it), seconds, held_out_before, held_out_after, returned_state, epochs, recipe_applied,
+            resumed_after_epoch}``.
         notes: the same facts and the adapters' remarks, as sentences.
     """
 
@@ -112,6 +117,8 @@ class HealReport:
     parameters_pruned: int = 0
     macs_dense: int = 0
     macs_pruned: int = 0
+    strategy: str = "joint"
+    sequential_blocks: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -140,7 +147,14 @@ class HealReport:
                      f"({1 - self.macs_pruned / self.macs_dense:.1%} fewer)")
         else:
             shape = f"{self.sparsity:.1%} sparsity"
-        if len(self.epoch_losses) > 1:
+        if self.strategy == "sequential":
+            parts = [b for b in self.sequential_blocks if b.get("returned_state")]
+            better = sum(b["held_out_after"] < b["held_out_before"] for b in parts)
+            carried = sum(b["inputs"] == "carried" for b in self.sequential_blocks)
+            loss = (f"sequential: {len(self.sequential_blocks)} parts healed one at a time ({carried} fed the "
+                    f"previous block's healed output); held-out objective lower in {better} of {len(parts)}, "
+                    f"{sum(b['returned_state'] == 'start' for b in parts)} returned unchanged")
+        elif len(self.epoch_losses) > 1:
             first, last, n = self.epoch_losses[0], self.epoch_losses[-1], len(self.epoch_losses)
             loss = f"loss {first:.4f} -> {last:.4f} over {n} epochs"
         else:

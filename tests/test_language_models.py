@@ -19,9 +19,9 @@ transformers = pytest.importorskip("transformers")
 VOCAB, LENGTH, PAD = 64, 12, 0
 
 
-def tiny_llama() -> nn.Module:
+def tiny_llama(layers: int = 2) -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
     return transformers.LlamaForCausalLM(config).eval()
 

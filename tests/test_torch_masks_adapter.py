@@ -186,3 +186,16 @@ def test_plan_reports_sparsity_and_names(pruned):
     assert abs(plan.sparsity - 0.7) < 0.01
     assert "blocks.0.attn.qkv.weight" in plan.names
     assert "read by 'torch_masks'" in plan.describe()
+
+
+def test_the_mask_snapshot_notices_a_single_flipped_entry(dense):
+    pruned = copy.deepcopy(dense)
+    _unstructured(pruned)
+    plan = starfish.find_masks(pruned, dense)
+    snapshot = plan.snapshot()
+    assert all(isinstance(digest, str) for digest in snapshot.values())  # digests, not copies of the masks
+    assert starfish.find_masks(pruned, dense).same_pattern(snapshot)
+    _, module = prunable_linears(pruned)[-1]
+    with torch.no_grad():
+        module.weight_mask.view(-1)[0] = 1 - module.weight_mask.view(-1)[0]
+    assert not starfish.find_masks(pruned, dense).same_pattern(snapshot)

@@ -410,6 +410,8 @@ HEAL_OPTIONS: dict[str, str] = {
     "if_worse": "restore: the best judged state, or the pruned weights if none beats them; warn: the last state",
     "patience": "stop after this many epochs without a better held-out state",
     "probe_budget": "share of the heal's cost the recipe=auto probe may spend",
+    "strategy": "joint: every block at once (the paper); sequential: one block at a time (memory of one block)",
+    "sequential_inputs": "with --strategy sequential: feed each block the healed pruned outputs or the dense inputs",
 }
 CLI_TYPES: dict[str, type] = {"patience": int}  # fields whose default (None) says nothing of their type
 

@@ -41,17 +41,16 @@ class BestState:
     @torch.no_grad()
     def keep(self, stage: str) -> None:
         """Copy the tensors as they are now, as the best state (reached at ``stage``)."""
-        tensors = [p.detach().to("cpu", copy=True) for p in self.params]
-        if self.on_disk:
+        if self.on_disk:  # written from the tensors themselves: no second copy of them in memory
             try:
-                torch.save(tensors, self.path)
+                torch.save([p.detach().cpu() for p in self.params], self.path)
             except OSError as exc:
                 raise CheckpointError(
                     f"keeping the best weights in {self.path} failed ({exc.strerror or exc}); free space there, "
                     "pass another HealConfig.cache_dir, or raise target_memory_budget to keep them in memory"
                 ) from exc
         else:
-            self._copy = tensors
+            self._copy = [p.detach().to("cpu", copy=True) for p in self.params]
         self.stage = stage
 
     def tensors(self) -> list[torch.Tensor]:
@@ -59,7 +58,7 @@ class BestState:
         if self.stage is None:
             raise RuntimeError("no best state is held")
         if self.on_disk:
-            return torch.load(self.path, map_location="cpu", weights_only=True)
+            return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
         assert self._copy is not None
         return self._copy
 

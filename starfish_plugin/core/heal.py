@@ -21,7 +21,7 @@ from starfish_plugin.core.alignment import ChannelIndex, channel_index, select_c
 from starfish_plugin.core.best_state import BestState
 from starfish_plugin.core.blocks import OUTPUT_BLOCK, BlockChoice, resolve_blocks
 from starfish_plugin.core.costs import layer_macs, parameter_count
-from starfish_plugin.core.holdout import HeldOutJudge, holdout_size, split_rows
+from starfish_plugin.core.holdout import HeldOutJudge, holdout_size, judged_facts, split_rows
 from starfish_plugin.core.keep_best import KeepBest
 from starfish_plugin.core.loop import Checkpointing, TrainLoop, TrainSetup, non_finite_cause
 from starfish_plugin.core.losses import HealLoss
@@ -65,7 +65,6 @@ from starfish_plugin.runtime.distributed import DistContext, dist_context
 from starfish_plugin.runtime.fingerprint import model_fingerprint, weights_fingerprint
 from starfish_plugin.runtime.locks import exclusive_lock
 from starfish_plugin.runtime.resume import HealState, checkpoint_path, load_state, settings_of
-from starfish_plugin.runtime.signals import signals_as_exceptions
 
 
 @torch.no_grad()
@@ -79,19 +78,6 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
-
-
-def heal_with(
-    hooks: Any, pruned: nn.Module, dense: nn.Module, calibration: object, config: HealConfig
-) -> HealReport:
-    """``starfish.heal`` with the plugin hooks given (``plugin_manager().hook``): the core never
-    reaches for the plugin manager itself."""
-    with signals_as_exceptions():  # SIGTERM / SIGHUP clean up like Ctrl-C
-        run = HealRun.prepare(hooks, pruned, dense, calibration, config)
-        try:
-            return run.run()
-        finally:
-            run.loaded.close()
 
 
 @dataclass
@@ -447,13 +433,7 @@ class HealRun:
         if copied:
             self.plan.refresh()  # attributes derived from the weights (a prune hook's module.weight)
         self.after = final.block_cosine
-        self.facts.update(
-            held_out_samples=start.samples, held_out_before=start.objective, held_out_after=final.objective,
-            output_cosine_before=start.output_cosine, output_cosine_after=final.output_cosine,
-            returned_state=returned, held_out_history=[
-                {"stage": stage, "objective": sc.objective, "mean_cosine": sc.mean_cosine,
-                 "output_cosine": sc.output_cosine} for stage, sc in judgement.history],
-        )
+        self.facts.update(judged_facts(start, final, returned, judgement.history))
         if returned == "start" and (len(judgement.history) > 1 or not current_is_last):
             self.facts["worse_restored"] = True
             self.notes.append(
@@ -495,8 +475,11 @@ class HealRun:
         return read_masks(self.hooks, self.pruned, self.dense)
 
     def build_report(
-        self, targets: DenseTargets, target_plan: Any, reread: SparsityPlan, mask_snapshot: dict[str, torch.Tensor]
+        self, targets: DenseTargets | None, target_plan: Any, reread: SparsityPlan,
+        mask_snapshot: dict[str, str],
     ) -> HealReport:
+        """The report; ``targets`` and ``target_plan`` are ``None`` for a sequential heal (each block
+        kept its own targets: ``sequential_blocks``)."""
         config, plan, data = self.config, self.plan, self.data
         peak, peak_kind = _peak_memory(self.device)
         in_plan = {id(e.parameter) for e in plan}
@@ -519,10 +502,10 @@ class HealRun:
             n_samples=len(data),
             peak_memory_bytes=peak,
             peak_memory_kind=peak_kind,
-            targets_mode=target_plan.mode,
-            targets_reason=target_plan.reason,
-            target_cache_bytes=targets.cache_bytes,
-            target_cache_estimate_bytes=target_plan.estimate_bytes,
+            targets_mode=target_plan.mode if target_plan is not None else "per block",
+            targets_reason=target_plan.reason if target_plan is not None else "strategy='sequential'",
+            target_cache_bytes=targets.cache_bytes if targets is not None else 0,
+            target_cache_estimate_bytes=target_plan.estimate_bytes if target_plan is not None else 0,
             mask_unchanged=reread.same_pattern(mask_snapshot),
             masked_weights_zero=reread.masked_weights_are_zero(),
             sparsity=plan.sparsity,
@@ -532,14 +515,15 @@ class HealRun:
             device=str(self.device),
             target_alignment=self.alignment,
             calibration_source=data.source,
-            target_cache_action=targets.cache_action,
-            target_cache_reason=targets.cache_reason,
+            target_cache_action=targets.cache_action if targets is not None else "",
+            target_cache_reason=targets.cache_reason if targets is not None else "",
             world_size=self.dist.world if self.dist.active else 1,
             **self.facts,
             notes=list(plan.notes)
             + [f"calibration from a {data.source}"]
             + self.notes
-            + ([targets.note] if targets.note else [])
-            + ([f"blocks kept in fp32 (outside fp16 range): {targets.fp32_blocks}"] if targets.fp32_blocks else []),
+            + ([targets.note] if targets is not None and targets.note else [])
+            + ([f"blocks kept in fp32 (outside fp16 range): {targets.fp32_blocks}"]
+               if targets is not None and targets.fp32_blocks else []),
             config=config.to_dict(),
         )

@@ -119,6 +119,18 @@ class Judgement:
         return cls(history, state["best"], state["since_best"])
 
 
+def judged_facts(start: HeldOutScore, final: HeldOutScore, returned: str,
+                 history: list[tuple[str, HeldOutScore]]) -> dict[str, Any]:
+    """The report's judgement fields: the start's and the returned state's scores, and every state judged."""
+    return {
+        "held_out_samples": start.samples, "held_out_before": start.objective, "held_out_after": final.objective,
+        "output_cosine_before": start.output_cosine, "output_cosine_after": final.output_cosine,
+        "returned_state": returned, "held_out_history": [
+            {"stage": stage, "objective": sc.objective, "mean_cosine": sc.mean_cosine,
+             "output_cosine": sc.output_cosine} for stage, sc in history],
+    }
+
+
 class HeldOutJudge:
     """Scores the pruned model's current state on the held-out samples (eval mode, no gradients)."""
 

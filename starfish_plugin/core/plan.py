@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -123,15 +124,16 @@ class SparsityPlan:
         ]
         return len(self._stale)
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of every mask, to check later that the pattern is bit-identical."""
-        return {e.name: e.mask.detach().to("cpu", copy=True) for e in self.entries}
+    def snapshot(self) -> dict[str, str]:
+        """A digest of every mask (shape and bits), to check later that the pattern is bit-identical;
+        a digest rather than a copy, which for a large model would cost a byte per weight."""
+        return {e.name: _mask_digest(e.mask) for e in self.entries}
 
-    def same_pattern(self, snapshot: dict[str, torch.Tensor]) -> bool:
+    def same_pattern(self, snapshot: dict[str, str]) -> bool:
         """Whether this plan's masks equal ``snapshot`` exactly (same names, shapes and bits)."""
         if set(snapshot) != set(self.names):
             return False
-        return all(torch.equal(snapshot[e.name], e.mask.detach().cpu()) for e in self.entries)
+        return all(snapshot[e.name] == _mask_digest(e.mask) for e in self.entries)
 
     @torch.no_grad()
     def masked_weights_are_zero(self) -> bool:
@@ -142,3 +144,10 @@ class SparsityPlan:
 
     def describe(self) -> str:
         return f"{len(self.entries)} pruned tensors read by '{self.adapter}', {self.sparsity:.1%} sparsity"
+
+
+def _mask_digest(mask: torch.Tensor) -> str:
+    """BLAKE2b of a boolean mask's shape and bits, read in place on the CPU."""
+    digest = hashlib.blake2b(str(tuple(mask.shape)).encode(), digest_size=32)
+    digest.update(mask.detach().to("cpu", torch.bool).contiguous().numpy().data)
+    return digest.hexdigest()

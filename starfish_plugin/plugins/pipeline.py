@@ -11,7 +11,7 @@ import pluggy
 from torch import nn
 
 from starfish_plugin.config import HealConfig, resolve_config
-from starfish_plugin.core.heal import heal_with
+from starfish_plugin.core.entry import heal_with
 from starfish_plugin.plugins.hookspecs import hookimpl
 from starfish_plugin.report import HealReport
 
