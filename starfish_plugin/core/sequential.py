@@ -152,7 +152,7 @@ class BlockResult:
 @dataclass
 class SequentialHeal:
     """The block loop around a prepared ``HealRun`` (models checked, masks read, blocks chosen,
-    calibration loaded); ``run()`` returns the report of the whole heal."""
+    calibration loaded); ``execute()`` heals and returns the report of the whole heal."""
 
     run: HealRun
     results: list[BlockResult] = field(default_factory=list)
@@ -177,7 +177,7 @@ class SequentialHeal:
                                             total_steps=len(blocks) * self._steps_per_block() * config.epochs)
             began = time.perf_counter()
             try:
-                self._heal_blocks(blocks, stack)
+                self._heal_blocks(blocks)
                 if outside:
                     self._heal_rest(blocks)
             except BaseException as exc:
@@ -220,7 +220,7 @@ class SequentialHeal:
                             run.dist, {}, comparable)
 
     # -- the block loop -------------------------------------------------------------------------------
-    def _heal_blocks(self, blocks: list[str], stack: ExitStack) -> None:
+    def _heal_blocks(self, blocks: list[str]) -> None:
         run, config = self.run, self.run.config
         data, device, batch = run.loaded, run.device, config.batch_size
         probe = data.head(min(batch, len(data))).to(device)
