@@ -10,8 +10,6 @@ any batch of samples, so a block heals like a small model of its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,25 +24,6 @@ from starfish_plugin.errors import BlockError
 
 class _Reached(Exception):
     """Raised by the capture hook: the forward has reached the block, the rest need not run."""
-
-
-@contextmanager
-def kv_cache_off(*models: nn.Module) -> Iterator[None]:
-    """Every Hugging Face ``config.use_cache`` in ``models`` switched off inside the block (a block
-    called again and again must not append to a key/value cache), put back on exit."""
-    configs: dict[int, Any] = {}
-    for model in models:
-        for module in model.modules():
-            config = getattr(module, "config", None)
-            if getattr(config, "use_cache", False):
-                configs[id(config)] = config
-    try:
-        for config in configs.values():
-            config.use_cache = False
-        yield
-    finally:
-        for config in configs.values():
-            config.use_cache = True
 
 
 @dataclass

@@ -11,6 +11,7 @@ finds the logits in any of them.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -154,3 +155,22 @@ def modules_called(model: nn.Module, x: Inputs) -> set[int]:
     finally:
         handle.remove()
     return called
+
+
+@contextmanager
+def kv_cache_off(*models: nn.Module) -> Iterator[None]:
+    """Every Hugging Face ``config.use_cache`` in ``models`` switched off inside the block (a block
+    called again and again must not append to a key/value cache), put back on exit."""
+    configs: dict[int, Any] = {}
+    for model in models:
+        for module in model.modules():
+            config = getattr(module, "config", None)
+            if getattr(config, "use_cache", False):
+                configs[id(config)] = config
+    try:
+        for config in configs.values():
+            config.use_cache = False
+        yield
+    finally:
+        for config in configs.values():
+            config.use_cache = True

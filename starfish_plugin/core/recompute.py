@@ -11,6 +11,8 @@ from typing import Any
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from starfish_plugin.core.model_io import kv_cache_off
+
 
 @contextmanager
 def recompute_blocks(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
@@ -21,12 +23,7 @@ def recompute_blocks(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
     off meanwhile: a recomputed attention layer would append to it a second time.
     """
     patched: list[tuple[nn.Module, Any]] = []
-    caches: list[Any] = [config for m in model.modules()
-                         if getattr(config := getattr(m, "config", None), "use_cache", False)]
-    configs = list({id(c): c for c in caches}.values())  # a wrapped LM: its config, not only the top one
     try:
-        for config in configs:
-            config.use_cache = False
         seen: set[int] = set()
         for name in names:
             module = model.get_submodule(name)
@@ -41,12 +38,11 @@ def recompute_blocks(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
 
             module.forward = forward
             patched.append((module, own))
-        yield
+        with kv_cache_off(model):  # a wrapped LM: every config, not only the top one
+            yield
     finally:
         for module, own in reversed(patched):
             if own is None:
                 del module.forward
             else:
                 module.forward = own
-        for config in configs:
-            config.use_cache = True

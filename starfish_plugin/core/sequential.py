@@ -34,18 +34,18 @@ from starfish_plugin.core.block_inputs import (
     CapturedInputs,
     capture_inputs,
     chained,
-    kv_cache_off,
     run_block,
 )
 from starfish_plugin.core.blocks import OUTPUT_BLOCK, BlockChoice
 from starfish_plugin.core.heal import HealRun
 from starfish_plugin.core.holdout import HeldOutJudge, HeldOutScore, judged_facts
 from starfish_plugin.core.losses import HealLoss
-from starfish_plugin.core.model_io import attention_mask
+from starfish_plugin.core.model_io import attention_mask, call_model, kv_cache_off, main_output
 from starfish_plugin.core.modes import eval_mode
 from starfish_plugin.core.plan import SparsityPlan
 from starfish_plugin.core.recipe import apply_warm_start
 from starfish_plugin.core.trainable import trainable_parameters
+from starfish_plugin.core.validation import same_output_shape
 from starfish_plugin.data.calibration import load_calibration
 from starfish_plugin.errors import BlockError, ConfigError, HealingWarning
 from starfish_plugin.report import HealReport
@@ -104,11 +104,11 @@ def _sub_plan(plan: SparsityPlan, block: nn.Module, prefix: str) -> SparsityPlan
     """The entries of ``plan`` whose tensor lives in ``block``, named as in its ``BlockCall``."""
     inside = {id(p) for p in block.parameters()}
     entries = [e for e in plan if id(e.parameter) in inside]
-    kept = {"block." + k[len(prefix) + 1:]: v for k, v in plan.kept_out_channels.items()
-            if k.startswith(prefix + ".")}
-    original = {"block." + k[len(prefix) + 1:]: v for k, v in plan.original_out_channels.items()
-                if k.startswith(prefix + ".")}
-    return SparsityPlan(entries, plan.adapter, plan.structural, [], kept, original, plan.hint)
+    def inside_block(record: dict[str, Any]) -> dict[str, Any]:
+        return {"block." + k[len(prefix) + 1:]: v for k, v in record.items() if k.startswith(prefix + ".")}
+
+    return SparsityPlan(entries, plan.adapter, plan.structural, [], inside_block(plan.kept_out_channels),
+                        inside_block(plan.original_out_channels), plan.hint)
 
 
 @dataclass
@@ -215,7 +215,7 @@ class SequentialHeal:
         loss = HealLoss(run.config.loss_terms(), blocks, run.config.cosine_reduction, run.config.kl_temperature)
         x = run.held.head(1).to(run.device)
         with torch.no_grad():
-            comparable = _same_output(run.pruned, run.dense, x)
+            comparable = same_output_shape(run.pruned, main_output(call_model(run.dense, x)), x)
         return HeldOutJudge(run.pruned, run.plan, run.dense, run.held, loss, run.device, run.config.batch_size,
                             run.dist, {}, comparable)
 
@@ -289,7 +289,8 @@ class SequentialHeal:
         and (where no block reaches them) the final output's training them, judged like any heal."""
         run, config = self.run, self.run.config
         began = time.perf_counter()
-        outside = [e for e in run.plan if e.name in set(self._outside_blocks(blocks))]
+        names = set(self._outside_blocks(blocks))
+        outside = [e for e in run.plan if e.name in names]
         plan = SparsityPlan(outside, run.plan.adapter, run.plan.structural, [], run.plan.kept_out_channels,
                             run.plan.original_out_channels, run.plan.hint)
         inner = config.replace(
@@ -342,10 +343,3 @@ def _attention_masks(data: Any) -> dict[str, torch.Tensor]:
     """The calibration set's ``[N, T]`` attention mask, if any: the block losses leave padding out."""
     mask = attention_mask(data.inputs) if hasattr(data.inputs, "kwargs") else None
     return {"attention_mask": mask} if isinstance(mask, torch.Tensor) else {}
-
-
-def _same_output(pruned: nn.Module, dense: nn.Module, x: Any) -> bool:
-    from starfish_plugin.core.model_io import call_model, main_output
-
-    a, b = main_output(call_model(pruned, x)), main_output(call_model(dense, x))
-    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
