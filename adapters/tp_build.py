@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from starfish_plugin.core.model_io import main_output
+from starfish_plugin.base.model_io import main_output
 from starfish_plugin.errors import PrunerError
 
 
@@ -84,5 +84,5 @@ def meta_pruner(model: nn.Module, example_inputs: Any, **kwargs: Any) -> Any:
             "model takes (a dict of keyword tensors for Hugging Face models), an output_transform that returns "
             "one tensor of the output, and leave layers it cannot follow alone (ignored_layers=[...]; for "
             "decoder LMs, prune MLP width only with root_module_types=[nn.Linear] and the attention in "
-            f"ignored_layers, as starfish_plugin.demo.text.prune_llama_mlp_width_ does).{hint}"
+            f"ignored_layers, as starfish_plugin.adapters.recipes.prune_llama_mlp_width_ does).{hint}"
         ) from exc

@@ -101,8 +101,8 @@ def _call(model: nn.Module, x: Any) -> Any:
 @torch.no_grad()
 def _output_cosine(model: nn.Module, dense: nn.Module, x: Any) -> float | None:
     """Mean cosine of the final output (per token for sequences) to the dense model's."""
+    from starfish_plugin.base.model_io import main_output
     from starfish_plugin.core.losses import cosine_distance
-    from starfish_plugin.core.model_io import main_output
 
     model.eval()
     out, ref = main_output(_call(model, x)), main_output(_call(dense, x))
@@ -115,7 +115,7 @@ def _output_cosine(model: nn.Module, dense: nn.Module, x: Any) -> float | None:
 @torch.no_grad()
 def _block_cosine(model: nn.Module, dense: nn.Module, x: Any, blocks: list[str]) -> float | None:
     """Mean over blocks of the cosine of each block's output to the dense block's (same widths only)."""
-    from starfish_plugin.core.blocks import capture_outputs
+    from starfish_plugin.base.outputs import capture_outputs
     from starfish_plugin.core.losses import cosine_distance
 
     blocks = [b for b in blocks if b != "(output)"]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import starfish_plugin as starfish
 from benchmarks.common import hardware, median, reset_peak_rss, rss_bytes, save, trim_heap
-from starfish_plugin.core.blocks import capture_outputs
+from starfish_plugin.base.outputs import capture_outputs
 from starfish_plugin.data.calibration import load_calibration
 from starfish_plugin.data.targets import DenseTargets, dense_outputs, plan_targets
 from starfish_plugin.demo.run import load_demo_data, prune_vit_

@@ -58,7 +58,7 @@ def magnitude_(model: nn.Module, amount: float) -> None:
 def torch_pruning_mlp_(model: nn.Module, calibration: torch.Tensor, ratio: float = 0.5) -> None:
     """Torch-Pruning's ``MetaPruner`` (L2 group magnitude) removes ``ratio`` of every decoder layer's
     MLP hidden units; attention, embedding and LM head are left whole, so block outputs keep their width."""
-    from starfish_plugin.demo.text import prune_llama_mlp_width_
+    from starfish_plugin.adapters.recipes import prune_llama_mlp_width_
 
     prune_llama_mlp_width_(model, calibration[:2], ratio)
 

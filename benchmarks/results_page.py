@@ -410,26 +410,27 @@ def strategies(results: Path) -> list[str]:
 
 
 def scale_memory(results: Path) -> list[str]:
-    """Peak resident memory of one heal per size and strategy (fresh process each), with the
-    models' own footprint, the heal's time, the block cosine before and after, and the ratio of
-    the sequential peak to the joint one where both ran."""
+    """Peak resident memory of one heal per size and strategy (fresh processes each; per process
+    under torchrun), with the models' own footprint, what the heal added to it, the heal's time,
+    the block cosine before and after, and each peak's ratio to the joint heal's where both ran."""
     d = _load("scale_memory.json", results)
-    lines = ["| parameters | strategy | peak RSS | of which the two models | heal s | mean block cosine | "
-             "mask unchanged | sequential / joint peak |", "|---:|---|---:|---:|---:|---:|---|---:|"]
+    lines = ["| parameters | strategy | peak RSS per process | of which the two models | added by the heal | heal s | "
+             "mean block cosine | mask unchanged | peak / joint peak |", "|---:|---|---:|---:|---:|---:|---:|---|---:|"]
     joint = {r["size"]: r for r in d["rows"] if r["strategy"] == "joint" and r.get("fits")}
+    gib = 1024**3
     for r in d["rows"]:
-        gib = 1024**3
         params = f"{r['params'] / 1e6:,.0f} M" if "params" in r else r["size"]
         if not r.get("fits"):
             cap = f"the {r['memory_cap_bytes'] / gib:.1f} GiB cap" if "memory_cap_bytes" in r else "memory"
             at = f"; allocation failed at {r['peak_rss_bytes'] / gib:.1f} GiB" if "peak_rss_bytes" in r else ""
             models = f"{r['models_rss_bytes'] / gib:.2f} GiB" if "models_rss_bytes" in r else ""
-            lines.append(_row([params, r["strategy"], f"does not fit in {cap}{at}", models, "", "", "", ""]))
+            lines.append(_row([params, r["strategy"], f"does not fit in {cap}{at}", models, "", "", "", "", ""]))
             continue
         ratio = (f"{r['peak_rss_bytes'] / joint[r['size']]['peak_rss_bytes']:.2f}"
-                 if r["strategy"] == "sequential" and r["size"] in joint else "")
+                 if r["strategy"] != "joint" and r["size"] in joint else "")
         lines.append(_row([params, r["strategy"], f"{r['peak_rss_bytes'] / gib:.2f} GiB",
-                           f"{r['models_rss_bytes'] / gib:.2f} GiB", f"{r['seconds']:.0f}",
+                           f"{r['models_rss_bytes'] / gib:.2f} GiB",
+                           f"{(r['peak_rss_bytes'] - r['models_rss_bytes']) / gib:.2f} GiB", f"{r['seconds']:.0f}",
                            f"{r['block_cosine_before']:.4f} → {r['block_cosine_after']:.4f}",
                            "yes" if r["mask_unchanged"] else "NO", ratio]))
     return lines
@@ -541,6 +542,28 @@ def kernels_cpu(results: Path) -> list[str]:
     return _kernels(results, "kernels")
 
 
+def export_sizes(results: Path) -> list[str]:
+    """On-disk size of each export against the same export of the dense model."""
+    d = _load("export_sizes.json", results)
+    lines = ["| model | pruning | format | dense export | healed export | ratio |", "|---|---|---|---:|---:|---:|"]
+    for r in d["rows"]:
+        lines.append(_row([r["model"], r["pruning"], r["format"], f"{r['dense_bytes'] / 2**20:.2f} MiB",
+                           f"{r['pruned_bytes'] / 2**20:.2f} MiB", f"{r['pruned_bytes'] / r['dense_bytes']:.2f}"]))
+    return lines
+
+
+def serve_latency(results: Path) -> list[str]:
+    """ONNX Runtime latency of each healed export against its dense model (same run, medians)."""
+    d = _load("serve_latency.json", results)
+    lines = ["| model | pruning | batch | dense ms | healed ms | speed-up | ONNX size, healed / dense |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in d["rows"]:
+        size = r["onnx_bytes"]["sparse"] / r["onnx_bytes"]["dense"]
+        lines.append(_row([r["model"], r["pruning"], r["batch_size"], f"{r['dense_ms']:.3f}", f"{r['sparse_ms']:.3f}",
+                           f"{r['speedup']:.2f}×", f"{size:.2f}"]))
+    return lines
+
+
 TABLES: dict[str, Callable[[Path], list[str]]] = {
     "demo": demo,
     "recovery_main": recovery_main,
@@ -564,6 +587,8 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "language_fidelity": language_fidelity,
     "strategies": strategies,
     "scale_memory": scale_memory,
+    "export_sizes": export_sizes,
+    "serve_latency": serve_latency,
 }
 
 

@@ -4,14 +4,19 @@ Each row is one heal in a fresh process (peak resident memory is a process's hig
 the model is built from a ``LlamaConfig`` (fp32, random init, no hub), a copy is pruned by
 magnitude (50 % of every decoder Linear, as exact zeros read with ``infer_masks_from_zeros``), and
 it is healed on 32 sequences of 32 tokens of King James text (16 train, 16 judge), two epochs,
-batch 4, the paper's recipe (no probe), with each strategy: ``joint``, ``joint`` with gradient checkpointing,
-and ``sequential``. A row runs under a cap on its data memory (``RLIMIT_DATA``: the memory
-available when the row starts, less 1 GiB), so a heal that does not fit fails with an allocation
-error and is recorded as not fitting instead of pushing the machine into its out-of-memory killer.
+batch 4, the paper's recipe (no probe), with each strategy: ``joint``, ``joint`` with gradient
+checkpointing, ``sequential`` (with and without ``offload="disk"``), and ``fsdp`` on two
+processes (torchrun, gloo; each process holds the whole models as a user's script does, and its
+shards; the cap is split between them). A row runs under a cap on its data memory
+(``RLIMIT_DATA``: the memory available when the row starts, less 1 GiB), so a heal that does not fit
+fails with an allocation error and is recorded as not fitting instead of pushing the machine into
+its out-of-memory killer.
 
 Rows: ``{size, strategy, params, peak_rss_bytes, models_rss_bytes, seconds, block_cosine_before,
 block_cosine_after, mask_unchanged, fits}`` (``models_rss_bytes``: resident memory once both
-models are built, before the heal).
+models are built, before the heal; under torchrun the largest of the ranks, and
+``peak_rss_bytes_all_processes`` their sum). ``sequential+offload`` is ``strategy="sequential"``
+with ``offload="disk"`` (the dense model's blocks in files, one mapped in at a time).
 
     python -m benchmarks.scale_memory                  # every size x strategy (~40 min on 2 cores)
     python -m benchmarks.scale_memory --sizes 20M 100M --strategies joint sequential
@@ -41,9 +46,13 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "joint": {"strategy": "joint"},
     "joint+checkpointing": {"strategy": "joint", "gradient_checkpointing": True},
     "sequential": {"strategy": "sequential"},
+    "sequential+offload": {"strategy": "sequential", "offload": "disk"},
+    "fsdp x2": {"strategy": "fsdp"},  # two processes under torchrun (gloo), each under half the cap
 }
+WORLD = {"fsdp x2": 2}  # processes per row (1 unless named here)
 VOCAB, N_SEQUENCES, LENGTH, BATCH, EPOCHS, LR = 2048, 32, 32, 4, 2, 6e-4
 MARGIN_BYTES = 1024**3  # left to the rest of the machine under the cap
+TIME_LIMIT_S = 1800  # per row
 
 
 def _memory_available() -> int:
@@ -100,10 +109,33 @@ def calibration():
 
 
 def one(size: str, strategy: str) -> dict[str, Any]:
-    """Heal one size with one strategy in this process (under the memory cap) and return its row."""
-    cap = _memory_available() - MARGIN_BYTES
+    """Heal one size with one strategy in this process (under the memory cap) and return its row;
+    under torchrun (``fsdp x2``) each rank takes its share of the cap and rank 0's row holds the
+    largest peak of the ranks."""
+    world = WORLD.get(strategy, 1)
+    cap = (_memory_available() - MARGIN_BYTES) // world
     resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+    if world > 1:
+        import torch.distributed as dist
 
+        dist.init_process_group("gloo")
+    row = _heal_row(size, strategy, cap)
+    row["processes"] = world
+    if world > 1 and not row.get("fits"):  # the other ranks wait in a collective: end the job now
+        print(json.dumps(row), flush=True)
+        os._exit(3)
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, {k: row.get(k) for k in ("peak_rss_bytes", "models_rss_bytes", "fits")})
+        row.update(peak_rss_bytes=max(g["peak_rss_bytes"] for g in gathered),
+                   models_rss_bytes=max(g["models_rss_bytes"] or 0 for g in gathered),
+                   peak_rss_bytes_all_processes=sum(g["peak_rss_bytes"] for g in gathered),
+                   fits=all(g["fits"] for g in gathered))
+        dist.destroy_process_group()
+    return row
+
+
+def _heal_row(size: str, strategy: str, cap: int) -> dict[str, Any]:
     import starfish_plugin as starfish
 
     row: dict[str, Any] = {"size": size, "strategy": strategy, "memory_cap_bytes": cap}
@@ -137,14 +169,25 @@ def run(sizes: list[str], strategies: list[str]) -> None:
     record = json.loads(RESULT_FILE.read_text()) if RESULT_FILE.exists() else {"rows": []}
     for size in sizes:
         for strategy in strategies:
-            out = subprocess.run(
-                [sys.executable, "-m", "benchmarks.scale_memory", "one", "--size", size, "--strategy", strategy],
-                capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "."},
-            )
+            world = WORLD.get(strategy, 1)
+            launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] if world > 1 else []
+            try:  # a rank that runs out of memory leaves the other waiting in a collective: a time limit
+                out = subprocess.run(
+                    [sys.executable, *launcher, "-m", "benchmarks.scale_memory", "one", "--size", size,
+                     "--strategy", strategy],
+                    capture_output=True, text=True, timeout=TIME_LIMIT_S,
+                    env={**os.environ, "PYTHONPATH": "."} | ({"OMP_NUM_THREADS": "1"} if world > 1 else {}),
+                )
+            except subprocess.TimeoutExpired:
+                out = subprocess.CompletedProcess([], -1, "", f"stopped after {TIME_LIMIT_S} s")
             lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-            if out.returncode != 0 or not lines:
+            if out.returncode != 0 and lines and not json.loads(lines[-1]).get("fits", True):
+                row = json.loads(lines[-1])  # the rank that ran out of memory says so itself
+            elif out.returncode != 0 or not lines:
+                said = out.stderr.strip().splitlines() or [""]
+                memory = [line for line in said if "alloc" in line.lower() or "memory" in line.lower()]
                 row = {"size": size, "strategy": strategy, "fits": False,
-                       "error": f"exit {out.returncode}: {(out.stderr.strip().splitlines() or [''])[-1][:200]}"}
+                       "error": f"exit {out.returncode}: {(memory or said)[-1].strip()[:200]}"}
             else:
                 row = json.loads(lines[-1])
             print(json.dumps(row), flush=True)
@@ -196,7 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
     args = parser.parse_args(argv)
     if args.command == "one":
-        print(json.dumps(one(args.size, args.strategy)), flush=True)
+        row = one(args.size, args.strategy)
+        if os.environ.get("RANK", "0") == "0":
+            print(json.dumps(row), flush=True)
     elif args.command == "plot":
         plot(args.out)
     else:

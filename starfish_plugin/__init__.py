@@ -15,6 +15,7 @@ from starfish_plugin.plugins.attach import attach
 from starfish_plugin.plugins.hookspecs import hookimpl
 from starfish_plugin.plugins.manager import plugin_manager
 from starfish_plugin.report import HealReport
+from starfish_plugin.serve import export, load_exported
 
 __version__ = "0.1.0"
 
@@ -25,11 +26,13 @@ __all__ = [
     "SparsityPlan",
     "attach",
     "evaluate",
+    "export",
     "find_blocks",
     "find_masks",
     "heal",
     "hookimpl",
     "load_for_inference",
+    "load_exported",
     "plugin_manager",
     "save_for_inference",
     "sparsify_for_inference",

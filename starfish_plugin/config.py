@@ -25,8 +25,9 @@ Precision = Literal["auto", "fp32", "bf16"]
 AlignOutput = Literal["auto", "always", "never"]
 IfWorse = Literal["restore", "warn"]
 Recipe = Literal["auto", "paper"]
-Strategy = Literal["joint", "sequential"]
+Strategy = Literal["joint", "sequential", "fsdp"]
 SequentialInputs = Literal["pruned", "dense"]
+Offload = Literal["none", "disk"]
 CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 LOSS_NAMES: tuple[str, ...] = get_args(LossName)
@@ -43,6 +44,7 @@ IF_WORSE: tuple[str, ...] = get_args(IfWorse)
 RECIPES: tuple[str, ...] = get_args(Recipe)
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 SEQUENTIAL_INPUTS: tuple[str, ...] = get_args(SequentialInputs)
+OFFLOADS: tuple[str, ...] = get_args(Offload)
 
 GROUPS = ("recipe", "storage", "runtime", "reporting")
 
@@ -135,6 +137,12 @@ class HealConfig:
             ``"token"`` or ``"example"``.
         kl_temperature: softmax temperature of the ``kl`` term.
         target_memory_budget: bytes the in-memory target cache may take under ``targets="auto"``.
+        offload: ``"none"`` (default); ``"disk"``, under ``strategy="sequential"``: the dense
+            model's blocks wait in files in ``cache_dir`` (or a temporary directory) and are mapped
+            back only while they run, and the backup of the starting weights is kept on disk, so
+            the heal holds the pruned model and one dense block instead of both models. The dense
+            model comes back as it was when the heal ends (the same tensors, bit-identical values);
+            do not use it elsewhere meanwhile.
         diagnostic_samples: with ``holdout=0``, the training samples every state is judged on
             (0 switches the judgement off).
         train_mode: heal with the pruned model in ``train()`` mode (dropout, batch-norm updates);
@@ -191,7 +199,12 @@ class HealConfig:
             as a model of its own from the inputs that reach it (judged, probed, checkpointed like
             a heal), so gradients and optimizer state exist for one block only; the whole model is
             judged before and after, and comes back unchanged if it got worse. Block losses only
-            (``cosine``, ``mse``); pruned tensors outside the blocks are not trained.
+            (``cosine``, ``mse``); pruned tensors outside the blocks heal last, the blocks frozen.
+            ``"fsdp"`` (under ``torchrun``): a joint heal on copies of both models sharded with
+            PyTorch's FSDP2 ``fully_shard`` (one unit per block), so each rank holds its share of
+            the weights, gradients and AdamW state on ``device``; the healed full weights are
+            gathered back into the pruned model on every rank. The recipe probe and warm starts
+            (which solve whole layers) are not run: the paper's recipe.
         sequential_inputs: under ``strategy="sequential"``, what each block is fed: ``"pruned"``
             (default): the outputs of the healed pruned blocks before it, so later blocks learn to
             correct what earlier ones could not; ``"dense"``: the dense model's inputs to it.
@@ -228,6 +241,7 @@ class HealConfig:
     cache_dir: str | None = _setting(None, group="storage", resume_neutral=True)
     checkpoint_dir: str | None = _setting(None, group="storage", resume_neutral=True)
     target_memory_budget: int = _setting(2 * 1024**3, group="storage", resume_neutral=True)
+    offload: Offload = _setting("none", group="storage", choices=OFFLOADS, resume_neutral=True)
     # runtime: where and how it runs (the weights it reaches do not depend on these)
     device: str | torch.device | None = _setting(None, group="runtime", resume_neutral=True)
     compile: CompileMode = _setting("none", group="runtime", choices=COMPILE_MODES, resume_neutral=True)

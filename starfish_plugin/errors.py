@@ -109,3 +109,11 @@ class DemoError(StarfishError, ValueError):
 
 class KernelError(StarfishError, ValueError):
     """A sparse inference kernel cannot be used for a layer, or an inference file does not fit a model."""
+
+
+class ExportError(StarfishError, ValueError):
+    """A model cannot be exported in the format asked for, or an export directory cannot be read."""
+
+
+class MissingDependencyError(StarfishError, ImportError, ValueError):
+    """An optional dependency a feature needs is not installed; the message names the extra."""

@@ -31,6 +31,18 @@ def l1_prune_(model: nn.Module, amount: float = 0.7) -> nn.Module:
     return model
 
 
+def sparsify_2_4_(model: nn.Module, contains: str) -> list[str]:
+    """torch.ao's ``WeightNormSparsifier`` 2:4 (masks as parametrizations) on every Linear whose name
+    contains ``contains``; returns their names."""
+    from torch.ao.pruning import WeightNormSparsifier
+
+    layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and contains in n]
+    sparsifier = WeightNormSparsifier(sparsity_level=1.0, sparse_block_shape=(1, 4), zeros_per_block=2)
+    sparsifier.prepare(model, [{"tensor_fqn": f"{n}.weight"} for n in layers])
+    sparsifier.step()
+    return layers
+
+
 def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -254,7 +254,7 @@ def test_prune_hook_weights_are_refreshed_only_where_the_forward_skips_the_modul
     recomputed each step; every other prune hook recomputes its own weight in forward."""
     from torchvision.models.swin_transformer import SwinTransformer
 
-    from starfish_plugin.core.model_io import modules_called
+    from starfish_plugin.base.model_io import modules_called
 
     torch.manual_seed(0)
     swin = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[4, 4],

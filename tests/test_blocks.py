@@ -60,7 +60,7 @@ def test_timm_cnns():
 def test_discovered_blocks_exist_and_produce_tensors():
     model = torchvision.models.mobilenet_v3_small(weights=None).eval()
     names = starfish.find_blocks(model)
-    from starfish_plugin.core.blocks import capture_outputs
+    from starfish_plugin.base.outputs import capture_outputs
 
     with torch.no_grad(), capture_outputs(model, names) as outs:
         model(torch.randn(1, 3, 64, 64))

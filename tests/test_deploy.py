@@ -235,6 +235,7 @@ def test_semi_structured_kernels_on_cuda(backend, tmp_path):
 
 
 def test_bench_cli_writes_the_json_contract_and_a_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason='the plot needs the bench extra: pip install "starfish-plugin[bench]"')
     from starfish_plugin.demo.run import prune_vit_
     from starfish_plugin.demo.zoo import load_checkpoint
 

@@ -60,7 +60,7 @@ def test_held_out_samples_never_train_and_judge_every_state(dense, images, fast)
 
 def _held_out_mean_cosine(model, dense, images, blocks, held_rows):
     """The mean block cosine on the held-out rows, measured here, independently of the heal."""
-    from starfish_plugin.core.blocks import capture_outputs
+    from starfish_plugin.base.outputs import capture_outputs
     from starfish_plugin.core.losses import cosine_distance
 
     x = images[held_rows]

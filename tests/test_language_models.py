@@ -211,7 +211,7 @@ def test_a_bf16_language_model_heals_in_bf16():
 
 
 def test_torch_pruning_mlp_width_pruned_llama_heals():
-    from starfish_plugin.demo.text import prune_llama_mlp_width_
+    from starfish_plugin.adapters.recipes import prune_llama_mlp_width_
 
     dense, tokens = tiny_llama(), padded_tokens()
     pruned = copy.deepcopy(dense)

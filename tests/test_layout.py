@@ -76,7 +76,8 @@ def test_no_import_cycles():
 def test_core_knows_no_toolkit_and_no_plugin_layer():
     modules = _modules()
     for name, path in modules.items():
-        if not name.startswith(("starfish_plugin.core", "starfish_plugin.data", "starfish_plugin.runtime")):
+        if not name.startswith(("starfish_plugin.base", "starfish_plugin.core", "starfish_plugin.data",
+                                "starfish_plugin.runtime")):
             continue
         imported = _imports(path)
         assert not [n for n in imported if n.startswith(TOOLKITS)], (name, imported)
@@ -86,7 +87,7 @@ def test_core_knows_no_toolkit_and_no_plugin_layer():
 
 def test_adapters_import_only_types_and_helpers_from_the_package():
     allowed = ("starfish_plugin.core.plan", "starfish_plugin.core.nm_pattern", "starfish_plugin.errors",
-               "starfish_plugin.plugins.hookspecs", "starfish_plugin.io.state_dicts", "starfish_plugin.core.model_io",
+               "starfish_plugin.plugins.hookspecs", "starfish_plugin.io.state_dicts", "starfish_plugin.base.model_io",
                "starfish_plugin.core.modes")
     for name, path in _modules().items():
         if name.startswith("starfish_plugin.adapters"):
@@ -103,3 +104,32 @@ def test_no_function_over_80_lines():
                 if lines > 80:
                     long.append(f"{name}.{node.name}: {lines} lines")
     assert long == []
+
+
+def test_pruning_toolkits_are_imported_only_by_the_adapters():
+    """Torch-Pruning and torchao are known only behind ``adapters/``: the demos, deployment helpers
+    and CLI call the adapters (``adapters/recipes.py``), never the toolkits themselves."""
+    outside = {}
+    for name, path in _modules().items():
+        if name.startswith("starfish_plugin.adapters"):
+            continue
+        found = [n for n in _imports(path) if n.startswith(("torch_pruning", "torchao"))]
+        if found:
+            outside[name] = found
+    assert outside == {}
+
+
+def test_every_arrow_between_base_runtime_data_and_core_points_down():
+    """``base`` (model calling, block outputs) <- ``runtime`` <- ``data`` <- ``core``: a lower layer
+    never imports a higher one."""
+    order = ["starfish_plugin.base", "starfish_plugin.runtime", "starfish_plugin.data", "starfish_plugin.core"]
+    upward = []
+    for name, path in _modules().items():
+        layer = next((i for i, p in enumerate(order) if name == p or name.startswith(p + ".")), None)
+        if layer is None:
+            continue
+        for imported in _imports(path):
+            for higher in order[layer + 1:]:
+                if imported == higher or imported.startswith(higher + "."):
+                    upward.append(f"{name} -> {imported}")
+    assert upward == []

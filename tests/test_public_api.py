@@ -7,6 +7,8 @@ CONTRACT = {
     "evaluate", "hookimpl", "plugin_manager", "attach",
     # inference on sparse kernels
     "sparsify_for_inference", "InferenceReport", "save_for_inference", "load_for_inference",
+    # serving
+    "export", "load_exported",
 }
 
 

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_state_equal, improved_or_restored, l1_prune_, state_copy, tiny_vit
+from helpers import assert_state_equal, improved_or_restored, l1_prune_, sparsify_2_4_, state_copy, tiny_vit
 from test_language_models import VOCAB, tiny_gpt2, tiny_llama
 from torch import nn
 from torch.nn.utils import prune
@@ -63,16 +63,11 @@ def test_a_decoder_lm_heals_block_by_block_with_its_masks_kept(make):
 
 
 def test_torch_ao_2_4_parametrizations_heal_sequentially_and_stay_2_4():
-    from torch.ao.pruning import WeightNormSparsifier
-
     from starfish_plugin.core.nm_pattern import check_nm
 
     dense = tiny_vit(depth=3)
     pruned = copy.deepcopy(dense)
-    layers = [n for n, m in pruned.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")]
-    sparsifier = WeightNormSparsifier(sparsity_level=1.0, sparse_block_shape=(1, 4), zeros_per_block=2)
-    sparsifier.prepare(pruned, [{"tensor_fqn": f"{n}.weight"} for n in layers])
-    sparsifier.step()
+    layers = sparsify_2_4_(pruned, "blocks.")
     masks = {n: pruned.get_submodule(n).parametrizations.weight[0].mask.clone() for n in layers}
     images = torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     report = starfish.heal(pruned, dense, images, **SEQ)
@@ -80,21 +75,24 @@ def test_torch_ao_2_4_parametrizations_heal_sequentially_and_stay_2_4():
     for n in layers:
         module = pruned.get_submodule(n)
         assert torch.equal(module.parametrizations.weight[0].mask, masks[n])
-        check_nm(module.weight.detach(), 2, 4)  # raises if the healed weight is not 2:4
+        check_nm(module.weight.detach(), n, 2, 4)  # raises if the healed weight is not 2:4
     assert improved_or_restored(report)
     assert report.held_out_after < report.held_out_before
 
 
-def test_pruned_tensors_outside_the_blocks_heal_last_with_the_blocks_frozen():
+@pytest.mark.parametrize("offload", ["none", "disk"])
+def test_pruned_tensors_outside_the_blocks_heal_last_with_the_blocks_frozen(offload, tmp_path):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     dense = torchvision.models.resnet18(num_classes=10).eval()
+    dense_state = state_copy(dense)
     pruned = copy.deepcopy(dense)
     for module in pruned.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             prune.l1_unstructured(module, "weight", amount=0.6)
     images = torch.randn(96, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    report = starfish.heal(pruned, dense, images, **{**SEQ, "epochs": 2})
+    report = starfish.heal(pruned, dense, images, **{**SEQ, "epochs": 2}, offload=offload, cache_dir=str(tmp_path))
+    assert_state_equal(dense, dense_state)
     rest = report.sequential_blocks[-1]
     assert rest["block"] == "(outside the blocks)" and rest["trained"]
     assert report.untrained_tensors == []
@@ -202,3 +200,83 @@ def test_what_sequential_cannot_do_is_refused_before_anything_changes(overrides,
 def test_an_unknown_strategy_is_a_config_error():
     with pytest.raises(errors.ConfigError, match="strategy must be one of"):
         starfish.HealConfig(strategy="pipeline")
+
+
+class DenseWatcher:
+    """Records, at every step, how many of the dense model's blocks hold their weights in memory."""
+
+    def __init__(self, dense: nn.Module) -> None:
+        self.layers = list(dense.model.layers)
+        self.in_memory: list[int] = []
+
+    @starfish.hookimpl
+    def starfish_step_ended(self, step, total_steps, config):
+        self.in_memory.append(sum(layer.mlp.up_proj.weight.numel() > 0 for layer in self.layers))
+
+
+def test_offloaded_dense_blocks_heal_bit_for_bit_like_in_memory_and_come_back(tmp_path):
+    dense = tiny_llama(layers=3)
+    data = tokens(64)
+    config = {**SEQ, "recipe": "paper"}
+    in_memory = prune_decoder_(copy.deepcopy(dense))
+    expected = starfish.heal(in_memory, dense, data, **config)
+
+    dense_state = state_copy(dense)
+    dense_params = [id(p) for p in dense.parameters()]
+    model = prune_decoder_(copy.deepcopy(dense))
+    watcher = DenseWatcher(dense)
+    plugin_manager().register(watcher)
+    try:
+        report = starfish.heal(model, dense, data, **config, offload="disk", cache_dir=str(tmp_path))
+    finally:
+        plugin_manager().unregister(watcher)
+    # while a block trains, only that dense block is in memory; the others wait in their files
+    assert watcher.in_memory and set(watcher.in_memory) == {1}
+    assert_state_equal(model, state_copy(in_memory))  # the same heal, bit for bit
+    assert report.held_out_after == expected.held_out_after
+    assert report.mask_unchanged and report.masked_weights_zero
+    assert_state_equal(dense, dense_state)  # the dense model comes back as it was ...
+    assert [id(p) for p in dense.parameters()] == dense_params  # ... the same Parameter objects
+    assert not list(tmp_path.glob("starfish-offload-*"))  # its files removed
+    assert any("dense model's blocks offloaded" in n for n in report.notes)
+
+
+def test_offload_with_masks_read_against_the_dense_model_keeps_them(tmp_path):
+    """The exact-zeros adapter tells pruned zeros from the dense model's own: the masks are read back
+    with the dense model whole again, so they match."""
+    from starfish_plugin.adapters.nm_layouts import infer_masks_from_zeros
+
+    dense = tiny_llama(layers=2)
+    model = copy.deepcopy(dense)
+    with torch.no_grad():
+        for module in model.model.layers.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.mul_(module.weight.abs() > module.weight.abs().median())
+    report = starfish.heal(infer_masks_from_zeros(model), dense, tokens(64), **SEQ, offload="disk",
+                           cache_dir=str(tmp_path))
+    assert report.adapter == "nm_layouts"
+    assert report.mask_unchanged and report.masked_weights_zero
+
+
+def test_offloaded_dense_blocks_come_back_when_the_heal_is_interrupted(tmp_path):
+    dense = tiny_llama(layers=2)
+    dense_state = state_copy(dense)
+    model = prune_decoder_(copy.deepcopy(dense))
+    plugin = Interrupt(at_step=3)
+    plugin_manager().register(plugin)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            starfish.heal(model, dense, tokens(64), **SEQ, offload="disk", cache_dir=str(tmp_path))
+    finally:
+        plugin_manager().unregister(plugin)
+    assert_state_equal(dense, dense_state)
+    assert not list(tmp_path.glob("starfish-offload-*"))
+
+
+def test_offload_outside_sequential_is_refused():
+    dense = tiny_vit(depth=2)
+    pruned = l1_prune_(copy.deepcopy(dense))
+    before = state_copy(pruned)
+    with pytest.raises(errors.ConfigError, match="offload='disk' applies to strategy='sequential'"):
+        starfish.heal(pruned, dense, torch.randn(64, 1, 8, 8), quiet=True, offload="disk")
+    assert_state_equal(pruned, before)

@@ -344,3 +344,28 @@ def test_tracked_model_is_not_kept_alive(dense4, images):
     del model, pruner
     gc.collect()
     assert ref() is None
+
+
+def test_a_loop_left_early_heals_at_the_with_block_or_warns_at_the_next_step(dense4, images, cfg):
+    """Groups still referenced after an early break are not garbage: the heal cannot run at the
+    break by itself. A ``with`` block heals at its end; otherwise the next step() or check() heals
+    them first, with a warning that says how to heal at the break."""
+    model = copy.deepcopy(dense4)
+    pruner = vit_pruner(model, images[:1], iterative_steps=3)
+    handle = starfish.attach(pruner, dense4, images, cfg)
+    with pruner.step(interactive=True) as groups:
+        for group in groups:
+            group.prune()
+            break
+    assert handle.steps == 1 and len(handle.reports) == 1  # healed as the with block ended
+
+    groups = pruner.step(interactive=True)
+    for group in groups:
+        group.prune()
+        break
+    assert handle.steps == 1  # still referenced: not healed yet
+    with pytest.warns(errors.HealingWarning, match="healed now"):
+        handle.check()
+    assert handle.steps == 2 and len(handle.reports) == 2
+    handle.check()  # nothing left open: no second heal
+    assert handle.steps == 2

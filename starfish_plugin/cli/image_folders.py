@@ -115,10 +115,9 @@ def images_to_tensor(
 
 def import_datasets():
     """Hugging Face ``datasets`` (the ``cli`` extra), progress bars off."""
-    try:
-        import datasets
-    except ImportError as exc:
-        raise ImportError("images are read with Hugging Face datasets: pip install 'starfish-plugin[cli]'") from exc
+    from starfish_plugin.extras import need
+
+    datasets = need("datasets", "reading images (image folders and hf:<dataset>)")
     datasets.disable_progress_bars()
     return datasets
 

@@ -69,10 +69,10 @@ def _nonzero(model: nn.Module) -> int:
 
 def plot_layers(result: dict[str, Any], path: str | Path) -> None:
     """Per-layer speedup bars (kernel over dense) and the end-to-end figure, as a PNG."""
-    import matplotlib
+    from starfish_plugin.extras import need
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    need("matplotlib", "starfish bench --plot").use("Agg")
+    plt = need("matplotlib.pyplot", "starfish bench --plot")
 
     layers = result["layers"]
     names = [layer["name"] for layer in layers]

@@ -285,11 +285,29 @@ def _bench(args: argparse.Namespace) -> int:
     from starfish_plugin.cli.latency import bench_kernels, plot_layers
     from starfish_plugin.io.model_files import load_pruned
 
+    if args.plot:  # before any timing: a missing matplotlib is one line, not a traceback at the end
+        from starfish_plugin.extras import need
+
+        need("matplotlib", "starfish bench --plot")
     dense = _load_dense(args, sys.stderr)
     pruned, fmt = load_pruned(dense, args.weights, args.format, args.unsafe_pickle)
     args.image_size = args.image_size or 224
     import torch
 
+    if args.runtime == "onnxruntime":
+        if (args.kernels != "auto" or args.device != "cpu" or args.dtype != "float32" or args.compile_baseline
+                or args.plot):
+            raise ConfigError("--runtime onnxruntime times the exported ONNX files on the CPU in float32: drop "
+                              "--kernels, --device, --dtype, --compile-baseline and --plot (per-layer kernel "
+                              "times): they apply to --runtime torch")
+        from starfish_plugin.serve.ort_latency import bench_onnxruntime
+
+        result, text = bench_onnxruntime(dense, pruned, args.batch_size, args.image_size, args.channels, args.repeats)
+        print(text)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+            print(f"starfish: figures saved to {args.json}")
+        return 0
     result, text = bench_kernels(dense, pruned, args.batch_size, args.image_size, args.channels, args.kernels,
                                  args.repeats, args.device, args.compile_baseline, getattr(torch, args.dtype))
     print(text)
@@ -300,6 +318,49 @@ def _bench(args: argparse.Namespace) -> int:
         plot_layers(result, args.plot)
         print(f"starfish: plot saved to {args.plot}")
     return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from starfish_plugin.io.model_files import load_pruned
+    from starfish_plugin.serve import export
+
+    model = _load_dense(args, sys.stderr) if args.dense else _build(args, sys.stderr)
+    model, fmt = load_pruned(model, args.weights, args.weights_format, args.unsafe_pickle,
+                             dense_has_weights=bool(args.dense))
+    example = None
+    if args.format == "onnx":
+        example = torch.randn(args.batch_size, args.channels, args.image_size or 224, args.image_size or 224)
+    out = export(model, args.out, args.format, overwrite=args.overwrite, example_inputs=example,
+                 model_spec=args.model, model_args={**dict(args.model_arg), **(
+                     {"num_classes": args.num_classes} if args.num_classes is not None else {})})
+    print(f"starfish: {args.weights} (read as '{fmt}') exported as {args.format} to {out}")
+    return 0
+
+
+def _add_export(sub: Any, formats: list[str]) -> None:
+    from starfish_plugin.serve import FORMATS
+
+    ex = sub.add_parser(
+        "export", help="write a healed checkpoint as a Hugging Face folder, ONNX or a weights-only torch file",
+        formatter_class=HelpFormatter,
+        description="Export a pruned or healed checkpoint for serving: onnx (ONNX Runtime, OpenVINO, TensorRT; "
+        "checked in ONNX Runtime), torch (weights-only file that rebuilds --model), hf (Hugging Face models "
+        "through the Python API). Each export holds a model card (README.md) and starfish.json.",
+    )
+    _model_args(ex)
+    ex.add_argument("--weights", required=True, help="pruned or healed checkpoint")
+    ex.add_argument("--weights-format", default="auto", choices=formats, help="how to read --weights")
+    ex.add_argument("--dense", help="dense weights (needed when --weights is a mask dictionary)")
+    ex.add_argument("--format", required=True, choices=FORMATS, help="what to write")
+    ex.add_argument("--out", required=True, help="directory to write (must be empty or new unless --overwrite)")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    ex.add_argument("--batch-size", type=positive_int, default=1, help="batch of the ONNX trace (the file's "
+                    "batch dimension stays dynamic)")
+    ex.add_argument("--image-size", type=positive_int, help="input side for the ONNX trace (default: the model's)")
+    ex.add_argument("--channels", type=int, choices=[1, 3], help="input channels (default: read from the model)")
+    ex.set_defaults(func=_export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_heal_recipe(heal)
     _add_eval(sub, formats)
     _add_bench(sub, formats)
+    _add_export(sub, formats)
     plugins = sub.add_parser("plugins", help="list registered plugins and the hooks they implement",
                              description="List the registered plugins and the hooks each implements.")
     plugins.set_defaults(func=_plugins)
@@ -410,7 +472,9 @@ HEAL_OPTIONS: dict[str, str] = {
     "if_worse": "restore: the best judged state, or the pruned weights if none beats them; warn: the last state",
     "patience": "stop after this many epochs without a better held-out state",
     "probe_budget": "share of the heal's cost the recipe=auto probe may spend",
-    "strategy": "joint: every block at once (the paper); sequential: one block at a time (memory of one block)",
+    "strategy": ("joint: every block at once (the paper); sequential: one block at a time (memory of one block); "
+                 "fsdp: joint, sharded over the torchrun ranks with FSDP2"),
+    "offload": "disk: with --strategy sequential, the dense model's blocks wait on disk while they do not run",
     "sequential_inputs": "with --strategy sequential: feed each block the healed pruned outputs or the dense inputs",
 }
 CLI_TYPES: dict[str, type] = {"patience": int}  # fields whose default (None) says nothing of their type
@@ -474,6 +538,9 @@ def _add_bench(sub: Any, formats: list[str]) -> None:
     bench.add_argument("--dense", required=True, help="dense weights (state dict file)")
     bench.add_argument("--weights", required=True, help="pruned or healed checkpoint")
     bench.add_argument("--format", default="auto", choices=formats, help="how to read --weights")
+    bench.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
+                       help="torch: PyTorch with sparse kernels; onnxruntime: both models exported to ONNX and "
+                       "timed in ONNX Runtime on the CPU")
     bench.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES,
                        help="auto: per layer the fastest measured; dense: no swap; a kernel name: every layer it fits")
     bench.add_argument("--batch-size", type=positive_int, default=1, help="inputs per forward")

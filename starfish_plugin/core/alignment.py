@@ -7,11 +7,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from starfish_plugin.base.outputs import ChannelIndex
 from starfish_plugin.core.plan import SparsityPlan
 from starfish_plugin.errors import BlockError
-
-# block name -> (channel dimension, original indices of the surviving channels)
-ChannelIndex = dict[str, tuple[int, torch.Tensor]]
 
 
 def _differing_dim(dense: torch.Tensor, pruned: torch.Tensor, block: str) -> int:
@@ -81,9 +79,3 @@ def channel_index(
     return index, described
 
 
-def select_channels(outputs: dict[str, torch.Tensor], index: ChannelIndex) -> dict[str, torch.Tensor]:
-    """Index dense outputs by the kept channels (in place of the dict; tensors are new)."""
-    for block, (dim, kept) in index.items():
-        if block in outputs:
-            outputs[block] = outputs[block].index_select(dim, kept.to(outputs[block].device))
-    return outputs

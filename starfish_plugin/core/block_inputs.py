@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from starfish_plugin.core.model_io import Inputs, call_model, main_output
+from starfish_plugin.base.model_io import Inputs, call_model, main_output
 from starfish_plugin.data.calibration import CalibrationData
 from starfish_plugin.errors import BlockError
 

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from starfish_plugin.core.model_io import main_output
+from starfish_plugin.base.outputs import OUTPUT_BLOCK  # the model's final output, aligned like a block
 from starfish_plugin.errors import BlockError
-
-# The model's final output (its logits), aligned like one more block when pruned weights lie
-# where no block's output depends on them (a classifier head).
-OUTPUT_BLOCK = "(output)"
 
 # Where known families keep their sequence of blocks (or of stages of blocks), in lookup order.
 CONTAINER_PATHS: tuple[str, ...] = (
@@ -256,59 +251,3 @@ def resolve_blocks(
                     "blocks=None for discovery."
                 )
     return choice
-
-
-def _first_tensor(output: object, name: str) -> torch.Tensor:
-    tensor = main_output(output)
-    if isinstance(tensor, torch.Tensor):
-        return tensor
-    raise BlockError(f"block {name!r} returned {type(output).__name__}, not a tensor; choose another block")
-
-
-def require_outputs(outputs: dict[str, torch.Tensor], names: Sequence[str], label: str) -> None:
-    """Raise ``BlockError`` if a block produced no output in the last forward."""
-    missing = [n for n in names if n not in outputs]
-    if missing:
-        raise BlockError(
-            f"block(s) {missing} of the {label} model exist but are not called in its forward; choose blocks "
-            "that run (blocks=[...])"
-        )
-
-
-def _detached(output: object) -> object:
-    """``output`` with its first tensor detached (what the rest of the model sees)."""
-    if isinstance(output, torch.Tensor):
-        return output.detach()
-    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-        return (output[0].detach(), *output[1:])
-    return None  # other containers pass through unchanged
-
-
-@contextmanager
-def capture_outputs(
-    model: nn.Module, names: Sequence[str], detach: str | Collection[str] | None = None
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Record each named block's output (its first tensor) on every forward, keyed by name.
-
-    With ``detach`` (a name or several), that block's output goes on to the rest of the model detached: losses on
-    later outputs (the model's final output) then train only the weights after it. The
-    dictionary is refilled by each forward; hooks are removed on exit.
-    """
-    outputs: dict[str, torch.Tensor] = {}
-    detached = {detach} if isinstance(detach, str) else set(detach or ())
-    handles = []
-    try:
-        for name in names:
-            module = model if name == OUTPUT_BLOCK else model.get_submodule(name)
-
-            def hook(_module, _args, output, name=name):
-                outputs[name] = _first_tensor(output, name)
-                if name in detached:
-                    return _detached(output)
-                return None
-
-            handles.append(module.register_forward_hook(hook))
-        yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()

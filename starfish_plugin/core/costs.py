@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from starfish_plugin.core.model_io import Inputs, call_model
+from starfish_plugin.base.model_io import Inputs, call_model
 
 
 def parameter_count(model: nn.Module) -> int:

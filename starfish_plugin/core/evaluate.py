@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from starfish_plugin.core.model_io import ModelInputs, call_model, main_output
+from starfish_plugin.base.model_io import ModelInputs, call_model, main_output
 from starfish_plugin.core.modes import eval_mode
 from starfish_plugin.errors import EvaluationError, UsageError
 

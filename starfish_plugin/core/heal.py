@@ -16,8 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from starfish_plugin.base.model_io import (
+    describe_inputs,
+    modules_called,
+    token_ids,
+)
+from starfish_plugin.base.outputs import ChannelIndex, select_channels
 from starfish_plugin.config import HealConfig
-from starfish_plugin.core.alignment import ChannelIndex, channel_index, select_channels
+from starfish_plugin.core.alignment import channel_index
 from starfish_plugin.core.best_state import BestState
 from starfish_plugin.core.blocks import OUTPUT_BLOCK, BlockChoice, resolve_blocks
 from starfish_plugin.core.costs import layer_macs, parameter_count
@@ -26,11 +32,6 @@ from starfish_plugin.core.keep_best import KeepBest
 from starfish_plugin.core.loop import Checkpointing, TrainLoop, TrainSetup, non_finite_cause
 from starfish_plugin.core.losses import HealLoss
 from starfish_plugin.core.masks import read_masks
-from starfish_plugin.core.model_io import (
-    describe_inputs,
-    modules_called,
-    token_ids,
-)
 from starfish_plugin.core.modes import eval_mode
 from starfish_plugin.core.output_alignment import choose_output_alignment
 from starfish_plugin.core.plan import SparsityPlan
@@ -120,7 +121,8 @@ class HealRun:
         start = time.perf_counter()
         check_models(pruned, dense)
         check_dtypes(pruned, dense)
-        device = resolve_device(pruned, dense, config.device)
+        # under strategy="fsdp" the models stay where they are and config.device is where the shards go
+        device = resolve_device(pruned, dense, None if config.strategy == "fsdp" else config.device)
         plan = read_masks(hooks, pruned, dense)
         check_architecture(pruned, dense, plan)
         check_finite_weights(pruned)
@@ -251,9 +253,7 @@ class HealRun:
             index, alignment = channel_index(plan, pruned, probe_blocks, probe_out, pruned_out, order)
             select_channels(probe_out, index)
         if loss_fn.needs_blocks:
-            blocks, loss_fn.detach_at, untrained = choose_output_alignment(
-                pruned, plan, blocks, candidate, probe_x, probe_out, config, self.notes
-            )
+            blocks, loss_fn.detach_at, untrained = self._output_alignment(blocks, candidate, probe_x, probe_out)
             self.facts["untrained_tensors"] = untrained
             self.facts["output_aligned"] = OUTPUT_BLOCK in blocks and OUTPUT_BLOCK not in self.choice.names
             loss_fn.blocks = blocks
@@ -282,6 +282,12 @@ class HealRun:
             self.keeper = KeepBest(judge, best, config.patience, config.if_worse == "restore")
             self.before = self.keeper.record("start").block_cosine
         return targets, target_plan
+
+    def _output_alignment(self, blocks: list[str], candidate: bool, probe_x: Any,
+                          probe_out: dict[str, torch.Tensor]) -> tuple[list[str], str | None, list[str]]:
+        """``choose_output_alignment`` on the pruned model (which tensors get a training signal)."""
+        return choose_output_alignment(self.pruned, self.plan, blocks, candidate, probe_x, probe_out, self.config,
+                                       self.notes)
 
     def _kept_tensors(self) -> list[torch.Tensor]:
         """What a restore puts back: the trained tensors, and the buffers when healing in train mode
@@ -467,12 +473,16 @@ class HealRun:
 
     def write_back(self) -> SparsityPlan:
         """Leave the model in its toolkit's form, then read its masks again (to check them)."""
+        self.hand_back()
+        return read_masks(self.hooks, self.pruned, self.dense)
+
+    def hand_back(self) -> None:
+        """Leave the model in its toolkit's form (the adapter that read the plan writes it back)."""
         if self.hooks.starfish_write_back(model=self.pruned, plan=self.plan) is None:
             raise AdapterError(
                 f"no adapter wrote the healed model back for the plan read by '{self.plan.adapter}': its "
                 "starfish_write_back must return True for its own plans (the weights are healed in place)"
             )
-        return read_masks(self.hooks, self.pruned, self.dense)
 
     def build_report(
         self, targets: DenseTargets | None, target_plan: Any, reread: SparsityPlan,

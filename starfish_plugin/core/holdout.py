@@ -16,10 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from starfish_plugin.core.alignment import ChannelIndex
-from starfish_plugin.core.blocks import capture_outputs
+from starfish_plugin.base.model_io import attention_mask, call_model, main_output, token_ids
+from starfish_plugin.base.outputs import ChannelIndex, capture_outputs
 from starfish_plugin.core.losses import HealLoss, cosine_distance
-from starfish_plugin.core.model_io import attention_mask, call_model, main_output, token_ids
 from starfish_plugin.core.modes import eval_mode
 from starfish_plugin.core.plan import SparsityPlan
 from starfish_plugin.data.calibration import CalibrationData

@@ -14,10 +14,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from starfish_plugin.base.model_io import Inputs, attention_mask, call_model, main_output, token_ids
+from starfish_plugin.base.outputs import OUTPUT_BLOCK, capture_outputs
 from starfish_plugin.config import HealConfig
-from starfish_plugin.core.blocks import OUTPUT_BLOCK, capture_outputs
 from starfish_plugin.core.losses import HealLoss
-from starfish_plugin.core.model_io import Inputs, attention_mask, call_model, main_output, token_ids
 from starfish_plugin.core.plan import SparsityPlan
 from starfish_plugin.core.recompute import recompute_blocks
 from starfish_plugin.data.calibration import CalibrationData

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from starfish_plugin.core.blocks import require_outputs
+from starfish_plugin.base.outputs import require_outputs
 from starfish_plugin.errors import CalibrationError
 
 

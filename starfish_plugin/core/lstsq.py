@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from starfish_plugin.core.model_io import Inputs, attention_mask, call_model
+from starfish_plugin.base.model_io import Inputs, attention_mask, call_model
 from starfish_plugin.core.plan import MaskedTensor, SparsityPlan
 from starfish_plugin.core.warm_start import eligible_layer, tied_weights
 

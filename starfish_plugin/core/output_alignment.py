@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from starfish_plugin.base.model_io import Inputs, call_model
+from starfish_plugin.base.outputs import OUTPUT_BLOCK, capture_outputs
 from starfish_plugin.config import HealConfig
-from starfish_plugin.core.blocks import OUTPUT_BLOCK, capture_outputs
 from starfish_plugin.core.losses import cosine_distance
-from starfish_plugin.core.model_io import Inputs, call_model
 from starfish_plugin.core.plan import SparsityPlan
 from starfish_plugin.core.trainable import trainable_only
 from starfish_plugin.errors import BlockError

@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from starfish_plugin.core.model_io import kv_cache_off
+from starfish_plugin.base.model_io import kv_cache_off
 
 
 @contextmanager

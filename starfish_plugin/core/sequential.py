@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from starfish_plugin.base.model_io import attention_mask, call_model, kv_cache_off, main_output
 from starfish_plugin.config import HealConfig
 from starfish_plugin.core.best_state import BestState
 from starfish_plugin.core.block_inputs import (
@@ -40,8 +41,9 @@ from starfish_plugin.core.blocks import OUTPUT_BLOCK, BlockChoice
 from starfish_plugin.core.heal import HealRun
 from starfish_plugin.core.holdout import HeldOutJudge, HeldOutScore, judged_facts
 from starfish_plugin.core.losses import HealLoss
-from starfish_plugin.core.model_io import attention_mask, call_model, kv_cache_off, main_output
+from starfish_plugin.core.masks import read_masks
 from starfish_plugin.core.modes import eval_mode
+from starfish_plugin.core.offload import DiskBlocks
 from starfish_plugin.core.plan import SparsityPlan
 from starfish_plugin.core.recipe import apply_warm_start
 from starfish_plugin.core.trainable import trainable_parameters
@@ -156,6 +158,7 @@ class SequentialHeal:
 
     run: HealRun
     results: list[BlockResult] = field(default_factory=list)
+    offload: DiskBlocks | None = None  # the dense model's blocks on disk (offload="disk")
 
     def execute(self) -> HealReport:
         run, config = self.run, self.run.config
@@ -165,12 +168,34 @@ class SequentialHeal:
         mask_snapshot = run.plan.snapshot()
         blocks = list(run.choice.names)
         outside = self._outside_blocks(blocks)
+        with ExitStack() as dense_files:  # the dense model whole again before its masks are read back
+            if config.offload == "disk":
+                self.offload = dense_files.enter_context(DiskBlocks(run.dense, blocks, config.cache_dir))
+                size = self.offload.bytes_offloaded / 2**20
+                run.notes.append(f"the dense model's blocks offloaded to disk ({size:.0f} MiB), each mapped back only "
+                                 "while it runs (offload='disk')")
+            self._heal(blocks, outside)
+            run.hand_back()  # with the old plan, dropped before the masks are read again (one copy at a time)
+            run.plan = SparsityPlan([], run.plan.adapter, run.plan.structural)
+        reread = read_masks(run.hooks, run.pruned, run.dense)
+        run.plan = reread  # the model as returned: its counts are the report's (the same when the masks held)
+        run.facts.update(strategy="sequential", sequential_blocks=[r.to_dict() for r in self.results])
+        run.epochs_run = config.epochs
+        run.steps_per_epoch = sum(r.report.steps for r in self.results if r.report is not None) // max(1, config.epochs)
+        run.blocks = blocks
+        report = run.build_report(None, None, reread, mask_snapshot)
+        run.hooks.starfish_heal_finished(model=run.pruned, report=report, config=config)
+        return report
+
+    def _heal(self, blocks: list[str], outside: list[str]) -> None:
+        run, config = self.run, self.run.config
+        budget = 0 if config.offload == "disk" else config.target_memory_budget
         with ExitStack() as stack, eval_mode(run.dense), eval_mode(run.pruned), kv_cache_off(run.pruned, run.dense):
             judge = self._judge(blocks)
             start = judge.score() if judge is not None else None
             run.before = start.block_cosine if start is not None else {}
             kept = run._kept_tensors()
-            backup = BestState(kept, config.target_memory_budget, config.cache_dir)  # on disk when it outgrows that
+            backup = BestState(kept, budget, config.cache_dir)  # on disk when it outgrows the budget
             stack.callback(backup.close)
             backup.keep("start")
             run.hooks.starfish_heal_started(model=run.pruned, plan=run.plan, config=config,
@@ -189,14 +214,14 @@ class SequentialHeal:
             run.train_seconds = time.perf_counter() - began
             end = judge.score() if judge is not None else None
             self._settle(start, end, backup)
-        reread = run.write_back()
-        run.facts.update(strategy="sequential", sequential_blocks=[r.to_dict() for r in self.results])
-        run.epochs_run = config.epochs
-        run.steps_per_epoch = sum(r.report.steps for r in self.results if r.report is not None) // max(1, config.epochs)
-        run.blocks = blocks
-        report = run.build_report(None, None, reread, mask_snapshot)
-        run.hooks.starfish_heal_finished(model=run.pruned, report=report, config=config)
-        return report
+
+    def _hold(self, *blocks: str) -> ExitStack:
+        """The offloaded dense ``blocks`` kept in for the ``with`` (nothing without offload)."""
+        stack = ExitStack()
+        if self.offload is not None:
+            for name in blocks:
+                stack.enter_context(self.offload.hold(name))
+        return stack
 
     # -- before -------------------------------------------------------------------------------------
     def _outside_blocks(self, blocks: list[str]) -> list[str]:
@@ -229,33 +254,34 @@ class SequentialHeal:
         pruned_in: CapturedInputs | None = None
         dense_in: CapturedInputs | None = None
         for i, name in enumerate(blocks):
-            began = time.perf_counter()
-            how = "carried"
-            if not links[i] or pruned_in is None or dense_in is None:
-                dense_in = capture_inputs(run.dense, name, data, batch, device)
-                pruned_in = capture_inputs(run.pruned, name, data, batch, device) if (
-                    config.sequential_inputs == "pruned") else dense_in
-                how = "captured"
-            dense_call = BlockCall(run.dense.get_submodule(name), dense_in, "d_", device)
-            prefix = "p_" if config.sequential_inputs == "pruned" else "d_"
-            pruned_call = BlockCall(run.pruned.get_submodule(name), pruned_in, prefix, device)
-            fields = {**dense_in.fields("d_"), **(pruned_in.fields("p_") if prefix == "p_" else {}), **mask}
-            sub = _sub_plan(run.plan, pruned_call.block, name)
-            result = BlockResult(name, trained=bool(sub.entries), inputs=how)
-            if sub.entries or config.trainable == "all":
-                result.trained = True
-                result.report = self._heal_one(i, name, pruned_call, dense_call, sub, fields)
-            result.seconds = time.perf_counter() - began
-            self.results.append(result)
-            if i + 1 < len(blocks):  # carry both models' outputs on to the next block
-                dense_out = run_block(dense_call, dense_in.fields("d_"), batch, device)
-                dense_next = dense_in.with_hidden(dense_out)
-                if prefix == "p_":
-                    pruned_out = run_block(pruned_call, pruned_in.fields("p_"), batch, device)
-                    pruned_in = pruned_in.with_hidden(pruned_out)
-                else:
-                    pruned_in = dense_next
-                dense_in = dense_next
+            with self._hold(name):  # an offloaded dense block stays in while it heals and carries on
+                began = time.perf_counter()
+                how = "carried"
+                if not links[i] or pruned_in is None or dense_in is None:
+                    dense_in = capture_inputs(run.dense, name, data, batch, device)
+                    pruned_in = capture_inputs(run.pruned, name, data, batch, device) if (
+                        config.sequential_inputs == "pruned") else dense_in
+                    how = "captured"
+                dense_call = BlockCall(run.dense.get_submodule(name), dense_in, "d_", device)
+                prefix = "p_" if config.sequential_inputs == "pruned" else "d_"
+                pruned_call = BlockCall(run.pruned.get_submodule(name), pruned_in, prefix, device)
+                fields = {**dense_in.fields("d_"), **(pruned_in.fields("p_") if prefix == "p_" else {}), **mask}
+                sub = _sub_plan(run.plan, pruned_call.block, name)
+                result = BlockResult(name, trained=bool(sub.entries), inputs=how)
+                if sub.entries or config.trainable == "all":
+                    result.trained = True
+                    result.report = self._heal_one(i, name, pruned_call, dense_call, sub, fields)
+                result.seconds = time.perf_counter() - began
+                self.results.append(result)
+                if i + 1 < len(blocks):  # carry both models' outputs on to the next block
+                    dense_out = run_block(dense_call, dense_in.fields("d_"), batch, device)
+                    dense_next = dense_in.with_hidden(dense_out)
+                    if prefix == "p_":
+                        pruned_out = run_block(pruned_call, pruned_in.fields("p_"), batch, device)
+                        pruned_in = pruned_in.with_hidden(pruned_out)
+                    else:
+                        pruned_in = dense_next
+                    dense_in = dense_next
 
     def _heal_one(self, i: int, name: str, pruned_call: BlockCall, dense_call: BlockCall, plan: SparsityPlan,
                   fields: dict[str, torch.Tensor]) -> HealReport:
@@ -302,7 +328,7 @@ class SequentialHeal:
                            inner.block_weighting)
         rest = BlockRun(_BlockHooks(run.hooks), run.pruned, run.dense, inner, run.device, plan, run.choice, loss_fn,
                         run.dist, run.loaded, time.perf_counter(), run.loaded, warm_blocks=blocks)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), self._hold(*blocks):  # the whole model runs at every step here
             warnings.filterwarnings("ignore", message=".*holds a finished heal.*", category=HealingWarning)
             report = rest.run()
         run.notes.append(f"{len(outside)} pruned tensor(s) outside the blocks healed last, the blocks frozen: "

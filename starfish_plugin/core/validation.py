@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from starfish_plugin.base.model_io import Inputs, call_model, describe_inputs, main_output
 from starfish_plugin.config import HealConfig
-from starfish_plugin.core.model_io import Inputs, call_model, describe_inputs, main_output
 from starfish_plugin.core.plan import SparsityPlan
 from starfish_plugin.data.calibration import CalibrationData
 from starfish_plugin.data.targets import dense_outputs

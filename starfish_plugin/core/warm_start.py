@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from starfish_plugin.core.model_io import attention_mask, call_model
+from starfish_plugin.base.model_io import attention_mask, call_model
 from starfish_plugin.core.plan import MaskedTensor, SparsityPlan
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)

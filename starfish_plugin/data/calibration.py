@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from starfish_plugin.core.model_io import ModelInputs, accepts_keyword
+from starfish_plugin.base.model_io import ModelInputs, accepts_keyword
 from starfish_plugin.data.disk_inputs import DiskInputs
 from starfish_plugin.errors import CalibrationError, CalibrationTypeError
 

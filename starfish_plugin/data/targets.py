@@ -11,9 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from starfish_plugin.core.alignment import ChannelIndex, select_channels
-from starfish_plugin.core.blocks import capture_outputs, require_outputs
-from starfish_plugin.core.model_io import Inputs, call_model, main_output
+from starfish_plugin.base.model_io import Inputs, call_model, main_output
+from starfish_plugin.base.outputs import ChannelIndex, capture_outputs, require_outputs, select_channels
 from starfish_plugin.data.calibration import CalibrationData
 from starfish_plugin.data.disk_targets import LOGITS, DiskTargetCache, free_bytes
 from starfish_plugin.errors import NonFiniteError

@@ -72,9 +72,9 @@ def load_digits_split(seed: int = 0, n_test: int = 597) -> dict[str, tuple[torch
 
     The split is a fixed permutation drawn from ``seed``; the test part has ``n_test`` images.
     """
-    from sklearn.datasets import load_digits
+    from starfish_plugin.extras import need
 
-    digits = load_digits()
+    digits = need("sklearn.datasets", "the digits data (scikit-learn)").load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
     labels = torch.from_numpy(digits.target.astype(np.int64))
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))

@@ -66,7 +66,9 @@ def build_decoder(
     vocab_size: int, hidden: int = 256, layers: int = 4, heads: int = 4, max_length: int = 256,
 ) -> nn.Module:
     """A Llama-style decoder LM (``transformers.LlamaForCausalLM``) with tied embeddings, untrained."""
-    import transformers
+    from starfish_plugin.extras import need
+
+    transformers = need("transformers", "the shipped language model")
 
     config = transformers.LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3 // 16 * 16),
@@ -118,19 +120,3 @@ def load_text_checkpoint(name: str = TEXT_CHECKPOINT) -> tuple[nn.Module, Any, d
     model.tie_weights()  # type: ignore[operator]
     return model.eval(), load_tokenizer(CHECKPOINT_DIR / f"{name}.tokenizer.json"), meta
 
-
-def prune_llama_mlp_width_(model: nn.Module, example_ids: torch.Tensor, ratio: float = 0.5) -> None:
-    """Torch-Pruning's ``MetaPruner`` (L2 group magnitude) removes ``ratio`` of the MLP hidden units
-    of every decoder layer of a Llama-style causal LM; attention, embedding and LM head stay whole,
-    so every decoder layer's output keeps its width."""
-    import torch_pruning as tp
-
-    ignored: list[nn.Module] = [model.get_submodule("lm_head"), model.get_submodule("model.embed_tokens")]
-    layers = model.get_submodule("model.layers")
-    ignored += [layer.get_submodule("self_attn") for layer in layers.children()]
-    pruner = tp.pruner.MetaPruner(
-        model, example_inputs={"input_ids": example_ids}, importance=tp.importance.GroupMagnitudeImportance(p=2),
-        pruning_ratio=ratio, ignored_layers=ignored, root_module_types=[nn.Linear],
-        output_transform=lambda out: out.logits,
-    )
-    pruner.step()

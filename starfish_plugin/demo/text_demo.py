@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
+from starfish_plugin.adapters import recipes
 from starfish_plugin.core.nm_pattern import check_nm
 from starfish_plugin.demo.text import kjv_splits, load_text_checkpoint, perplexity, token_sequences
 
@@ -28,17 +28,8 @@ def wanda_24_(model: nn.Module, calibration: torch.Tensor) -> Any:
 def wanda_(model: nn.Module, calibration: torch.Tensor, block_size: int | None = None) -> Any:
     """torchao's ``WandaSparsifier`` at 50 % on every Linear of the decoder layers (per output row,
     or N:M within blocks of ``block_size``: 4 gives 2:4); masks as parametrizations."""
-    from torchao.sparsity import WandaSparsifier
-
     names = [f"model.layers.{n}.weight" for n, m in decoder_layers(model).named_modules() if isinstance(m, nn.Linear)]
-    sparsifier = WandaSparsifier(sparsity_level=0.5, semi_structured_block_size=block_size)
-    sparsifier.prepare(model, [{"tensor_fqn": n} for n in names])
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for batch in calibration.split(32):
-            model(input_ids=batch)  # Wanda's activation observers
-    sparsifier.step()
-    return sparsifier
+    return recipes.wanda_(model, calibration, names, block_size)
 
 
 def run_text_demo(epochs: int = 5, n_calibration: int = 256, n_test: int = 128, seed: int = 0,

@@ -140,11 +140,10 @@ def tiny_vit(spec: TinyViTSpec | SmallResNetSpec) -> nn.Module:
     """
     if isinstance(spec, SmallResNetSpec):
         return SmallResNet(spec)
-    try:
-        from timm.models.vision_transformer import VisionTransformer
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("the demo models need timm: pip install 'starfish-plugin[demo]'") from exc
-    return VisionTransformer(**asdict(spec))
+    from starfish_plugin.extras import need
+
+    vision_transformer = need("timm.models.vision_transformer", "the shipped ViTs (timm)")
+    return vision_transformer.VisionTransformer(**asdict(spec))
 
 
 def load_checkpoint(name: str) -> nn.Module:

@@ -14,7 +14,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from starfish_plugin.core.model_io import Inputs, ModelInputs, call_model, main_output
+from starfish_plugin.base.model_io import Inputs, ModelInputs, call_model, main_output
 from starfish_plugin.deploy.fold import folded_copy
 from starfish_plugin.deploy.kernels import KERNEL_NAMES, build_kernel, why_not
 from starfish_plugin.deploy.report import InferenceReport, LayerChoice

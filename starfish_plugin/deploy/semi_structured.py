@@ -62,13 +62,13 @@ def pack_semi_structured_(model: nn.Module, names: list[str], backend: str = "cu
             f"{torch.cuda.get_device_capability()}"
         )
     from torch.sparse import SparseSemiStructuredTensor
-    from torchao.sparsity import semi_sparse_weight, sparsify_
+
+    from starfish_plugin.adapters.recipes import torchao_semi_sparse_
 
     previous = SparseSemiStructuredTensor._FORCE_CUTLASS
     SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
     try:
-        wanted = set(names)
-        sparsify_(model, semi_sparse_weight(), filter_fn=lambda m, fqn: fqn in wanted)
+        torchao_semi_sparse_(model, set(names))
     finally:
         SparseSemiStructuredTensor._FORCE_CUTLASS = previous
     return model

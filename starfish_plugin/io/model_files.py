@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from starfish_plugin.errors import CheckpointFileError
+from starfish_plugin.extras import need
 from starfish_plugin.io.state_dicts import load_weights_, state_dict_of
 from starfish_plugin.io.structured import (
     StructuredCheckpointError,
@@ -51,13 +52,13 @@ def _construct(spec: str, kwargs: dict[str, Any]) -> nn.Module:
             raise CheckpointFileError(f"starfish ships no model {name!r}; choose from {sorted(SPECS)}")
         return tiny_vit(dataclasses.replace(SPECS[name], **kwargs)).eval()
     if source == "timm" and name:
-        import timm
+        timm = need("timm", f"--model {spec}")
 
         if not timm.is_model(name):
             raise CheckpointFileError(f"timm has no model {name!r}; see timm.list_models('{name[:4]}*')")
         return timm.create_model(name, pretrained=False, **kwargs).eval()
     if source == "torchvision" and name:
-        import torchvision
+        torchvision = need("torchvision", f"--model {spec}")
 
         if name not in torchvision.models.list_models():
             raise CheckpointFileError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")

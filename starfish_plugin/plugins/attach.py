@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from starfish_plugin.config import HealConfig, resolve_config
 from starfish_plugin.core.validation import check_models
-from starfish_plugin.errors import AttachError, UsageError
+from starfish_plugin.errors import AttachError, HealingWarning, UsageError
 from starfish_plugin.plugins.manager import plugin_manager
 from starfish_plugin.report import HealReport
 
@@ -38,6 +39,7 @@ class Attachment:
         self.results: list[list[Any]] = []
         self.stop_requested = False
         self.pending_error: BaseException | None = None
+        self._open_groups: weakref.ref[_HealingGroups] | None = None  # the last interactive step's groups
         self._instance_step = pruner.__dict__.get("step")  # a step set on the instance, if any
         # an adapter may take over running each step (e.g. to record which channels survive)
         self._runner = plugin_manager().hook.starfish_prepare_pruner(
@@ -74,11 +76,27 @@ class Attachment:
         return wrapped
 
     def _heal_after(self, groups: Any) -> _HealingGroups:
-        return _HealingGroups(groups, self)
+        healing = _HealingGroups(groups, self)
+        self._open_groups = weakref.ref(healing)
+        return healing
+
+    def _heal_left_open(self) -> None:
+        """Heal the groups of an earlier interactive step that the caller still holds, unused up."""
+        groups = self._open_groups() if self._open_groups is not None else None
+        self._open_groups = None
+        if groups is not None and not groups.done:
+            warnings.warn(
+                "the groups of an interactive pruner.step() were left before they were used up and are still "
+                "referenced, so they were not healed at the break: healed now. To heal right at the break, write "
+                "`with pruner.step(interactive=True) as groups:` or call groups.close()", HealingWarning, stacklevel=3,
+            )
+            groups.close()
 
     def check(self) -> None:
-        """Raise the error of a heal that ran when an interactive step's loop was left early (its
+        """Heal an interactive step whose groups were left early but are still held (with a
+        ``HealingWarning``); raise the error of a heal that ran when such a loop was left early (its
         generator closed by garbage collection, where Python cannot raise it); then forget it."""
+        self._heal_left_open()
         if self.pending_error is not None:
             error, self.pending_error = self.pending_error, None
             raise error
@@ -106,14 +124,26 @@ class Attachment:
 
 class _HealingGroups:
     """The groups of an interactive pruning step; healing runs when they are used up, when
-    ``close()`` is called, or when a loop left early drops them (then a failed heal's error is kept
-    for ``Attachment.check()`` and the next ``step()``, since Python could only print it)."""
+    ``close()`` is called or a ``with`` block around them ends, or when a loop left early drops
+    them (then a failed heal's error is kept for ``Attachment.check()`` and the next ``step()``,
+    since Python could only print it). Groups the caller still holds after leaving the loop early
+    are healed by the next ``step()`` or ``check()``, with a ``HealingWarning``."""
 
     def __init__(self, groups: Any, attachment: Attachment) -> None:
         self.groups, self.attachment, self.done = groups, attachment, False
 
     def __iter__(self) -> _HealingGroups:
         return self
+
+    def __enter__(self) -> _HealingGroups:
+        return self
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+        if kind is None:
+            self.close()  # heal here, at the end of the block, however the loop inside ended
+        else:
+            self.done = True  # the body's own error is the one to see; the step is not healed
+            self.groups.close()
 
     def __next__(self) -> Any:
         try:

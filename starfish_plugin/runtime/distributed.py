@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from starfish_plugin.data.calibration import CalibrationData
 from starfish_plugin.errors import ConfigError
+
+if TYPE_CHECKING:  # only a type here: runtime sits below data
+    from starfish_plugin.data.calibration import CalibrationData
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class DistContext:
 
     rank: int = 0
     world: int = 1
+    sharded: bool = False  # the model is already FSDP2-sharded (strategy="fsdp"): no DDP around it
 
     @property
     def active(self) -> bool:
@@ -72,8 +76,9 @@ class DistContext:
         return value
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """``model`` under ``DistributedDataParallel`` when distributed, else ``model`` itself."""
-        if not self.active:
+        """``model`` under ``DistributedDataParallel`` when distributed and not sharded already, else
+        ``model`` itself."""
+        if not self.active or self.sharded:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
