@@ -13,13 +13,14 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ddp_worker import Crash  # noqa: E402
+from ddp_worker import Crash, run_in_group  # noqa: E402
 from helpers import sparsify_2_4_, tiny_vit  # noqa: E402
 
 import starfish_plugin as starfish  # noqa: E402
@@ -50,9 +51,7 @@ def vit_24() -> tuple[nn.Module, nn.Module, object]:
     return dense, pruned, images
 
 
-def main(out: Path, case: str, checkpoint_dir: str | None = None, crash_step: int = 0) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+def _heal(out: Path, case: str, checkpoint_dir: str | None = None, crash_step: int = 0) -> None:
     rank = dist.get_rank()
     if crash_step and rank == 1:
         starfish.plugin_manager().register(Crash(crash_step))
@@ -84,8 +83,10 @@ def main(out: Path, case: str, checkpoint_dir: str | None = None, crash_step: in
         "dense_untouched": model_fingerprint(dense) == dense_before,
         "types": sorted({type(p).__name__ for p in pruned.parameters()}),
     }))
-    dist.destroy_process_group()
 
+
+def main(*args: Any) -> None:
+    run_in_group(_heal, *args)
 
 if __name__ == "__main__":
     # fsdp_worker.py OUT CASE [CHECKPOINT_DIR CRASH_STEP]

@@ -140,6 +140,11 @@ def test_torch_export_rebuilds_the_architecture_bit_for_bit(tmp_path):
     out = starfish.export(pruned, tmp_path / "torch", format="torch", model_spec="starfish:vit_fmnist")
     loaded = starfish.load_exported(out)
     assert_same_tensors(loaded.state_dict(), plain_copy(pruned).state_dict())
+    # overwrite=True replaces it whole, and leaves nothing else beside it
+    denser = l1_prune_(copy.deepcopy(dense), amount=0.3)
+    starfish.export(denser, out, format="torch", model_spec="starfish:vit_fmnist", overwrite=True)
+    assert_same_tensors(starfish.load_exported(out).state_dict(), plain_copy(denser).state_dict())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["torch"]
 
 
 class Branchy(nn.Module):

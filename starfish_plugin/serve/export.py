@@ -93,13 +93,28 @@ def export(
             raise ExportError("format='torchao-2:4' is not built yet: use format='hf' or 'onnx'")
         facts["files"] = sorted(p.name for p in work.iterdir())
         write_card(work, facts)
-        if target.exists():
-            shutil.rmtree(target)
-        work.rename(target)
+        _move_into_place(work, target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return target
+
+
+def _move_into_place(work: Path, target: Path) -> None:
+    """``work`` becomes ``target``; an old ``target`` (``overwrite=True``) is removed only once the
+    new one is in place, and put back if the move fails."""
+    old = target.with_name(f".{target.name}-replaced") if target.exists() else None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    try:
+        work.rename(target)
+    except OSError:
+        if old is not None:
+            old.rename(target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_exported(directory: str | os.PathLike[str]) -> nn.Module:
