@@ -67,11 +67,9 @@ def sharded_plan(plan: SparsityPlan, model: nn.Module, shadow: nn.Module) -> Spa
     local multiply on every rank."""
     from torch.distributed.tensor import distribute_tensor
 
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    shadows = dict(shadow.named_parameters(remove_duplicate=False))
     entries = []
-    for e in plan:
-        p = cast(Any, shadows[names[id(e.parameter)]])  # a DTensor parameter
+    for e, param in zip(plan, shadow_parameters([e.parameter for e in plan], model, shadow), strict=True):
+        p = cast(Any, param)  # a DTensor parameter
         mask = distribute_tensor(e.mask.to(p.to_local().device), p.device_mesh, p.placements, src_data_rank=None)
         entries.append(MaskedTensor(e.name, p, mask, e.form, e.masked_entries))
     return SparsityPlan(entries, plan.adapter, plan.structural, [], plan.kept_out_channels,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import platform
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,8 @@ def write_card(directory: Path, facts: dict[str, Any]) -> None:
     (directory / FACTS_FILE).write_text(json.dumps(facts, indent=2, default=str) + "\n")
     layers = facts.get("layers", {})
     patterns = sorted({v["pattern"] for v in layers.values()})
-    total = sum(_numel(v["shape"]) for v in layers.values())
-    zeros = sum(_numel(v["shape"]) * v["zeros"] for v in layers.values())
+    total = sum(math.prod(v["shape"]) for v in layers.values())
+    zeros = sum(math.prod(v["shape"]) * v["zeros"] for v in layers.values())
     heal = facts.get("heal", {})
     lines = [
         f"# {facts['architecture']} (pruned, healed with STARFISH)", "",
@@ -93,13 +94,6 @@ def write_card(directory: Path, facts: dict[str, Any]) -> None:
         lines.append(f"- check, {key}: {value}")
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in facts.get("versions", {}).items()), ""]
     (directory / CARD_FILE).write_text("\n".join(lines))
-
-
-def _numel(shape: list[int]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
 
 
 def read_facts(directory: Path) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from starfish_plugin.base.model_io import main_output
 from starfish_plugin.errors import ExportError
 from starfish_plugin.extras import need
 
@@ -18,16 +19,6 @@ ONNX_FILE = "model.onnx"
 
 def _need(module: str) -> Any:
     return need(module, "ONNX export and ONNX Runtime")
-
-
-def _first_tensor(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    for value in (output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list))
-                  else getattr(output, "__dict__", {}).values()):
-        if isinstance(value, torch.Tensor):
-            return value
-    raise ExportError(f"the model returned {type(output).__name__} with no tensor in it; ONNX export needs one")
 
 
 def save_onnx(model: nn.Module, directory: Path, example: torch.Tensor) -> dict[str, Any]:
@@ -55,7 +46,10 @@ def save_onnx(model: nn.Module, directory: Path, example: torch.Tensor) -> dict[
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = example.detach().cpu()
     with torch.no_grad():
-        want = _first_tensor(model(example)).detach().float().cpu()
+        want = main_output(model(example))
+    if not isinstance(want, torch.Tensor):
+        raise ExportError(f"the model returned {type(want).__name__} with no tensor in it; ONNX export needs one")
+    want = want.detach().float().cpu()
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]).float()
     if got.shape != want.shape:
         raise ExportError(f"ONNX Runtime returned shape {tuple(got.shape)} where PyTorch returns {tuple(want.shape)}")

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from starfish_plugin.deploy.timing import interleaved_times
+from starfish_plugin.extras import need
 from starfish_plugin.serve.card import layer_sparsity
 from starfish_plugin.serve.export import export
-from starfish_plugin.serve.onnx_file import ONNX_FILE, _need
+from starfish_plugin.serve.onnx_file import ONNX_FILE
 
 
 def bench_onnxruntime(
@@ -26,7 +27,7 @@ def bench_onnxruntime(
 ) -> tuple[dict[str, Any], str]:
     """Export both models to ONNX (checked against PyTorch), time them in one interleaved run, and
     return the figures (``bench``'s JSON contract with ``runtime`` added) and a line to print."""
-    ort = _need("onnxruntime")
+    ort = need("onnxruntime", "starfish bench --runtime onnxruntime")
     x = torch.randn(batch_size, channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory(prefix="starfish-ort-") as tmp:
         paths = {name: export(model, Path(tmp) / name, "onnx", example_inputs=x) / ONNX_FILE

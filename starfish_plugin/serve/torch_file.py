@@ -50,7 +50,7 @@ def save_torch(model: nn.Module, directory: Path, spec: str | None, args: dict[s
         )
     state = structured_state(model)
     copy = rebuild(spec, args, state, "the model being exported")
-    mine = {k: v for k, v in state["state_dict"].items()}
+    mine = state["state_dict"]
     theirs = copy.state_dict()
     if set(mine) != set(theirs) or any(not torch.equal(mine[k], theirs[k].cpu()) for k in mine):
         raise ExportError(f"rebuilding {spec!r} with {args} does not give back this model's weights exactly; pass "
