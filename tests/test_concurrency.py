@@ -18,6 +18,7 @@ from starfish_plugin import errors
 WORKER = Path(__file__).with_name("concurrent_worker.py")
 
 
+@pytest.mark.slow
 def test_concurrent_heals_with_different_data_never_read_each_others_targets(tmp_path):
     start = tmp_path / "go"
     cache = tmp_path / "cache"
@@ -64,6 +65,7 @@ starfish.heal(l1_prune_(copy.deepcopy(dense)), dense, images, epochs=3, lr=3e-3,
 """
 
 
+@pytest.mark.slow
 def test_a_checkpoint_dir_in_use_by_a_running_heal_is_refused(dense, images, fast, tmp_path):
     started = tmp_path / "started"
     checkpoint_dir = tmp_path / "ckpt"

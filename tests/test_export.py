@@ -96,6 +96,7 @@ def shipped_vit() -> nn.Module:
     return load_checkpoint("vit_fmnist")
 
 
+@pytest.mark.slow
 def test_onnx_export_of_the_shipped_vit_matches_pytorch_in_onnxruntime(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -113,6 +114,7 @@ def test_onnx_export_of_the_shipped_vit_matches_pytorch_in_onnxruntime(tmp_path)
     assert (session(x) - want).abs().max() <= 1e-4  # a batch of 8 through a file traced at 2: dynamic batch
 
 
+@pytest.mark.slow
 def test_onnx_export_of_a_torch_pruning_resnet_is_smaller_and_matches(tmp_path):
     pytest.importorskip("onnxruntime")
     tp = pytest.importorskip("torch_pruning")
@@ -164,6 +166,8 @@ class Branchy(nn.Module):
     ("untraceable", "could not be exported to ONNX"),
     ("not empty", "exists and is not empty"),
     ("onnx without input", "pass example_inputs"),
+    pytest.param("torchao without cuda", "no CUDA device is available here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_exports_name_the_problem_and_leave_the_disk_as_it_was(case, message, tmp_path):
     target = tmp_path / "out"
@@ -180,12 +184,79 @@ def test_bad_exports_name_the_problem_and_leave_the_disk_as_it_was(case, message
         kwargs = {"format": "torch", "model_spec": "starfish:vit_digits"}
     elif case == "onnx without input":
         kwargs = {"format": "onnx"}
+    elif case == "torchao without cuda":
+        kwargs = {"format": "torchao-2:4"}
     before = sorted(p.name for p in tmp_path.rglob("*"))
     with pytest.raises(errors.ExportError, match=message):
         starfish.export(model, target, **kwargs)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
+def llama_2_4_mlp() -> tuple[nn.Module, nn.Module, list[str]]:
+    """A Llama wide enough for the 2:4 kernels' shapes, its MLP 2:4 by torch.ao parametrizations."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
+    dense = transformers.LlamaForCausalLM(config).eval()
+    pruned = copy.deepcopy(dense)
+    return dense, pruned, sparsify_2_4_(pruned, ".mlp.")
+
+
+def test_torchao_export_packs_exactly_the_2_4_linears():
+    from starfish_plugin.serve.torchao_file import packable_layers
+
+    _, pruned, mlp = llama_2_4_mlp()
+    packed, dense = packable_layers(plain_copy(pruned), torch.float16)
+    assert packed == mlp  # every 2:4 MLP layer, nothing else
+    assert "model.layers.0.self_attn.q_proj" in dense and "lm_head" in dense
+    assert all("2:4" in why for why in dense.values())
+
+
+def test_a_packed_module_written_for_torchao_loads_back(tmp_path):
+    """The file half of the torchao export, on CPU: a 2:4-packed weight (built from its parts, since
+    packing needs CUDA) with the ``extra_repr`` torchao's ``sparsify_`` binds on the module."""
+    import types
+
+    from torch.sparse import SparseSemiStructuredTensorCUTLASS
+
+    ao = pytest.importorskip("torchao.sparsity.sparse_api")
+    from starfish_plugin.serve.torchao_file import write_packed
+
+    half = torch.float16
+    packed = SparseSemiStructuredTensorCUTLASS(torch.Size([32, 64]), torch.ones(32, 32, dtype=half),
+                                               torch.zeros(32, 4, dtype=torch.int16), torch.ones(64, 16, dtype=half),
+                                               torch.zeros(64, 2, dtype=torch.int16), None)
+    model = nn.Sequential(nn.Linear(64, 32).half())
+    model[0].weight = nn.Parameter(packed, requires_grad=False)
+    model[0].extra_repr = types.MethodType(ao._linear_extra_repr, model[0])
+    write_packed(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert isinstance(loaded[0].weight, SparseSemiStructuredTensorCUTLASS)
+    assert torch.equal(loaded[0].weight.packed, packed.packed) and torch.equal(loaded[0].bias, model[0].bias)
+    assert "in_features=64" in repr(loaded)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torchao's 2:4 kernels need a CUDA GPU")
+def test_torchao_export_round_trips_on_cuda(tmp_path):
+    pytest.importorskip("torchao")
+    from torch.sparse import SparseSemiStructuredTensor
+
+    dense, pruned, mlp = llama_2_4_mlp()
+    report = starfish.heal(pruned, dense, tokens(), epochs=1, batch_size=16, quiet=True)
+    x = tokens(4)
+    out = starfish.export(pruned, tmp_path / "ao", format="torchao-2:4", report=report, example_inputs=x)
+    facts = json.loads((out / "starfish.json").read_text())
+    assert facts["packed_layers"] == mlp and facts["dtype"] == "float16"
+    assert facts["checks"]["relative to the output's largest value"] <= 2e-2
+    loaded = starfish.load_exported(out)
+    assert all(isinstance(loaded.get_submodule(n).weight, SparseSemiStructuredTensor) for n in mlp)
+    with torch.no_grad():
+        want = plain_copy(pruned).to("cuda", torch.float16)(x.cuda()).logits.float()
+        got = loaded(x.cuda()).logits.float()
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+@pytest.mark.slow
 def test_cli_export_writes_onnx_and_torch_and_refuses_a_full_directory(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     from starfish_plugin.cli.main import main
@@ -208,6 +279,7 @@ def test_cli_export_writes_onnx_and_torch_and_refuses_a_full_directory(tmp_path,
     assert (tmp_path / "onnx" / "model.onnx").is_file()  # left as it was
 
 
+@pytest.mark.slow
 def test_cli_bench_on_onnxruntime_writes_the_bench_json_with_the_runtime(tmp_path):
     pytest.importorskip("onnxruntime")
     from starfish_plugin.cli.main import main

@@ -410,6 +410,7 @@ def test_state_hooks_from_a_registered_plugin(dense):
     assert deployed.removed and not hasattr(dense, "removed")  # on a copy
 
 
+@pytest.mark.slow
 def test_progress_bar_on_a_terminal_shows_samples_per_second_and_the_loss(tmp_path):
     import os
     import pty

@@ -141,6 +141,7 @@ def test_a_corrupt_checkpoint_is_refused_with_the_fix(dense, images, fast, tmp_p
     assert_state_equal(model, saved)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_write_that_fails_is_a_clear_error_and_leaves_nothing(tmp_path):
     """A file-size limit (as a full disk would) stops the checkpoint write part-way: the heal ends
     with CheckpointError (also an OSError), the weights are restored, no temporary file is left."""

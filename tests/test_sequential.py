@@ -80,6 +80,7 @@ def test_torch_ao_2_4_parametrizations_heal_sequentially_and_stay_2_4():
     assert report.held_out_after < report.held_out_before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offload", ["none", "disk"])
 def test_pruned_tensors_outside_the_blocks_heal_last_with_the_blocks_frozen(offload, tmp_path):
     torchvision = pytest.importorskip("torchvision")

@@ -24,6 +24,7 @@ from starfish_plugin.serve.card import dtype_name, heal_facts, layer_sparsity, r
 from starfish_plugin.serve.hf import load_hf, save_hf
 from starfish_plugin.serve.onnx_file import load_onnx, save_onnx
 from starfish_plugin.serve.torch_file import load_torch, save_torch
+from starfish_plugin.serve.torchao_file import load_torchao, save_torchao
 
 FORMATS = ("hf", "onnx", "torch", "torchao-2:4")
 
@@ -61,7 +62,9 @@ def export(
         format: ``"hf"`` (Hugging Face folder, safetensors: transformers, vLLM, SGLang), ``"onnx"``
             (``model.onnx``: ONNX Runtime, OpenVINO, TensorRT; needs ``example_inputs``, checked in
             ONNX Runtime), ``"torch"`` (weights-only ``model.pt`` plus the constructor that rebuilds
-            it: ``model_spec``/``model_args``, guessed for timm models) or ``"torchao-2:4"`` (CUDA).
+            it: ``model_spec``/``model_args``, guessed for timm models) or ``"torchao-2:4"`` (CUDA: every
+            2:4 Linear packed for torchao's sparse kernels in fp16/bf16, the module ``torch.save``-d;
+            checked against the unpacked model when ``example_inputs`` is given).
         overwrite: replace a non-empty ``directory``; otherwise that is an ``ExportError``.
         report: the ``HealReport`` of the heal, recorded in ``starfish.json`` and the model card.
     """
@@ -90,7 +93,7 @@ def export(
         elif format == "torch":
             facts |= save_torch(plain, work, model_spec, model_args)
         else:
-            raise ExportError("format='torchao-2:4' is not built yet: use format='hf' or 'onnx'")
+            facts |= save_torchao(plain, work, example_inputs)
         facts["files"] = sorted(p.name for p in work.iterdir())
         write_card(work, facts)
         _move_into_place(work, target)
@@ -119,7 +122,8 @@ def _move_into_place(work: Path, target: Path) -> None:
 
 def load_exported(directory: str | os.PathLike[str]) -> nn.Module:
     """The model an ``export`` wrote to ``directory``: a transformers model (``hf``), the rebuilt
-    architecture with its weights (``torch``), or the ONNX file run by ONNX Runtime (``onnx``)."""
+    architecture with its weights (``torch``), the ONNX file run by ONNX Runtime (``onnx``), or the
+    packed module on the GPU (``torchao-2:4``, a pickle: load only exports you trust)."""
     path = Path(directory)
     try:
         facts = read_facts(path)
@@ -127,7 +131,7 @@ def load_exported(directory: str | os.PathLike[str]) -> nn.Module:
         raise ExportError(f"{path} is not a starfish export (no readable starfish.json: {exc}); export a model "
                           "there with starfish_plugin.export(model, path, format=...)") from exc
     loaders = {"hf": lambda: load_hf(path, facts), "onnx": lambda: load_onnx(path),
-               "torch": lambda: load_torch(path, facts)}
+               "torch": lambda: load_torch(path, facts), "torchao-2:4": lambda: load_torchao(path)}
     if facts.get("format") not in loaders:
         raise ExportError(f"{path} holds format {facts.get('format')!r}, which load_exported cannot read here")
     return loaders[facts["format"]]()
