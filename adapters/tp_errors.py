@@ -3,13 +3,14 @@ that says how to set the pruner up."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from starfish_plugin.adapters.tp_attention import SPLIT_PROJECTIONS
+from starfish_plugin.adapters.tp_fixes import Misfit
 from starfish_plugin.adapters.tp_kept import NORMS, KeptChannels, channel_count
 from starfish_plugin.adapters.tp_trace import EvalMode, device_of, moved
 from starfish_plugin.errors import (
@@ -52,9 +53,19 @@ def failed_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[str, Ex
             handle.remove()
 
 
-def broken_model_error(model: nn.Module, where: str, exc: Exception) -> PrunerError:
+def broken_model_error(model: nn.Module, where: str, exc: Exception, misfits: Sequence[Misfit] = ()) -> PrunerError:
     module = dict(model.named_modules()).get(where) if where else None
-    place = f"in module {where!r} ({type(module).__name__})" if module is not None else "in the model's own forward"
+    if misfits:
+        misfits = sorted(misfits, key=lambda m: m.module != where)  # the failing module's first
+        named = "; ".join(str(m) for m in misfits[:4]) + (f"; and {len(misfits) - 4} more" if len(misfits) > 4 else "")
+        return PrunerError(
+            f"Torch-Pruning produced a {type(model).__name__} that cannot run its forward, and starfish could not "
+            f"repair it: after pruner.step() it fails {_place(module, where)} ({type(exc).__name__}: {exc}). Not "
+            f"repairable from the pruned shapes: {named}. Healing did not run; the model is left as the pruner "
+            "left it (with the repairs that could be made). Build the model again from the dense copy and set the "
+            f"pruner up as said; other options: {SETUP}."
+        )
+    place = _place(module, where)
     advice = (
         f"Build the model again from the dense copy and set the pruner up so that it leaves the channels "
         f"{where!r} uses alone: add it to ignored_layers, together with the layers that produce its input "
@@ -103,6 +114,10 @@ def broken_model_error(model: nn.Module, where: str, exc: Exception) -> PrunerEr
         f"Healing did not run; the model is left as the pruner left it. {advice}. Torch-Pruning's other "
         f"options: {SETUP}."
     )
+
+
+def _place(module: nn.Module | None, where: str) -> str:
+    return f"in module {where!r} ({type(module).__name__})" if module is not None else "in the model's own forward"
 
 
 def _failing_group(exc: BaseException) -> Any:

@@ -23,6 +23,7 @@ A model pruned without a record can still be healed when the block outputs keep 
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -31,9 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from starfish_plugin.adapters.tp_attention import sync_attention
+from starfish_plugin.adapters.tp_attention import (
+    complete_num_heads,
+    sync_attention,  # noqa: F401 - public: tp_graph.sync_attention
+)
 from starfish_plugin.adapters.tp_errors import Diagnosed, broken_model_error, check_dense, failed_forward
-from starfish_plugin.adapters.tp_kept import TRAINED, KeptChannels
+from starfish_plugin.adapters.tp_kept import KeptChannels, is_trained
+from starfish_plugin.adapters.tp_repair import Snapshot, input_width, repair_pruned, repeated_channels, snapshot
 from starfish_plugin.adapters.tp_trace import moved, trace_channels
 from starfish_plugin.core.plan import MaskedTensor, SparsityPlan
 from starfish_plugin.errors import (
@@ -86,12 +91,21 @@ def trace_record(record: KeptChannels, model: nn.Module, args: tuple, kwargs: di
 
 
 def check_forward(record: KeptChannels, model: nn.Module) -> None:
-    """Raise ``PrunerError`` if the pruned model no longer runs the example input it ran before."""
+    """Raise ``PrunerError`` if the pruned model no longer runs the example input it ran before
+    (after repairing what ``tp_repair.repeated_channels`` can, on the first step of an attached
+    pruner, whose dense model holds the weights it started from)."""
     if record.example is None:
         return
-    failure = failed_forward(model, *record.example)
-    if failure is not None:
-        raise broken_model_error(model, *failure)
+    dense = record.dense() if record.dense is not None and record.steps == 1 else None
+    for _ in range(64):  # one repeated-channel repair per failing module
+        failure = failed_forward(model, *record.example)
+        if failure is None:
+            return
+        width = input_width(model, failure[0], record.example) if dense is not None else None
+        fixes = repeated_channels(model, dense, record, failure[0], width) if width is not None else []
+        if not fixes:
+            raise broken_model_error(model, *failure, misfits=record.misfits)
+        record.fixes += fixes
 
 def _start(pruner: Any) -> KeptChannels:
     if getattr(pruner, "current_step", 0) > 0:
@@ -102,6 +116,11 @@ def _start(pruner: Any) -> KeptChannels:
         )
     record = KeptChannels(pruner.model)
     _RECORDS[pruner.model] = record
+    added = complete_num_heads(pruner)
+    if added:
+        record.notes.append(f"num_heads given to Torch-Pruning for {len(added)} attention projection(s) it was not "
+                            f"told about, so that it prunes every head alike: {', '.join(added[:6])}"
+                            + (" ..." if len(added) > 6 else ""))
     return record
 
 
@@ -210,28 +229,29 @@ def run_step(pruner: Any, step: Callable[..., Any], *args: Any, interactive: boo
     if args:  # step(True): the flag given by position
         interactive, args = bool(args[0]), args[1:]
     record = _RECORDS.get(pruner.model) or _start(pruner)
+    before = snapshot(pruner.model)
     guard = Diagnosed(pruner, record)
     with guard:
         groups = step(*args, interactive=True, **kwargs)
     if interactive:
-        return _interactive(pruner, record, guard, groups)
+        return _interactive(pruner, record, guard, groups, before)
     for group in guard.groups(groups):
         with guard:
             record.run_group(group, pruner.DG, group.prune)
-    _finish_step(pruner, record)
+    _finish_step(pruner, record, before)
     check_forward(record, pruner.model)
     return None
 
 
-def _interactive(pruner: Any, record: KeptChannels, guard: Diagnosed, groups) -> Iterator[Any]:
-    pending, before = {}, {}
+def _interactive(pruner: Any, record: KeptChannels, guard: Diagnosed, groups, before: Snapshot) -> Iterator[Any]:
+    pending, sizes = {}, {}
     failed = False
     try:
         for group in guard.groups(groups):
             pending = record.removals(group, pruner.DG)
-            before = record.sizes(pending)
+            sizes = record.sizes(pending)
             yield group  # the caller decides whether to group.prune()
-            record.apply(pending, before)
+            record.apply(pending, sizes)
             pending = {}
     except GeneratorExit:
         raise
@@ -240,19 +260,26 @@ def _interactive(pruner: Any, record: KeptChannels, guard: Diagnosed, groups) ->
         raise
     finally:  # also when the caller breaks out early: commit the last group and finish the step
         if pending:
-            record.apply(pending, before)
-        _finish_step(pruner, record)
+            record.apply(pending, sizes)
+        _finish_step(pruner, record, before)
         if not failed:
             check_forward(record, pruner.model)
 
 
-def _finish_step(pruner: Any, record: KeptChannels) -> None:
+def _finish_step(pruner: Any, record: KeptChannels, before: Snapshot) -> None:
+    """Count the step, repair the pruned model by rule, then (attached) let the user's
+    ``starfish_repair_pruned`` hooks fix their own modules."""
     record.steps += 1
-    sync_attention(pruner.model, pruner)
+    fixes, record.misfits = repair_pruned(pruner.model, pruner, before)
+    record.fixes += fixes
+    user_repair = record.user_repair() if record.user_repair is not None else None
+    if user_repair is not None:
+        user_repair(record.steps)
 
 
 @hookimpl
-def starfish_prepare_pruner(pruner: Any, model: nn.Module, dense: nn.Module, example: Any) -> Callable[..., Any] | None:
+def starfish_prepare_pruner(pruner: Any, model: nn.Module, dense: nn.Module, example: Any,
+                            repair: Callable[[int], None] | None = None) -> Callable[..., Any] | None:
     if not is_torch_pruning_pruner(pruner):
         return None
     if getattr(pruner, "current_step", 0) == 0:
@@ -267,6 +294,10 @@ def starfish_prepare_pruner(pruner: Any, model: nn.Module, dense: nn.Module, exa
         def runner(step: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             return run_step(pruner, step, *args, **kwargs)
 
+    if getattr(pruner, "current_step", 0) == 0:  # checked equal above: the weights the pruner starts from
+        record.dense = weakref.ref(dense)
+    # held weakly: the record lives as long as the model, and must not keep the attachment alive
+    record.user_repair = weakref.WeakMethod(repair) if inspect.ismethod(repair) else (lambda: repair)
     if record.example is None and example is not None:
         # kept channels at every module's output (concatenations, pooling), and a model the pruner
         # breaks reported as such after the step
@@ -335,7 +366,7 @@ def starfish_import_state(model: nn.Module, state: dict[str, Any], source: str) 
 def _trained_entries(model: nn.Module, names: set[str]) -> list[MaskedTensor]:
     entries = []
     for name, module in model.named_modules():
-        if name in names and isinstance(module, TRAINED):
+        if name in names and is_trained(module):
             for tensor_name in ("weight", "bias"):
                 param = getattr(module, tensor_name, None)
                 if isinstance(param, nn.Parameter):
@@ -356,7 +387,7 @@ def _shrunk_modules(model: nn.Module, dense: nn.Module) -> set[str]:
     shrunk = set()
     for name, module in model.named_modules():
         other = dense_modules.get(name)
-        if other is None or not isinstance(module, TRAINED) or type(other) is not type(module):
+        if other is None or not is_trained(module) or type(other) is not type(module):
             continue
         if getattr(module, "weight", None) is not None and module.weight.shape != other.weight.shape:
             shrunk.add(name)
@@ -382,6 +413,11 @@ def starfish_find_masks(model, dense):
                 "customized_pruners=..., and check pruning_ratio / ignored_layers"
             )
         notes = [f"Torch-Pruning: {record.steps} step(s), {record.groups} group(s) pruned; kept channels recorded"]
+        notes += record.notes
+        if record.fixes:
+            shown = "; ".join(str(f) for f in record.fixes[:6])
+            more = f" and {len(record.fixes) - 6} more" if len(record.fixes) > 6 else ""
+            notes.append(f"repaired after Torch-Pruning ({len(record.fixes)} attribute(s)): {shown}{more}")
         if record.inconsistent:
             notes.append(
                 f"kept-channel records dropped as inconsistent: {sorted(n for n, _ in record.inconsistent)[:5]}"

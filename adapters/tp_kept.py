@@ -4,13 +4,25 @@ channels survive (``KeptChannels``), and the channel counts modules keep."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from starfish_plugin.adapters.tp_fixes import Fix, Misfit
+
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 TRAINED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a linear layer with its weight stored ``(in, out)``."""
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+
+
+def is_trained(module: nn.Module) -> bool:
+    """A layer whose surviving weights the heal trains (Linear, convolutions, Conv1D)."""
+    return isinstance(module, TRAINED) or is_conv1d(module)
 
 def channel_count(module: nn.Module, dim: str) -> int | None:
     """Current number of output (``"out"``) or input (``"in"``) channels of a prunable module."""
@@ -26,6 +38,8 @@ def channel_count(module: nn.Module, dim: str) -> int | None:
         return module.num_channels
     if isinstance(module, nn.MultiheadAttention):
         return module.embed_dim
+    if is_conv1d(module):
+        return int(cast(torch.Tensor, module.weight).shape[1 if dim == "out" else 0])
     return None
 
 
@@ -46,6 +60,12 @@ class KeptChannels:
         self.derived: dict[str, list] = {}
         self.widths: dict[str, int] = {}  # original output width of every prunable module traced
         self.example: tuple[tuple, dict] | None = None  # an input the model ran before pruning
+        self.fixes: list[Fix] = []  # what the repair after each step changed
+        self.misfits: list[Misfit] = []  # what the repair after the last step could not
+        self.notes: list[str] = []  # set-up completed before the first step, for the report
+        self.dense: Callable[[], nn.Module | None] | None = None  # weakref to the weights before the first step
+        # attach's starfish_repair_pruned relay, behind a weak reference
+        self.user_repair: Callable[[], Callable[[int], None] | None] | None = None
 
     def removals(self, group: Any, graph: Any) -> dict[tuple[str, str], tuple[nn.Module, set[int]]]:
         """What pruning ``group`` will remove, per (module name, "out"/"in"), in current coordinates."""

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from starfish_plugin.adapters.tp_kept import NORMS, TRAINED, KeptChannels, channel_count
+from starfish_plugin.adapters.tp_kept import NORMS, KeptChannels, channel_count, is_trained
 
 _PASS_THROUGH = re.compile(
     r"(Relu|Relu6|Hardtanh|Threshold|LeakyRelu|Elu|Gelu|Silu|Mish|Hardswish|Hardsigmoid|Sigmoid|Tanh|Softplus|"
@@ -105,7 +105,7 @@ def trace_channels(model: nn.Module, args: tuple, kwargs: dict, record: KeptChan
             return
         fn, shape = output.grad_fn, tuple(output.shape)
         alive.append(fn)
-        if isinstance(module, NORMS + TRAINED) and id(fn) not in sources:  # innermost module first
+        if (isinstance(module, NORMS) or is_trained(module)) and id(fn) not in sources:  # innermost module first
             count = channel_count(module, "out")
             dim = _source_dim(module, shape, count) if count else None
             if count and dim is not None:  # (dim is None unless count is set)

@@ -294,6 +294,69 @@ def coverage_summary(results: Path) -> list[str]:
     return lines
 
 
+def tp_matrix_summary(results: Path) -> list[str]:
+    """Issue 31's counts per family: pruned by Torch-Pruning alone, ran as it left them, repaired,
+    healed and improved, restored, refused (with the reason), and the share of the pruned ones."""
+    data = _load("tp_matrix.json", results)
+    families: dict[str, list[dict]] = {}
+    for row in data["rows"]:
+        families.setdefault(row["family"], []).append(row)
+    lines = ["| family | architectures | Torch-Pruning alone cannot | pruned by it alone | ran as it left them "
+             "| repaired by attach | healed and improved | restored | refused | ended worse |",
+             "|---|" + "---:|" * 9]
+
+    def counts(rows: list[dict]) -> list[object]:
+        pruned = [r for r in rows if r["status"] != "toolkit_cannot_prune"]
+        healed = [r for r in pruned if r["status"] == "healed"]
+        return [len(rows), len(rows) - len(pruned), len(pruned),
+                sum(bool(r.get("pruned_runs_as_left")) for r in pruned),
+                sum(bool(r.get("repaired")) for r in healed), sum(r["improved"] for r in healed),
+                sum(r["restored"] for r in healed), sum(r["status"] in ("refused", "error") for r in pruned),
+                sum(not (r["judged_ok"] and r["unseen_ok"]) for r in healed)]
+
+    for family, rows in families.items():
+        lines.append(_row([family, *counts(rows)]))
+    lines.append(_row(["**all**", *(f"**{c}**" for c in counts(data["rows"]))]))
+    s = data["summary"]
+    lines.append(_row(["share of those pruned by Torch-Pruning alone", "", "", "", "", "",
+                       f"{s['improved'] / max(1, s['pruned_by_toolkit_alone']):.0%}",
+                       f"{s['restored'] / max(1, s['pruned_by_toolkit_alone']):.0%}",
+                       f"{(s['refused'] + s['errors']) / max(1, s['pruned_by_toolkit_alone']):.0%}", ""]))
+    return lines
+
+
+def tp_matrix(results: Path) -> list[str]:
+    """Per architecture: what Torch-Pruning alone did, and what attach made of it (held-out mean
+    block cosine before → after, or why not)."""
+    data = _load("tp_matrix.json", results)
+    lines = ["| architecture | family | Torch-Pruning alone | attach | repairs |", "|---|---|---|---|---|"]
+    for row in data["rows"]:
+        if row["status"] == "toolkit_cannot_prune":
+            reason = row["reason"]
+            short = ("no graph in 60 s" if "did not finish" in reason else
+                     "removed nothing" if "no parameter" in reason else reason.split(":")[0])
+            lines.append(_row([row["architecture"], row["family"], f"cannot ({short})", "", ""]))
+            continue
+        alone = "pruned, runs" if row.get("pruned_runs_as_left") else "pruned, does not run"
+        if row["status"] != "healed":
+            why = row["reason"].split(": ", 1)[-1]
+            where = why.split(" (")[0].split("fails ")[-1] if "fails " in why else why[:80]
+            lines.append(_row([row["architecture"], row["family"], alone, f"{row['status']}: {where}", ""]))
+            continue
+        cell = ("restored" if row["restored"] else
+                f"{row['mean_cosine_before']:.3f} → {row['mean_cosine_after']:.3f}")
+        if not row["unseen_ok"]:
+            cell += " ✗ unseen"
+        kinds = sorted({k for note in row.get("repairs", []) for k, words in REPAIR_KINDS.items()
+                        if any(w in note for w in words)})
+        lines.append(_row([row["architecture"], row["family"], alone, cell, ", ".join(kinds)]))
+    return lines
+
+
+REPAIR_KINDS = {"heads": ("attention heads", "num_heads given"), "sizes": ("size of its pruned parameter",),
+                "position table": ("position table",), "repeated channels": ("repeated by a reshape",)}
+
+
 KERNEL_MODELS = {"vit_fmnist": "Fashion-MNIST ViT (dim 96, 28 px)", "vit_b": "ViT-B/16 (86 M, 224 px)"}
 
 
@@ -578,6 +641,8 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "cnn_recovery": cnn_recovery,
     "coverage": coverage,
     "coverage_summary": coverage_summary,
+    "tp_matrix_summary": tp_matrix_summary,
+    "tp_matrix": tp_matrix,
     "recovery_baselines": recovery_baselines,
     "probe_overhead": probe_overhead,
     "recovery_warm_starts": recovery_warm_starts,

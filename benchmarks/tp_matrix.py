@@ -187,7 +187,7 @@ def _pruner(arch: Any, model: nn.Module, example: Any) -> Any:
 
 def toolkit_alone(arch: Any, dense: nn.Module, example: Any) -> tuple[nn.Module | None, str, bool]:
     """(the model Torch-Pruning alone pruned or ``None``, why not, whether that model runs)."""
-    from coverage_matrix import _call, _time_limit, _TooLong
+    from benchmarks.coverage_matrix import _call, _time_limit, _TooLong
 
     model = copy.deepcopy(dense)
     try:
@@ -209,23 +209,25 @@ def toolkit_alone(arch: Any, dense: nn.Module, example: Any) -> tuple[nn.Module 
     return model, "", runs
 
 
-def _tracked(arch: Any, dense: nn.Module, example: Any) -> nn.Module:
-    """A copy pruned by the same pruner through ``tp_graph.track`` (the set-up completion and the
-    repair attach does), and not healed: the model the heal started from."""
-    from starfish_plugin.adapters import tp_graph
+def _start_recorder() -> Any:
+    """A plugin that keeps a copy of the model as the heal starts: pruned and repaired, not trained."""
+    import starfish_plugin as starfish
 
-    model = copy.deepcopy(dense)
-    pruner = _pruner(arch, model, example)
-    tp_graph.track(pruner, example)
-    pruner.step()
-    return model.eval()
+    class HealStart:
+        model: nn.Module | None = None
+
+        @starfish.hookimpl
+        def starfish_heal_started(self, model: nn.Module) -> None:
+            self.model = copy.deepcopy(model).eval()
+
+    return HealStart()
 
 
 def run_case(family: str, arch: Any) -> dict[str, Any]:
-    from coverage_matrix import _data, _output_cosine
     from matrix_cases import example_batch
 
     import starfish_plugin as starfish
+    from benchmarks.coverage_matrix import _data, _output_cosine
     from starfish_plugin.errors import StarfishError
 
     row: dict[str, Any] = {"architecture": arch.name, "family": family}
@@ -238,6 +240,8 @@ def run_case(family: str, arch: Any) -> dict[str, Any]:
     row["pruned_runs_as_left"] = runs
     model = copy.deepcopy(dense)
     start = time.perf_counter()
+    recorder = _start_recorder()
+    starfish.plugin_manager().register(recorder)
     try:
         pruner = _pruner(arch, model, example)
         handle = starfish.attach(pruner, dense, calibration, quiet=True)
@@ -248,8 +252,11 @@ def run_case(family: str, arch: Any) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - recorded: a raw error is a defect the table shows
         return row | {"status": "error", "reason": f"{type(exc).__name__}: {str(exc)[:300]}",
                       "traceback": traceback.format_exc(limit=-3)}
+    finally:
+        starfish.plugin_manager().unregister(recorder)
     row["seconds"] = time.perf_counter() - start
-    before = _tracked(arch, dense, example)  # the same pruning and repair, not healed
+    before = recorder.model  # pruned and repaired, as the heal started
+    assert before is not None, "the heal did not start"
     restored = report.worse_restored and all(torch.equal(v, before.state_dict()[k])
                                              for k, v in model.state_dict().items())
     before_cos, after_cos = report.output_cosine_before, report.output_cosine_after

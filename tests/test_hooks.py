@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import l1_prune_
+from helpers import assert_state_equal, l1_prune_, state_copy
+from torch import nn
 
 import starfish_plugin as starfish
+from starfish_plugin import errors
 from starfish_plugin.core.masks import MaskedTensor, SparsityPlan
 from starfish_plugin.plugins.hookspecs import HOOK_NAMES
 from starfish_plugin.plugins.manager import build_plugin_manager, reset_plugin_manager
@@ -26,6 +28,7 @@ HOOK_TESTS = {
     "starfish_heal_finished": "test_progress_hooks_fire_in_order",
     "starfish_heal_failed": "test_heal_failed_fires_after_the_weights_are_restored",
     "starfish_prepare_pruner": "test_prepare_pruner_hook_runs_each_step",
+    "starfish_repair_pruned": "test_user_repair_hook_runs_after_the_step_and_before_the_check",
     "starfish_file_formats": "test_file_format_hooks_from_a_registered_plugin",
     "starfish_detect_format": "test_file_format_hooks_from_a_registered_plugin",
     "starfish_load_pruned": "test_file_format_hooks_from_a_registered_plugin",
@@ -243,6 +246,77 @@ def test_prepare_pruner_hook_runs_each_step(dense, images, fast):
         assert runner.calls == 2 and handle.steps == 2
     finally:
         starfish.plugin_manager().unregister(runner)
+
+
+class Grouped(nn.Module):
+    """Keeps its group size as ``group_size``, a name the built-in rules do not know."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.groups, self.group_size = 4, 8
+
+    def forward(self, x):
+        h = self.fc1(x).view(x.shape[0], self.groups, self.group_size).relu().flatten(1)
+        return x + self.fc2(h)
+
+
+class GroupedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(Grouped(), Grouped())
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+
+class RepairGroups:
+    """A user's repair: the group size from the pruned layer."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    @starfish.hookimpl
+    def starfish_repair_pruned(self, model, pruner, step):
+        self.calls.append((step, len(pruner.num_heads)))
+        for m in model.modules():
+            if isinstance(m, Grouped):
+                m.group_size = m.fc1.out_features // m.groups
+
+
+def _grouped_pruner(model: nn.Module, x: torch.Tensor):
+    tp = pytest.importorskip("torch_pruning")
+    return tp.pruner.MetaPruner(model, x[:2], importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                pruning_ratio=0.5, ignored_layers=[model.head, *[b.fc2 for b in model.blocks]],
+                                out_channel_groups={b.fc1: 4 for b in model.blocks})
+
+
+def test_user_repair_hook_runs_after_the_step_and_before_the_check():
+    torch.manual_seed(0)
+    dense = GroupedNet().eval()
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    saved = state_copy(dense)
+    model = copy.deepcopy(dense)
+    pruner = _grouped_pruner(model, x)
+    starfish.attach(pruner, dense, x, epochs=2, batch_size=16, quiet=True, blocks=["blocks.0", "blocks.1"])
+    with pytest.raises(errors.PrunerError, match=r"(?s)cannot run its forward.*in module 'blocks.0' \(Grouped\)"):
+        pruner.step()  # without the user's repair: group_size is stale
+    repair = RepairGroups()
+    starfish.plugin_manager().register(repair)
+    try:
+        model = copy.deepcopy(dense)
+        pruner = _grouped_pruner(model, x)
+        handle = starfish.attach(pruner, dense, x, epochs=2, batch_size=16, quiet=True,
+                                 blocks=["blocks.0", "blocks.1"])
+        pruner.step()
+    finally:
+        starfish.plugin_manager().unregister(repair)
+    assert repair.calls == [(1, 0)]
+    assert model.blocks[0].group_size == 4 and model.blocks[0].fc1.out_features == 16
+    report = handle.reports[-1]
+    assert report.held_out_after < report.held_out_before
+    assert_state_equal(dense, saved)
 
 
 def test_every_hook_has_a_test():

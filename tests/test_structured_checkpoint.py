@@ -113,12 +113,15 @@ def test_cli_heals_a_structured_file_without_unsafe_pickle(tmp_path, capsys):
     healed = load_structured_(load_checkpoint("vit_digits"), torch.load(tmp_path / "healed.pt", weights_only=True))
     assert healed.patch_embed.proj.out_channels == pruned.patch_embed.proj.out_channels
 
-    # The same model as a Torch-Pruning pickle carries no kept-channel record: refused, with the way out.
+    # The same model as a Torch-Pruning pickle carries no kept-channel record: its blocks (whose width
+    # changed) leave the loss, the final output is aligned, and the report says how to align them too.
+    tp_report = tmp_path / "tp_report.json"
     assert main(base + ["--pruned", str(tmp_path / "pruned_tp.pt"), "--unsafe-pickle",
-                        "--out", str(tmp_path / "tp_out.pt")]) == 2
-    err = capsys.readouterr().err
-    assert "torch.save(structured_state(model), 'pruned.pt')" in err and "starfish heal --pruned pruned.pt" in err
-    assert not (tmp_path / "tp_out.pt").exists()
+                        "--out", str(tmp_path / "tp_out.pt"), "--report", str(tp_report)]) == 0
+    notes = " ".join(json.loads(tp_report.read_text())["report"]["notes"])
+    assert "left out of the loss" in notes and "torch.save(structured_state(model), 'pruned.pt')" in notes
+    assert json.loads(tp_report.read_text())["report"]["blocks"] == ["(output)"]
+    capsys.readouterr()
 
     # A heads-only Torch-Pruning pickle (trusted, --unsafe-pickle) converted on the way out to the safe form.
     assert main(base + ["--pruned", str(tmp_path / "heads_tp.pt"), "--unsafe-pickle", "--out-format", "structured",

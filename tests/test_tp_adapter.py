@@ -189,15 +189,33 @@ def test_heal_after_mlp_only_pruning_without_a_record(images, cfg):
     assert "no kept-channel record" in " ".join(report.notes)
 
 
-def test_residual_pruned_without_a_record_says_how_to_attach(dense4, images, cfg):
+def test_residual_pruned_without_a_record_aligns_what_stays_comparable(dense4, images, cfg):
+    """Pruned earlier, without attach: no record of the kept residual channels. The blocks whose
+    width changed leave the loss, the final output (the classifier was not pruned) is aligned,
+    and the report says which were left out."""
     model = copy.deepcopy(dense4)
     pruner = vit_pruner(model, images[:1])
     pruner.step()
     saved = state_copy(model)
     with pytest.raises(errors.ModelMismatchError, match=r"(?s)fails a forward.*num_heads / head_dim"):
         starfish.heal(model, dense4, images, cfg)  # attention bookkeeping not updated after pruning
+    assert_state_equal(model, saved)
     tp_graph.sync_attention(model, pruner)  # Torch-Pruning's recipe: update heads after pruning
-    with pytest.raises(errors.BlockError, match=r"(?s)no record of which channels.*starfish.attach\(pruner"):
+    report = starfish.heal(model, dense4, images, cfg)
+    assert report.blocks == ["(output)"]
+    notes = " ".join(report.notes)
+    assert "left out of the loss" in notes and "blocks.0" in notes and "blocks.1" in notes
+    assert report.worse_restored or report.held_out_after < report.held_out_before
+
+
+def test_nothing_comparable_is_a_clear_error_and_changes_nothing(dense4, images, cfg):
+    model = copy.deepcopy(dense4)
+    pruner = tp.pruner.MetaPruner(model, images[:1], importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  pruning_ratio=0.25, num_heads=_heads(model))  # the classifier pruned too
+    pruner.step()
+    tp_graph.sync_attention(model, pruner)
+    saved = state_copy(model)
+    with pytest.raises(errors.BlockError, match=r"(?s)no block of the pruned model can be compared.*final output"):
         starfish.heal(model, dense4, images, cfg)
     assert_state_equal(model, saved)
 

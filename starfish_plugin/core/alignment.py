@@ -32,7 +32,7 @@ def channel_index(
     dense_out: Mapping[str, torch.Tensor],
     pruned_out: Mapping[str, torch.Tensor],
     order: Sequence[str] | None = None,
-) -> tuple[ChannelIndex, dict[str, str]]:
+) -> tuple[ChannelIndex, dict[str, str], dict[str, str]]:
     """For each block, how to compare its pruned output with the dense target.
 
     A block whose output shape is unchanged is compared directly. A block whose channel width
@@ -40,18 +40,27 @@ def channel_index(
     channels of the last module to finish inside the block (in ``order``, the forward order;
     registration order if not given) that has a record of that width and of the dense width.
 
+    A block whose width changed with no such record (or whose shape changed otherwise) cannot be
+    compared: it is returned apart, with the reason, to be left out of the loss.
+
     Returns:
-        the indices to apply to dense targets, and a description per block for the report.
+        the indices to apply to dense targets, a description per comparable block for the report,
+        and {block left out: why}.
     """
     index: ChannelIndex = {}
     described: dict[str, str] = {}
+    left_out: dict[str, str] = {}
     order = list(order) if order is not None else [name for name, _ in pruned.named_modules()]
     for block in blocks:
         d, p = dense_out[block], pruned_out[block]
         if d.shape[1:] == p.shape[1:]:
             described[block] = "direct"
             continue
-        dim = _differing_dim(d, p, block)
+        try:
+            dim = _differing_dim(d, p, block)
+        except BlockError as exc:
+            left_out[block] = str(exc).split(";")[0]
+            continue
         width, original = p.shape[dim], d.shape[dim]
         inside = [n for n in order if (n == block or n.startswith(block + ".")) and n in plan.kept_out_channels]
         match = next(
@@ -64,11 +73,9 @@ def channel_index(
             None,
         )
         if match is None:
-            raise BlockError(
-                f"block {block!r} of the pruned model outputs {width} channels where the dense one has "
-                f"{original} (the residual stream was pruned), and there is no record of which channels "
-                f"were kept. {plan.hint or 'Record the kept channels while pruning.'}"
-            )
+            left_out[block] = (f"outputs {width} channels where the dense block has {original} (the residual stream "
+                               "was pruned) and no record says which were kept")
+            continue
         kept = plan.kept_out_channels[match].to(torch.long)
         if int(kept.max()) >= original:
             raise BlockError(
@@ -76,6 +83,6 @@ def channel_index(
             )
         index[block] = (dim, kept)
         described[block] = f"kept channels of {match} ({width} of {original}, dim {dim})"
-    return index, described
+    return index, described, left_out
 
 

@@ -56,6 +56,7 @@ from starfish_plugin.data.calibration import CalibrationData, load_calibration
 from starfish_plugin.data.targets import LOGITS, DenseTargets, check_finite, dense_outputs, plan_targets
 from starfish_plugin.errors import (
     AdapterError,
+    BlockError,
     CalibrationError,
     CheckpointError,
     HealingWarning,
@@ -250,7 +251,11 @@ class HealRun:
             if not same_output_shape(pruned, dense_logits, probe_x[:1]):
                 output_comparable = False  # the output itself was narrowed: not comparable
                 candidate, probe_blocks = False, blocks
-            index, alignment = channel_index(plan, pruned, probe_blocks, probe_out, pruned_out, order)
+            index, alignment, left_out = channel_index(plan, pruned, probe_blocks, probe_out, pruned_out, order)
+            if left_out:
+                blocks, probe_blocks, candidate = self._leave_out(left_out, blocks, probe_blocks, candidate)
+                for name in left_out:
+                    del probe_out[name]
             select_channels(probe_out, index)
         if loss_fn.needs_blocks:
             blocks, loss_fn.detach_at, untrained = self._output_alignment(blocks, candidate, probe_x, probe_out)
@@ -282,6 +287,26 @@ class HealRun:
             self.keeper = KeepBest(judge, best, config.patience, config.if_worse == "restore")
             self.before = self.keeper.record("start").block_cosine
         return targets, target_plan
+
+    def _leave_out(self, left_out: dict[str, str], blocks: list[str], probe_blocks: list[str],
+                   candidate: bool) -> tuple[list[str], list[str], bool]:
+        """Blocks whose pruned output cannot be compared with the dense one leave the loss; the others
+        and the final output are aligned. Nothing comparable at all is a ``BlockError``."""
+        kept_blocks = [b for b in blocks if b not in left_out]
+        kept_probe = [b for b in probe_blocks if b not in left_out]
+        if not kept_probe:
+            first = next(iter(left_out))
+            raise BlockError(
+                f"no block of the pruned model can be compared with the dense one: {first!r} {left_out[first]}"
+                + (f" (and {len(left_out) - 1} more)" if len(left_out) > 1 else "") + ", and the final output's "
+                f"shape changed too. {self.plan.hint or 'Record the kept channels while pruning.'}"
+            )
+        shown = ", ".join(list(left_out)[:4]) + (f" and {len(left_out) - 4} more" if len(left_out) > 4 else "")
+        why = next(iter(left_out.values()))
+        aligned = f"{len(kept_blocks)} other block(s)" + (" and the final output" if OUTPUT_BLOCK in kept_probe else "")
+        self.notes.append(f"left out of the loss, not comparable with the dense model: {shown} ({why}); aligned "
+                          f"{aligned}. To align them too: {self.plan.hint or 'record the kept channels while pruning'}")
+        return kept_blocks, kept_probe, candidate and OUTPUT_BLOCK in kept_probe
 
     def _output_alignment(self, blocks: list[str], candidate: bool, probe_x: Any,
                           probe_out: dict[str, torch.Tensor]) -> tuple[list[str], str | None, list[str]]:

@@ -43,10 +43,14 @@ class Attachment:
         self._instance_step = pruner.__dict__.get("step")  # a step set on the instance, if any
         # an adapter may take over running each step (e.g. to record which channels survive)
         self._runner = plugin_manager().hook.starfish_prepare_pruner(
-            pruner=pruner, model=model, dense=dense, example=_first_input(calibration)
+            pruner=pruner, model=model, dense=dense, example=_first_input(calibration), repair=self._user_repair
         )
         self._wrapper = self._wrap(pruner.step)
         pruner.step = self._wrapper
+
+    def _user_repair(self, step: int) -> None:
+        """The ``starfish_repair_pruned`` hooks, for an adapter to call after its own repair."""
+        plugin_manager().hook.starfish_repair_pruned(model=self.model, pruner=self.pruner, step=step)
 
     def _after_step(self) -> None:
         self.steps += 1

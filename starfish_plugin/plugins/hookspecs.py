@@ -56,7 +56,7 @@ def starfish_write_back(model: nn.Module, plan: SparsityPlan) -> bool | None:
 
 @hookspec(firstresult=True)
 def starfish_prepare_pruner(
-    pruner: Any, model: nn.Module, dense: nn.Module, example: Any
+    pruner: Any, model: nn.Module, dense: nn.Module, example: Any, repair: Callable[[int], None]
 ) -> Callable[..., Any] | None:
     """Fires when ``starfish.attach`` wraps a pruner, before its first step.
 
@@ -66,10 +66,31 @@ def starfish_prepare_pruner(
     :param example: one calibration input as the model takes it (a batch of one), or ``None``;
         an adapter may run it through the model before the first step (Torch-Pruning: to follow
         kept channels through every module, and to tell a model the pruner broke).
+    :param repair: ``repair(step)`` runs the ``starfish_repair_pruned`` hooks; an adapter that
+        repairs the pruned model after each step calls it after its own repair, before checking
+        that the model runs.
 
     Return a callable ``run(step, *args, **kwargs)`` that performs one pruning step by calling
     ``step`` (the pruner's own method) and records what the adapter needs, or ``None`` if this
     is not your toolkit's pruner. Stops at the first non-None result.
+    """
+
+
+@hookspec
+def starfish_repair_pruned(model: nn.Module, pruner: Any, step: int) -> None:
+    """Fires after each pruning step of an attached pruner, once the adapter's own repair has run
+    (Torch-Pruning's) and before the pruned model is checked and healed: the moment to bring a module of
+    your own in line with its pruned parameters (a head count, a width kept as an attribute), as
+    Torch-Pruning's examples do by hand after ``pruner.step()``.
+
+    :param model: ``pruner.model``, pruned.
+    :param pruner: the pruner that just stepped (Torch-Pruning: its ``num_heads`` are the head
+        counts after the step).
+    :param step: how many steps this pruner has taken (1 after the first).
+
+    Return value ignored. All implementations are called; change ``model`` in place. If the model
+    still cannot run its example input afterwards, attach raises a ``PrunerError`` naming the
+    module that fails, and nothing is healed.
     """
 
 
