@@ -12,19 +12,11 @@ from torch import nn
 
 def prune_llama_mlp_width_(model: nn.Module, example_ids: torch.Tensor, ratio: float = 0.5) -> None:
     """Torch-Pruning's ``MetaPruner`` (L2 group magnitude) removes ``ratio`` of the MLP hidden units
-    of every decoder layer of a Llama-style causal LM; attention, embedding and LM head stay whole,
-    so every decoder layer's output keeps its width."""
-    import torch_pruning as tp
+    of every decoder layer of a Llama-style causal LM (``tp_build.mlp_width_pruner``); attention,
+    embedding and LM head stay whole, so every decoder layer's output keeps its width."""
+    from starfish_plugin.adapters.tp_build import mlp_width_pruner
 
-    ignored: list[nn.Module] = [model.get_submodule("lm_head"), model.get_submodule("model.embed_tokens")]
-    layers = model.get_submodule("model.layers")
-    ignored += [layer.get_submodule("self_attn") for layer in layers.children()]
-    pruner = tp.pruner.MetaPruner(
-        model, example_inputs={"input_ids": example_ids}, importance=tp.importance.GroupMagnitudeImportance(p=2),
-        pruning_ratio=ratio, ignored_layers=ignored, root_module_types=[nn.Linear],
-        output_transform=lambda out: out.logits,
-    )
-    pruner.step()
+    mlp_width_pruner(model, {"input_ids": example_ids}, ratio).step()
 
 
 def wanda_(model: nn.Module, calibration: torch.Tensor, tensor_fqns: list[str], block_size: int | None = None) -> Any:

@@ -75,7 +75,7 @@ def meta_pruner(model: nn.Module, example_inputs: Any, **kwargs: Any) -> Any:
         conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
         hint = (
             " GPT-2-style models keep their linear layers as Hugging Face Conv1D, which Torch-Pruning does not "
-            "prune: prune them with masks instead (torch.nn.utils.prune or a torch.ao sparsifier) and heal those."
+            "prune by itself: build the pruner with tp_build.mlp_width_pruner (MLP width), or prune with masks."
             if conv1d else ""
         )
         raise PrunerError(
@@ -86,3 +86,44 @@ def meta_pruner(model: nn.Module, example_inputs: Any, **kwargs: Any) -> Any:
             "decoder LMs, prune MLP width only with root_module_types=[nn.Linear] and the attention in "
             f"ignored_layers, as starfish_plugin.adapters.recipes.prune_llama_mlp_width_ does).{hint}"
         ) from exc
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Every attention module of a Hugging Face decoder (separate or fused projections)."""
+    names = ("q_proj", "query", "c_attn", "qkv_proj", "query_key_value", "Wqkv")
+    found = [m for m in model.modules() if any(isinstance(getattr(m, n, None), nn.Module) for n in names)]
+    return [m for m in found if not any(m is not o and any(x is m for x in o.modules()) for o in found)]
+
+
+def mlp_width_pruner(model: nn.Module, example_inputs: Any, pruning_ratio: float = 0.5, **kwargs: Any) -> Any:
+    """A ``MetaPruner`` that removes MLP hidden units only from a Hugging Face decoder LM: the set-up
+    Torch-Pruning 1.6.1 builds quickly (its full graph on a decoder takes minutes). Attention,
+    embeddings and the LM head are in ``ignored_layers``; the roots are the model's linear layers
+    (``nn.Linear``, or GPT-2's ``Conv1D``, which gets a pruning function and an importance of its own,
+    ``tp_conv1d``). Every block's output keeps its width. ``kwargs`` go to ``MetaPruner``
+    (``importance`` defaults to ``GroupMagnitudeImportance(p=2)``).
+
+        pruner = mlp_width_pruner(model, {"input_ids": ids[:2]}, pruning_ratio=0.5)
+        starfish.attach(pruner, dense, {"input_ids": ids})
+        pruner.step()
+    """
+    import torch_pruning as tp
+
+    from starfish_plugin.adapters.tp_conv1d import conv1d_magnitude, conv1d_pruners
+
+    conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    output_embeddings = getattr(model, "get_output_embeddings", None)
+    head = output_embeddings() if callable(output_embeddings) else None
+    ignored = [*_attention_modules(model), *embeddings, *([head] if isinstance(head, nn.Module) else [])]
+    kwargs["ignored_layers"] = [*ignored, *kwargs.get("ignored_layers", [])]
+    kwargs.setdefault("importance", tp.importance.GroupMagnitudeImportance(p=2))
+    if conv1d:
+        kwargs["customized_pruners"] = {**conv1d_pruners(), **kwargs.get("customized_pruners", {})}
+        kwargs.setdefault("root_module_types", list(conv1d_pruners()))
+    else:
+        kwargs.setdefault("root_module_types", [nn.Linear])
+    pruner = meta_pruner(model, example_inputs, pruning_ratio=pruning_ratio, **kwargs)
+    if conv1d:
+        pruner.importance = conv1d_magnitude(pruner.DG)
+    return pruner

@@ -410,7 +410,8 @@ def starfish_find_masks(model, dense):
                 "In an interactive step, call group.prune() on the groups to apply. Otherwise no layer it can "
                 "prune was left to it: it prunes nn.Linear / nn.Conv / norm layers; layers of "
                 "other classes (e.g. Hugging Face's Conv1D in GPT-2) need a custom pruner registered with "
-                "customized_pruners=..., and check pruning_ratio / ignored_layers"
+                "customized_pruners=... (for GPT-2's MLPs: starfish_plugin.adapters.tp_build.mlp_width_pruner), "
+                "and check pruning_ratio / ignored_layers"
             )
         notes = [f"Torch-Pruning: {record.steps} step(s), {record.groups} group(s) pruned; kept channels recorded"]
         notes += record.notes

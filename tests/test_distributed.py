@@ -33,11 +33,18 @@ def _ranks(out: Path) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-@pytest.mark.slow
-def test_two_ranks_heal_like_one_process(dense, tmp_path):
-    done = _torchrun(tmp_path)
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory) -> Path:
+    """One two-rank heal with the worker's defaults, shared by the tests that compare with it."""
+    out = tmp_path_factory.mktemp("clean")
+    done = _torchrun(out)
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = _ranks(tmp_path)
+    return out
+
+
+@pytest.mark.slow
+def test_two_ranks_heal_like_one_process(dense, clean_run):
+    ranks = _ranks(clean_run)
 
     # DDP keeps the ranks in lockstep: identical weights, identical (globally averaged) losses
     assert ranks[0]["weights"] == ranks[1]["weights"]
@@ -50,7 +57,7 @@ def test_two_ranks_heal_like_one_process(dense, tmp_path):
         assert r["mask_unchanged"] and r["masked_weights_zero"]
         assert r["world_size"] == 2
         assert any(f"rank {r['rank']} of 2 (gloo), 48 of 96 calibration samples" in n for n in r["notes"])
-        assert list((tmp_path / "cache" / f"rank{r['rank']}-of-2").glob("targets-*/meta.json"))  # its own shard's cache
+        assert list((clean_run / "cache" / f"rank{r['rank']}-of-2").glob("targets-*/meta.json"))  # its shard's cache
 
     # the same heal in one process (batch 16 over the same 96 training samples, 6 steps per epoch)
     images = torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -94,9 +101,8 @@ def test_two_ranks_with_a_compiled_forward_and_inputs_on_disk(dense, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_rank_that_dies_is_recovered_by_resuming(tmp_path):
-    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
-    assert _torchrun(clean).returncode == 0
+def test_a_rank_that_dies_is_recovered_by_resuming(tmp_path, clean_run):
+    clean, crashed = clean_run, tmp_path / "crashed"
     ckpt = str(tmp_path / "state")
     # rank 1 dies abruptly at step 9 (epoch 2 of 3, 6 steps per epoch): torchrun stops the job
     died = _torchrun(crashed, ckpt, "1", "9")

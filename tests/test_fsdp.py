@@ -46,12 +46,19 @@ def _healed(r: dict) -> None:
     assert any("sharded with FSDP2 fully_shard over 2 ranks" in n for n in r["notes"])
 
 
-@pytest.mark.slow
-def test_two_ranks_heal_a_hugging_face_llama_with_prune_hooks(tmp_path):
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory) -> Path:
+    """One two-rank heal of the worker's Llama, shared by the tests that compare with it."""
     pytest.importorskip("transformers")
-    done = _torchrun(tmp_path, "llama")
+    out = tmp_path_factory.mktemp("llama")
+    done = _torchrun(out, "llama")
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = _ranks(tmp_path)
+    return out
+
+
+@pytest.mark.slow
+def test_two_ranks_heal_a_hugging_face_llama_with_prune_hooks(llama_run):
+    ranks = _ranks(llama_run)
     for r in ranks:
         _healed(r)
     # the gathered weights and the (globally averaged) losses are the same on both ranks
@@ -82,11 +89,9 @@ def test_two_ranks_heal_torch_ao_2_4_parametrizations_and_keep_them_2_4(tmp_path
 
 
 @pytest.mark.slow
-def test_a_rank_that_dies_is_recovered_by_resuming_to_the_same_weights(tmp_path):
-    pytest.importorskip("transformers")
-    clean, crashed, ckpt = tmp_path / "clean", tmp_path / "crashed", tmp_path / "ckpt"
-    clean.mkdir(), crashed.mkdir()
-    assert _torchrun(clean, "llama").returncode == 0
+def test_a_rank_that_dies_is_recovered_by_resuming_to_the_same_weights(tmp_path, llama_run):
+    clean, crashed, ckpt = llama_run, tmp_path / "crashed", tmp_path / "ckpt"
+    crashed.mkdir()
     died = _torchrun(crashed, "llama", str(ckpt), "6")  # rank 1 dies at step 6 (in epoch 2 of 3)
     assert died.returncode != 0
     assert sorted(p.name for p in ckpt.glob("*.pt")) == ["heal_checkpoint_rank0-of-2.pt",

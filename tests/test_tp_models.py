@@ -458,23 +458,34 @@ def test_hugging_face_swin_pruned_as_a_user_would_is_repaired_and_heals():
     assert report.parameters_pruned < report.parameters_dense and improved_or_restored(report)
 
 
-def test_llama_mlp_width_through_attach_heals():
-    """The decoder-LM set-up that works with Torch-Pruning 1.6.1 (README): MLP hidden units only
-    (root_module_types=[nn.Linear], attention, embeddings and LM head ignored), its graph built by
-    ``meta_pruner`` (cache off, main output traced), healed by attach after the step."""
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_decoder_mlp_width_through_attach_heals(family):
+    """The decoder-LM set-up that works with Torch-Pruning 1.6.1 (README): MLP hidden units only,
+    attention, embeddings and LM head ignored, the graph built with the cache off
+    (``tp_build.mlp_width_pruner``; GPT-2's ``Conv1D`` gets a pruning function and an importance),
+    healed by attach after the step."""
     from helpers import improved_or_restored
 
-    from starfish_plugin.adapters.tp_build import meta_pruner
+    from starfish_plugin.adapters.tp_build import mlp_width_pruner
 
-    dense = _tiny_llama_with_cache()
+    transformers = pytest.importorskip("transformers")
+    if family == "llama":
+        dense = _tiny_llama_with_cache()
+    else:
+        torch.manual_seed(0)
+        dense = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=128, n_embd=32, n_layer=2, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0)).eval()
     ids = torch.randint(0, 128, (64, 12), generator=torch.Generator().manual_seed(0))
     model = copy.deepcopy(dense)
-    ignored = [model.lm_head, model.model.embed_tokens, *[layer.self_attn for layer in model.model.layers]]
-    pruner = meta_pruner(model, {"input_ids": ids[:2]}, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                         pruning_ratio=0.5, ignored_layers=ignored, root_module_types=[nn.Linear])
+    pruner = mlp_width_pruner(model, {"input_ids": ids[:2]}, 0.5)
     handle = starfish.attach(pruner, dense, {"input_ids": ids}, epochs=2, batch_size=16, quiet=True)
     pruner.step()
     report = handle.reports[-1]
-    layer = model.model.layers[0]
-    assert layer.mlp.up_proj.out_features == 32 and layer.self_attn.q_proj.out_features == 32
+    def widths(m):
+        if family == "llama":
+            return m.model.layers[0].mlp.up_proj.weight.shape[0], m.model.layers[0].self_attn.q_proj.weight.shape
+        return m.transformer.h[0].mlp.c_fc.weight.shape[1], m.transformer.h[0].attn.c_attn.weight.shape
+
+    (mlp, attention), (dense_mlp, dense_attention) = widths(model), widths(dense)
+    assert mlp == dense_mlp // 2 and attention == dense_attention  # MLP halved, attention whole
     assert set(report.target_alignment.values()) == {"direct"} and improved_or_restored(report)
