@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from starfish_plugin.adapters.tp_kept import is_conv1d
 from starfish_plugin.base.model_io import main_output
 from starfish_plugin.errors import PrunerError
 
@@ -72,7 +73,7 @@ def meta_pruner(model: nn.Module, example_inputs: Any, **kwargs: Any) -> Any:
         with cache_off(model):
             return tp.pruner.MetaPruner(model, example_inputs, **kwargs)
     except Exception as exc:  # noqa: BLE001 - Torch-Pruning's own errors, whatever they are
-        conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
+        conv1d = any(is_conv1d(m) for m in model.modules())
         hint = (
             " GPT-2-style models keep their linear layers as Hugging Face Conv1D, which Torch-Pruning does not "
             "prune by itself: build the pruner with tp_build.mlp_width_pruner (MLP width), or prune with masks."
@@ -91,8 +92,7 @@ def meta_pruner(model: nn.Module, example_inputs: Any, **kwargs: Any) -> Any:
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
     """Every attention module of a Hugging Face decoder (separate or fused projections)."""
     names = ("q_proj", "query", "c_attn", "qkv_proj", "query_key_value", "Wqkv")
-    found = [m for m in model.modules() if any(isinstance(getattr(m, n, None), nn.Module) for n in names)]
-    return [m for m in found if not any(m is not o and any(x is m for x in o.modules()) for o in found)]
+    return [m for m in model.modules() if any(isinstance(getattr(m, n, None), nn.Module) for n in names)]
 
 
 def mlp_width_pruner(model: nn.Module, example_inputs: Any, pruning_ratio: float = 0.5, **kwargs: Any) -> Any:
@@ -111,7 +111,7 @@ def mlp_width_pruner(model: nn.Module, example_inputs: Any, pruning_ratio: float
 
     from starfish_plugin.adapters.tp_conv1d import conv1d_magnitude, conv1d_pruners
 
-    conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
+    conv1d = any(is_conv1d(m) for m in model.modules())
     embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
     output_embeddings = getattr(model, "get_output_embeddings", None)
     head = output_embeddings() if callable(output_embeddings) else None
@@ -119,8 +119,9 @@ def mlp_width_pruner(model: nn.Module, example_inputs: Any, pruning_ratio: float
     kwargs["ignored_layers"] = [*ignored, *kwargs.get("ignored_layers", [])]
     kwargs.setdefault("importance", tp.importance.GroupMagnitudeImportance(p=2))
     if conv1d:
-        kwargs["customized_pruners"] = {**conv1d_pruners(), **kwargs.get("customized_pruners", {})}
-        kwargs.setdefault("root_module_types", list(conv1d_pruners()))
+        pruners = conv1d_pruners()
+        kwargs["customized_pruners"] = {**pruners, **kwargs.get("customized_pruners", {})}
+        kwargs.setdefault("root_module_types", list(pruners))
     else:
         kwargs.setdefault("root_module_types", [nn.Linear])
     pruner = meta_pruner(model, example_inputs, pruning_ratio=pruning_ratio, **kwargs)

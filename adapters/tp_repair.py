@@ -12,6 +12,8 @@ pruned model no longer runs. Its examples fix these by hand after ``pruner.step(
 * **position tables**: a parameter indexed by an integer buffer of the same module (relative
   position bias tables: Swin, BEiT) whose position rows Torch-Pruning removed (it prunes the last
   non-singleton dimension of a bare parameter) gets its rows back from before the step;
+* **repeated channels** (``repeated_channels``, when the forward check fails): a layer fed ``k``
+  copies of a pruned stream side by side is pruned again from the dense weights in every copy;
 
 then the ``starfish_repair_pruned`` hook lets the user fix modules of their own. What cannot be
 repaired is named in the ``PrunerError`` raised when the model still does not run.
@@ -186,8 +188,8 @@ def repeated_channels(model: nn.Module, dense: nn.Module, record: Any, where: st
     every layer pruned along with it) is pruned again from the dense model's weights to keep those
     channels in every copy. Needs the dense weights to be the ones the pruner started from (the
     first step of an attached pruner)."""
-    modules = dict(model.named_modules())
-    module, reference = modules.get(where), dict(dense.named_modules()).get(where)
+    modules, references = dict(model.named_modules()), dict(dense.named_modules())
+    module, reference = modules.get(where), references.get(where)
     now = _in_width(module) if module is not None else None
     old = _in_width(reference) if reference is not None else None
     key = _kept_key(module, where) if module is not None else None
@@ -210,8 +212,10 @@ def repeated_channels(model: nn.Module, dense: nn.Module, record: Any, where: st
                 and record.original.get(n) == old and n[0] in modules]
         fixes = []
         for name, dim in same:
-            fixes += _reslice(name, modules[name], dict(dense.named_modules())[name], dim, kept, record)
-            record.kept[name, dim] = list(kept)
+            resliced = _reslice(name, modules[name], references[name], dim, kept, record)
+            if resliced:
+                record.kept[name, dim] = list(kept)
+            fixes += resliced
         return fixes
     return []
 

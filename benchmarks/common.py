@@ -6,7 +6,11 @@ import json
 import os
 import platform
 import statistics
+import traceback
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,6 +54,18 @@ def save_record(path: Path, meta: dict) -> None:
     """Write a checkpoint's JSON record beside it and print it."""
     path.write_text(json.dumps(meta, indent=2) + "\n")
     print(json.dumps(meta, indent=2))
+
+
+def guarded_case(run: Callable[..., dict], *args: Any, identity: dict) -> dict:
+    """``run(*args)`` with the toolkits' warnings silenced; a failure of the benchmark itself becomes
+    an ``"error"`` row (``identity`` plus the reason and traceback) instead of ending the run."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return run(*args)
+        except Exception as exc:  # noqa: BLE001 - the benchmark's own failure: recorded, not fatal
+            return identity | {"status": "error", "reason": f"benchmark: {type(exc).__name__}: {exc}"[:300],
+                               "traceback": traceback.format_exc(limit=-3)}
 
 
 def median(values: list[float]) -> float:

@@ -28,7 +28,6 @@ import statistics
 import sys
 import time
 import traceback
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -265,7 +264,7 @@ def run(only: list[str]) -> None:
     of those strings, replacing their rows in the saved JSON)."""
     from matrix_cases import ARCHS, MORE_ARCHS, TOOLKITS
 
-    from benchmarks.common import hardware
+    from benchmarks.common import guarded_case, hardware
 
     torch.set_num_threads(2)
     archs = [*ARCHS, *MORE_ARCHS]
@@ -278,13 +277,7 @@ def run(only: list[str]) -> None:
                 if (arch.name, toolkit) in old:
                     rows.append(old[arch.name, toolkit])
                 continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    row = run_case(arch, toolkit)
-                except Exception as exc:  # noqa: BLE001 - the benchmark's own failure: recorded, not fatal
-                    row = {"architecture": arch.name, "toolkit": toolkit, "status": "error",
-                           "reason": f"benchmark: {type(exc).__name__}: {exc}"[:300]}
+            row = guarded_case(run_case, arch, toolkit, identity={"architecture": arch.name, "toolkit": toolkit})
             row["new_family"] = arch in MORE_ARCHS
             row["group"] = GROUP_OF[arch.name]
             print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)

@@ -34,7 +34,6 @@ import statistics
 import sys
 import time
 import traceback
-import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -51,7 +50,6 @@ N_CALIBRATION, N_UNSEEN, TP_SECONDS, RATIO = 256, 128, 60, 0.5
 
 def _cases() -> list[tuple[str, Any]]:
     """(family, Arch) for every case: the list is fixed here, before any result."""
-    import timm
     import torchvision
     from matrix_cases import (
         ARCHS,
@@ -126,7 +124,6 @@ def _cases() -> list[tuple[str, Any]]:
                             text=True)),
         ("decoder LM", known["hf_gpt2"]),
     ]
-    del timm
     return cases
 
 
@@ -159,7 +156,7 @@ def _num_heads(model: nn.Module, decoder: bool) -> dict[nn.Module, int]:
     return heads
 
 
-def settings(arch: Any, model: nn.Module, example: Any) -> dict[str, Any]:
+def settings(model: nn.Module) -> dict[str, Any]:
     """The pruner's arguments, as Torch-Pruning's examples set them for this kind of model."""
     import torch_pruning as tp
 
@@ -176,23 +173,23 @@ def settings(arch: Any, model: nn.Module, example: Any) -> dict[str, Any]:
     return kwargs
 
 
-def _pruner(arch: Any, model: nn.Module, example: Any) -> Any:
+def _pruner(model: nn.Module, example: Any) -> Any:
     import torch_pruning as tp
 
     from starfish_plugin.adapters.tp_build import cache_off
 
     with cache_off(model):
-        return tp.pruner.MetaPruner(model, example, **settings(arch, model, example))
+        return tp.pruner.MetaPruner(model, example, **settings(model))
 
 
-def toolkit_alone(arch: Any, dense: nn.Module, example: Any) -> tuple[nn.Module | None, str, bool]:
+def toolkit_alone(dense: nn.Module, example: Any) -> tuple[nn.Module | None, str, bool]:
     """(the model Torch-Pruning alone pruned or ``None``, why not, whether that model runs)."""
     from benchmarks.coverage_matrix import _call, _time_limit, _TooLong
 
     model = copy.deepcopy(dense)
     try:
         with _time_limit(TP_SECONDS):
-            pruner = _pruner(arch, model, example)
+            pruner = _pruner(model, example)
             pruner.step()
     except _TooLong:
         return None, f"Torch-Pruning did not finish in {TP_SECONDS} s", False
@@ -234,7 +231,7 @@ def run_case(family: str, arch: Any) -> dict[str, Any]:
     dense = arch.build().eval()
     calibration, unseen = _data(arch, "train", N_CALIBRATION), _data(arch, "test", N_UNSEEN)
     example = example_batch(arch, calibration)
-    alone, why, runs = toolkit_alone(arch, dense, example)
+    alone, why, runs = toolkit_alone(dense, example)
     if alone is None:
         return row | {"status": "toolkit_cannot_prune", "reason": why}
     row["pruned_runs_as_left"] = runs
@@ -243,7 +240,7 @@ def run_case(family: str, arch: Any) -> dict[str, Any]:
     recorder = _start_recorder()
     starfish.plugin_manager().register(recorder)
     try:
-        pruner = _pruner(arch, model, example)
+        pruner = _pruner(model, example)
         handle = starfish.attach(pruner, dense, calibration, quiet=True)
         pruner.step()
         report = handle.reports[-1]
@@ -300,7 +297,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(only: list[str]) -> None:
-    from benchmarks.common import hardware
+    from benchmarks.common import guarded_case, hardware
 
     torch.set_num_threads(2)
     saved = json.loads(OUT.read_text()) if only and OUT.exists() else {}
@@ -311,14 +308,7 @@ def run(only: list[str]) -> None:
             if arch.name in old:
                 rows.append(old[arch.name])
             continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                row = run_case(family, arch)
-            except Exception as exc:  # noqa: BLE001 - the benchmark's own failure: recorded, not fatal
-                row = {"architecture": arch.name, "family": family, "status": "error",
-                       "reason": f"benchmark: {type(exc).__name__}: {exc}"[:300],
-                       "traceback": traceback.format_exc(limit=-3)}
+        row = guarded_case(run_case, family, arch, identity={"architecture": arch.name, "family": family})
         print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
         rows.append(row)
         OUT.write_text(json.dumps({
